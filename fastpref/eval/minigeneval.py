@@ -65,7 +65,30 @@ class MiniGenEvalResult:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("images")
+        data["seed_scores"] = self.seed_scores()
+        data["seed_spread"] = self.seed_spread()
         return data
+
+    def seed_scores(self) -> list[float]:
+        """`overall` recomputed on each seed alone (seed s = the s-th seed of every prompt).
+
+        Their spread is the seed-to-seed spread a single-seed evaluation would show; it is larger than
+        the standard error of `overall` (which averages all seeds), so "better by more than the seed
+        spread" is a conservative test."""
+        offset = self.settings.get("seed_offset", 0)
+        folds = self.settings["seeds_per_prompt"]
+        scores = []
+        for fold in range(folds):
+            per_category = [np.mean(outcomes) for category in world.CATEGORIES
+                            if (outcomes := [s.passed for s in self.samples
+                                             if s.category == category and (s.seed - offset) % folds == fold])]
+            scores.append(float(np.mean(per_category)))
+        return scores
+
+    def seed_spread(self) -> float:
+        """Sample standard deviation of `seed_scores` (0 with a single seed)."""
+        scores = self.seed_scores()
+        return float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -172,3 +172,25 @@ def test_diffusers_adapter_on_real_tiny_pipelines_is_batch_invariant(family):
     assert together.images.std() > 0  # a real (random-weight) image, not a constant
     # equal up to rounding: batched float kernels may sum in another order (seen in SD3: 1 level)
     np.testing.assert_allclose(together.images.astype(int), apart.images.astype(int), rtol=0, atol=1)
+
+
+def _right_on_even_seeds_generate(captions, seeds):
+    """Ground truth on even seeds, a wrong variant on odd ones: seed folds score 100% and 0%."""
+    right = minigeneval.world_generate(captions, seeds)
+    wrong = _wrong_spec_generate(captions, seeds)
+    even = (np.asarray(seeds) % 2 == 0)[:, None, None, None]
+    return np.where(even, right, wrong)
+
+
+def test_seed_scores_split_by_seed_and_give_the_spread():
+    result = minigeneval.evaluate(_right_on_even_seeds_generate, seeds_per_prompt=2, seed_offset=10,
+                                  min_images_per_category=0)
+    scores = result.seed_scores()
+    assert len(scores) == 2
+    assert scores[0] > 0.95 and scores[1] < 0.05
+    assert np.mean(scores) == pytest.approx(result.overall)
+    assert result.seed_spread() == pytest.approx(np.std(scores, ddof=1))
+    saved = result.to_json()
+    assert saved["seed_scores"] == scores and saved["seed_spread"] == result.seed_spread()
+    single = minigeneval.evaluate(minigeneval.world_generate, seeds_per_prompt=1, min_images_per_category=0)
+    assert single.seed_spread() == 0.0
