@@ -48,7 +48,7 @@ EXTRAS = {
     "data": ["nvidia-dali-cuda130>=1.50", "pyarrow>=15"],
     "distributed": ["deepspeed>=0.16"],
     "quant": ["torchao>=0.10", "bitsandbytes>=0.45"],
-    "rewards": ["open-clip-torch>=2.24", "hpsv2>=1.2"],
+    "rewards": ["image-reward>=1.5"],  # ImageReward only; it does not import with transformers 5 (see README)
     "bench": ["matplotlib>=3.8"],
     "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2"],
 }

@@ -4,7 +4,8 @@
     pickscore    PickScore v1 (a CLIP-H fine-tuned on Pick-a-Pic): logit_scale * cosine; yuvalkirstain/PickScore_v1
     aesthetic    LAION improved aesthetic predictor: an MLP on normalized CLIP ViT-L/14 image embeddings
                  (weights file sac+logos+ava1-l14-linearMSE.pth, passed as mlp_path=...)
-    hpsv2        HPSv2.1 (an OpenCLIP ViT-H-14 fine-tuned on HPD v2): needs open_clip + HPS_v2.1_compressed.pt
+    hpsv2        HPSv2.1 (an OpenCLIP ViT-H-14 fine-tuned on HPD v2): cosine; HPS_v2.1_compressed.pt converted to a
+                 transformers CLIPModel (fastpref.rewards.openclip_convert), no open_clip needed
     imagereward  ImageReward v1.0 through the image-reward package (which does not import with transformers 5)
 
 The CLIP-based ones run on transformers' CLIPModel and preprocess in torch (resize, center crop, normalize), so
@@ -148,36 +149,100 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state)
 
 
+# OpenAI CLIP normalization (open_clip's OPENAI_DATASET_MEAN / _STD), used by HPSv2
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def letterbox_preprocess(pixels: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> longest side resized to `size` (bicubic), centered on a black size x size canvas,
+    normalized: HPSv2's evaluation transform (open_clip ResizeMaxSize with fill 0, applied after ToTensor)."""
+    height, width = pixels.shape[-2:]
+    scale = size / max(height, width)
+    new = (round(height * scale), round(width * scale))
+    if new != (height, width):
+        pixels = F.interpolate(pixels, size=new, mode="bicubic", align_corners=False, antialias=True)
+    pad_h, pad_w = size - new[0], size - new[1]
+    if pad_h or pad_w:
+        pixels = F.pad(pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+    mean = torch.tensor(mean, device=pixels.device, dtype=pixels.dtype)[None, :, None, None]
+    std = torch.tensor(std, device=pixels.device, dtype=pixels.dtype)[None, :, None, None]
+    return (pixels - mean) / std
+
+
 @register_reward
 class HPSv2Reward(Reward):
-    """HPSv2.1: cosine of OpenCLIP ViT-H-14 embeddings after HPS fine-tuning (scores about 0.2-0.35)."""
+    """HPSv2.1: cosine of OpenCLIP ViT-H-14 embeddings after HPS fine-tuning (scores about 0.2-0.35).
+
+    The open_clip checkpoint is converted to a transformers CLIPModel (fastpref.rewards.openclip_convert; no
+    open_clip needed). The score is HPSv2's own: hpsv2.score runs the open_clip model with output_dict=True, whose
+    image_features / text_features are L2-normalized, and returns diag(image_features @ text_features.T) -- the
+    plain cosine, without logit_scale. Images go through HPSv2's evaluation transform (light_augmentation=True:
+    longest side to 224 bicubic, black padding to a square, OpenAI CLIP mean/std; `resize="crop"` gives open_clip's
+    default resize-shortest + center crop instead; both agree on square images). Text: the OpenAI CLIP BPE
+    (transformers CLIPTokenizer), bos + at most 75 tokens + eos, like open_clip's tokenizer at context length 77.
+    Known differences from the reference: hpsv2 runs under CUDA autocast (fp16) and resizes with torchvision; here
+    everything runs in `dtype` (float32 by default) with torch's antialiased bicubic.
+    """
 
     name = "hpsv2"
     differentiable = True
+    default_tokenizer: ClassVar[str] = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # HPSv2's base model (OpenAI BPE)
 
-    def __init__(self, model, tokenizer, mean, std, image_size: int = 224):
+    def __init__(self, model, tokenizer, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, image_size: int | None = None,
+                 resize: str = "letterbox"):
+        if resize not in ("letterbox", "crop"):
+            raise ValueError(f"hpsv2 reward: resize must be 'letterbox' or 'crop', got {resize!r}")
         self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
-        self.mean, self.std, self.image_size = mean, std, image_size
+        self.mean, self.std, self.resize = tuple(mean), tuple(std), resize
+        self.image_size = image_size or model.config.vision_config.image_size
+        self.context_length = model.config.text_config.max_position_embeddings
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | Path | None = None, **kwargs: Any) -> "HPSv2Reward":
+    def from_pretrained(cls, path_or_hub_id: str | Path | None = None, tokenizer: Any = None,
+                        dtype: torch.dtype = torch.float32, vision_heads: int | None = None,
+                        text_heads: int | None = None, hidden_act: str = "gelu", **kwargs: Any) -> "HPSv2Reward":
+        """path_or_hub_id: the open_clip checkpoint (HPS_v2.1_compressed.pt from the xswu/HPSv2 hub repo, or a
+        .safetensors of the same state dict); tokenizer: a CLIPTokenizer, a local folder or a hub id (default
+        laion/CLIP-ViT-H-14-laion2B-s32B-b79K; openai/clip-vit-large-patch14 has the same vocabulary)."""
         if path_or_hub_id is None:
             raise ValueError("hpsv2 reward: pass the path of HPS_v2.1_compressed.pt (from the xswu/HPSv2 hub repo)")
-        open_clip = require("open_clip", "the hpsv2 reward (pip install open-clip-torch; it pulls torchvision)")
-        model = open_clip.create_model("ViT-H-14", pretrained=None)
-        model.load_state_dict(_load_state_dict(str(path_or_hub_id)))
-        return cls(model, open_clip.get_tokenizer("ViT-H-14"), open_clip.OPENAI_DATASET_MEAN,
-                   open_clip.OPENAI_DATASET_STD, **kwargs)
+        transformers = require("transformers", "the hpsv2 reward")
+        from fastpref.rewards import openclip_convert
+
+        state = openclip_convert.load_openclip_state_dict(path_or_hub_id)  # first: a wrong path fails fast
+        if tokenizer is None or isinstance(tokenizer, (str, Path)):
+            where = str(tokenizer or cls.default_tokenizer)
+            try:
+                tokenizer = transformers.CLIPTokenizer.from_pretrained(where)
+            except OSError as err:
+                raise OSError(f"hpsv2 reward: cannot load the CLIP tokenizer from {where!r} ({err})") from err
+            if len(tokenizer) <= 2:  # transformers 5 returns an empty tokenizer when no vocabulary file was found
+                raise OSError(f"hpsv2 reward: no CLIP tokenizer vocabulary found at {where!r}")
+        model = openclip_convert.openclip_to_transformers(
+            state, tokenizer, source=str(path_or_hub_id), dtype=dtype, vision_heads=vision_heads,
+            text_heads=text_heads, hidden_act=hidden_act,
+        )
+        return cls(model, tokenizer, **kwargs)
 
     def to(self, device):
         self.model.to(device)
         return self
 
+    def features(self, pixels: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalized (image, text) embeddings, (B, D) each, in the model's dtype."""
+        parameter = next(self.model.parameters())
+        pixels = pixels.to(parameter.device, parameter.dtype)
+        preprocess = letterbox_preprocess if self.resize == "letterbox" else clip_preprocess
+        images = preprocess(pixels, self.image_size, self.mean, self.std)
+        tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.context_length,
+                                return_tensors="pt").to(parameter.device)
+        image = F.normalize(_features(self.model.get_image_features(pixel_values=images)), dim=-1)
+        text = F.normalize(_features(self.model.get_text_features(**tokens)), dim=-1)
+        return image, text
+
     def score(self, pixels, prompts):
-        device = next(self.model.parameters()).device
-        images = clip_preprocess(pixels.to(device), self.image_size, self.mean, self.std)
-        image = F.normalize(self.model.encode_image(images), dim=-1)
-        text = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(device)), dim=-1)
+        image, text = self.features(pixels, prompts)
         return (image * text).sum(-1).to(pixels.device)
 
 
