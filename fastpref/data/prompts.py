@@ -18,7 +18,9 @@ ID_FIELDS = ("id", "prompt_id", "uid")
 
 @dataclasses.dataclass
 class PromptSource:
-    """Where prompts come from. `path`: .txt / .jsonl / .parquet file, or `toy:train` / `toy:eval`."""
+    """Where prompts come from. `path`: .txt / .jsonl / .parquet file, or a toy split: `toy:train`, `toy:eval`,
+    or `toy:train-balanced` (the training captions category by category in turn, each category's list cycled, so
+    every GenEval category is equally frequent as in pretraining; a caption may repeat under a new id)."""
 
     path: str
     field: str | None = None  # the text column/key; default: the first of prompt, caption, text
@@ -65,13 +67,24 @@ def _rows_to_prompts(rows: list[dict], source: PromptSource) -> list[Prompt]:
     return prompts
 
 
+def balanced_by_category(specs: list) -> list:
+    """Round robin over the specs' categories (first-seen order), cycling each category's list, until the largest
+    category has appeared in full once: every prefix is as balanced as it can be."""
+    by_category: dict[str, list] = {}
+    for spec in specs:
+        by_category.setdefault(spec.category, []).append(spec)
+    rounds = max((len(group) for group in by_category.values()), default=0)
+    return [group[i % len(group)] for i in range(rounds) for group in by_category.values()]
+
+
 def read_prompts(source: PromptSource) -> list[Prompt]:
     """The prompt list, in file order; ids must be unique (a duplicate id is an error naming it)."""
     path = source.path
     if path.startswith("toy:"):
         from fastpref.toy import world
 
-        splits = {"toy:train": world.train_prompts, "toy:eval": world.eval_prompts}
+        splits = {"toy:train": world.train_prompts, "toy:eval": world.eval_prompts,
+                  "toy:train-balanced": lambda: balanced_by_category(world.train_prompts())}
         if path not in splits:
             raise ValueError(f"prompt source {path!r}: expected one of {sorted(splits)}")
         prompts = [Prompt(f"{path[4:]}-{i:05d}", spec.caption) for i, spec in enumerate(splits[path]())]

@@ -549,7 +549,7 @@ def write_model_card(folder: Path, title: str, result=None, notes: str = "") -> 
         f"| optimizer steps | {metrics.get('steps')} (batch {metrics.get('batch_size', 32)}) |",
     ]
     if metrics.get("minutes") is not None:
-        lines.append(f"| training time | {metrics['minutes']} min on a shared 2-core CPU |")
+        lines.append(f"| training time | {metrics['minutes']} min on a 2-core CPU |")
     if metrics.get("first_loss") is not None:
         lines.append(f"| loss (first -> last quarter) | {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f} |")
     lines.append(f"| size on disk | {folder_megabytes(folder):.1f} MB |")

@@ -59,3 +59,20 @@ def test_errors_name_file_and_line(tmp_path):
     (tmp_path / "p.csv").write_text("a")
     with pytest.raises(ValueError, match="unknown extension '.csv'"):
         read_prompts(PromptSource(str(tmp_path / "p.csv")))
+
+
+def test_toy_train_balanced_cycles_categories_evenly():
+    from collections import Counter
+
+    from fastpref.toy import world
+
+    prompts = read_prompts(PromptSource("toy:train-balanced", limit=60))
+    categories = [world.parse_caption(p.text).category for p in prompts]
+    assert Counter(categories) == {c: 10 for c in world.CATEGORIES}
+    assert len({p.id for p in prompts}) == 60  # repeated captions get their own ids
+    train = {s.caption for s in world.train_prompts()}
+    assert {p.text for p in prompts} <= train
+    everything = read_prompts(PromptSource("toy:train-balanced"))
+    largest = max(Counter(s.category for s in world.train_prompts()).values())
+    assert len(everything) == largest * len(world.CATEGORIES)
+    assert {p.text for p in everything} == train  # every training caption appears
