@@ -58,6 +58,14 @@ class ModelBundle:
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         raise NotImplementedError
 
+    def encoder_features(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
+        """The hidden states of the denoiser's encoder half, outermost first (see `unet_encoder_features`):
+        what NCP (fastpref/train/ncp.py) measures its errors in. U-Net families only."""
+        raise NotImplementedError(
+            f"the {self.family or type(self).__name__} family's denoiser ({type(self.denoiser).__name__}) has no "
+            "U-Net encoder half to take features from"
+        )
+
     # ------------------------------------------------------------------ shared
     @property
     def pipeline(self):
@@ -133,6 +141,57 @@ class ModelBundle:
     def save_pretrained(self, out_dir: str | Path, **kwargs) -> None:
         """A complete diffusers pipeline folder (loads with the family's pipeline class and load())."""
         self.pipeline.save_pretrained(str(out_dir), **kwargs)
+
+
+# ------------------------------------------------------------------------------ U-Net encoder features
+
+
+def unet_encoder_features(
+    unet: torch.nn.Module,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """[conv_in output, output of each down block, mid-block output] of a diffusers UNet2DConditionModel.
+
+    Exactly the first half of `UNet2DConditionModel.forward` (time / added embeddings, conv_in, the down blocks
+    with their cross-attention, the mid block) without the up blocks: the "encoder" of Noise-Conditioned
+    Perception. A down block's output is the (downsampled) hidden state it hands to the next block, not its skip
+    connections. Differentiable with respect to `sample`; attention masks, ControlNet / T2I residuals and GLIGEN
+    are not supported (the trainer uses none of them).
+    """
+    if unet.config.center_input_sample:
+        sample = 2 * sample - 1.0
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    class_emb = unet.get_class_embed(sample=sample, class_labels=None)
+    if class_emb is not None:
+        emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
+    if unet.config.addition_embed_type == "image_hint":
+        raise NotImplementedError("unet_encoder_features: addition_embed_type 'image_hint' is not supported")
+    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                                 added_cond_kwargs=added_cond_kwargs or {})
+    emb = emb + aug_emb if aug_emb is not None else emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    encoder_hidden_states = unet.process_encoder_hidden_states(
+        encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs or {}
+    )
+    hidden = unet.conv_in(sample)
+    features = [hidden]
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            hidden, _ = block(hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            hidden, _ = block(hidden_states=hidden, temb=emb)
+        features.append(hidden)
+    if unet.mid_block is not None:
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            hidden = unet.mid_block(hidden, emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            hidden = unet.mid_block(hidden, emb)
+        features.append(hidden)
+    return features
 
 
 # ------------------------------------------------------------------------------ loading helpers

@@ -22,6 +22,7 @@ from fastpref.models.bundle import (
     load_schedulers,
     prediction_type_of,
     toy_vae_config,
+    unet_encoder_features,
 )
 from fastpref.utils.imports import require
 
@@ -52,6 +53,9 @@ class SDBundle(ModelBundle):
 
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return self.denoiser(latents, t, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
+
+    def encoder_features(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
+        return unet_encoder_features(self.denoiser, latents, t, cond["encoder_hidden_states"])
 
 
 def load(path_or_hub_id: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> SDBundle:

@@ -24,6 +24,7 @@ from fastpref.models.bundle import (
     load_schedulers,
     prediction_type_of,
     toy_vae_config,
+    unet_encoder_features,
 )
 from fastpref.utils.imports import require
 
@@ -75,6 +76,10 @@ class SDXLBundle(ModelBundle):
             added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
             return_dict=False,
         )[0]
+
+    def encoder_features(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
+        return unet_encoder_features(self.denoiser, latents, t, cond["encoder_hidden_states"],
+                                     {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]})
 
 
 def load(path_or_hub_id: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> SDXLBundle:

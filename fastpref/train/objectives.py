@@ -3,6 +3,11 @@
 A batch holds B prompt groups of K images with Syn-Pic scores psi (B, K). Pairwise objectives (dpo, cpo, mapo)
 train on the best and the worst image of each group (the RankDPO paper's DPO baseline on the same data) and
 never run the denoiser on the others; sft trains on the best image only; rankdpo and kto use all K.
+
+`feature_space` says where the per-sample errors are measured: "latent" (the denoiser's output against its
+target, as Diffusion-DPO / RankDPO publish) or "ncp" (Noise-Conditioned Perception: the features of the frozen
+initial U-Net's encoder at t-1, fastpref/train/ncp.py) for dpo, rankdpo, cpo and sft. Both go through the same
+fastpref.ops call: NCP only replaces (pred, target, ref_pred) by their flattened features.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from fastpref.config import ConfigError
 
 ObjectiveName = Literal["rankdpo", "dpo", "cpo", "sft", "mapo", "kto"]
 NEEDS_REFERENCE = {"rankdpo": True, "dpo": True, "kto": True, "cpo": False, "sft": False, "mapo": False}
+# the objectives NCP composes with: the paper's DPO, CPO and SFT, and RankDPO (its margins are DPO's)
+NCP_OBJECTIVES = ("rankdpo", "dpo", "cpo", "sft")
 
 
 @dataclass
@@ -34,15 +41,33 @@ class ObjectiveConfig:
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
     min_snr_gamma: float | None = None  # per-sample min-SNR weight (epsilon / v models only)
+    # "ncp": errors in the frozen initial U-Net encoder's features at t-1 (fastpref/train/ncp.py; sd / sdxl,
+    # live reference only); ncp_layers: "multiscale" (conv_in + every down block + mid block), "mid", "down"
+    feature_space: Literal["latent", "ncp"] = "latent"
+    ncp_layers: Literal["multiscale", "mid", "down"] = "multiscale"
 
     def validate(self):
         if self.beta <= 0:
             raise ConfigError(f"beta: must be > 0, got {self.beta}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ConfigError(f"min_snr_gamma: must be > 0 or null, got {self.min_snr_gamma}")
+        if self.feature_space == "ncp":
+            if self.name not in NCP_OBJECTIVES:
+                raise ConfigError(f"feature_space: 'ncp' composes with objectives {list(NCP_OBJECTIVES)}, "
+                                  f"not {self.name!r}")
+            if self.min_snr_gamma is not None:
+                raise ConfigError("min_snr_gamma: must be null with feature_space: ncp (min-SNR weights latent-space "
+                                  "errors at t; NCP's errors are encoder features at t-1)")
 
     @property
     def needs_reference(self) -> bool:
+        """Whether training needs a reference model: for the reference errors, or (NCP) for the frozen initial
+        denoiser whose encoder is the feature extractor, reference-free objectives included."""
+        return NEEDS_REFERENCE[self.name] or self.feature_space == "ncp"
+
+    @property
+    def compares_to_reference(self) -> bool:
+        """Whether the loss takes reference errors (e_ref or ref_pred)."""
         return NEEDS_REFERENCE[self.name]
 
 

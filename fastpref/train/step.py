@@ -2,7 +2,10 @@
 
 The step never encodes images or text (the cache did) and, with cached reference errors, never runs the
 reference model. Every group shares one (t, eps) drawn by fastpref.data.noise from (seed, epoch, group id),
-the same draw the cache used for e_ref, so cached and live reference errors agree.
+the same draw the cache used for e_ref, so cached and live reference errors agree. With
+objective.feature_space: ncp the policy, reference and target predictions are taken one DDPM step to t-1 (one
+more noise z per group, from the same seed) and through the frozen initial denoiser's encoder before the loss
+(fastpref/train/ncp.py); that needs the live reference.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from fastpref.data.noise import draw_timesteps_and_noise
+from fastpref.train import ncp
 from fastpref.train.objectives import ObjectiveConfig, compute_loss, min_snr_weight, select_images
 
 ReferenceMode = Literal["auto", "cached", "adapters_off", "frozen_copy", "none"]
@@ -29,6 +33,20 @@ def adapters_disabled(denoiser: torch.nn.Module):
         yield
     finally:
         denoiser.enable_adapters()
+
+
+@contextlib.contextmanager
+def checkpointing_paused(module: torch.nn.Module):
+    """Gradient checkpointing off for a forward whose graph must stay valid after the context: a checkpointed
+    block would recompute itself in the backward, when the adapters are on again."""
+    paused = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in paused:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in paused:
+            m.gradient_checkpointing = True
 
 
 class ReferenceModel:
@@ -52,6 +70,23 @@ class ReferenceModel:
             if self.mode == "frozen_copy":
                 return with_denoiser(bundle, self.frozen).denoise(noisy, t, cond)
         raise RuntimeError(f"reference mode {self.mode!r} makes no predictions")
+
+    def encoder_features(self, bundle, latents, t, cond, autocast) -> list[torch.Tensor]:
+        """NCP's feature extractor: the encoder half of the frozen initial denoiser (adapters off / frozen copy).
+
+        Runs with gradients enabled when the caller's are, so they reach `latents` (hence the policy); the
+        encoder's own weights are frozen and get none.
+        """
+        if self.mode not in ("adapters_off", "frozen_copy"):
+            raise RuntimeError(f"reference mode {self.mode!r} has no model to take encoder features from")
+        module = bundle.denoiser if self.mode == "adapters_off" else self.frozen
+        dtype = next(module.parameters()).dtype
+        cond = {key: value.to(dtype) if value.is_floating_point() else value for key, value in cond.items()}
+        with autocast, contextlib.ExitStack() as stack:
+            if self.mode == "adapters_off":
+                stack.enter_context(adapters_disabled(module))
+                stack.enter_context(checkpointing_paused(module))
+            return with_denoiser(bundle, module).encoder_features(latents.to(dtype), t, cond)
 
 
 def with_denoiser(bundle, denoiser: torch.nn.Module):
@@ -90,6 +125,8 @@ class TrainStep:
         self.noise_seed = noise_seed
         self.autocast = autocast or contextlib.nullcontext()
         self.loss_backend = loss_backend
+        if objective.feature_space == "ncp":
+            ncp.check_supported(bundle, reference.mode)
 
     def forward(self, batch: dict[str, Any], epoch: int) -> StepOutput | None:
         """Loss of one batch (no backward). None when no group of the batch carries a preference."""
@@ -101,8 +138,8 @@ class TrainStep:
             return None
         per_group = index.shape[1]
         device = self.bundle.device
-        draw = draw_timesteps_and_noise(self.noise_seed, epoch, batch["group_ids"][kept.to(batch["group_ids"].device)],
-                                        tuple(latents.shape[2:]), self.bundle)
+        group_ids = batch["group_ids"][kept.to(batch["group_ids"].device)]
+        draw = draw_timesteps_and_noise(self.noise_seed, epoch, group_ids, tuple(latents.shape[2:]), self.bundle)
         x0 = gather_images(latents, kept, index).to(device, torch.float32)
         drawn = torch.arange(kept.numel())  # the draw covers the kept groups only
         noise = expand_groups(draw.noise, drawn, per_group).to(device)
@@ -119,7 +156,7 @@ class TrainStep:
                                     self.bundle.prediction_type)
         scores = gather_images(psi, kept, index).to(device) if psi is not None else None
         e_ref = ref_pred = None
-        if self.objective.needs_reference:
+        if self.objective.compares_to_reference:
             if self.reference.mode == "cached":
                 if "e_ref" not in batch:
                     raise RuntimeError("reference mode 'cached' but this batch has no e_ref: cache reference errors "
@@ -129,5 +166,14 @@ class TrainStep:
                 ref_pred = self.reference.predict(self.bundle, noisy, t, cond, self.autocast)
         with self.autocast:
             pred = self.policy.denoise(noisy, t, cond)
+        if self.objective.feature_space == "ncp":
+            z = expand_groups(ncp.draw_variance_noise(self.noise_seed, epoch, group_ids, tuple(latents.shape[2:])),
+                              drawn, per_group).to(device)
+
+            def encode(x, timesteps, conditioning):
+                return self.reference.encoder_features(self.bundle, x, timesteps, conditioning, self.autocast)
+
+            pred, target, ref_pred = ncp.ncp_features(self.bundle, encode, noisy, t, cond, z, pred, target, ref_pred,
+                                                      self.objective.ncp_layers)
         out = compute_loss(self.objective, pred, target, scores, e_ref, ref_pred, weight, per_group, self.loss_backend)
         return StepOutput(out.loss, out.metrics, x0.shape[0])
