@@ -1,8 +1,15 @@
-"""`fastpref run <config>`: synth -> label -> cache -> train (one run per objective variant) -> MiniGenEval.
+"""`fastpref run <config>`: synth -> label (or import) -> cache -> train (one run per objective variant) -> MiniGenEval.
 
-Every stage config is built and validated before any work starts; every stage skips work that is already done,
-so rerunning a finished or interrupted `run` picks up where it stopped. The report (report.json, report.md,
-grid.png under output_dir) puts the base model and each trained variant side by side.
+The data comes either from Syn-Pic (`synth:` + `label:` sections: generate K images per prompt, score and rank
+them) or from an existing preference dataset (`importer:` section: fastpref.data.importers, e.g. Pick-a-Pic v2
+parquet files); a recipe has exactly one of the two. Every stage config is built and validated before any work
+starts; every stage skips work that is already done, so rerunning a finished or interrupted `run` picks up where
+it stopped. The report (report.json, report.md, grid.png under output_dir) puts the base model and each trained
+variant side by side.
+
+Data roots: synth / label / import write into `data_root` (default <output_dir>/data); the cache, which depends
+on the model, always goes to <output_dir>/data, the training root. Two recipes that share a `data_root` (and
+identical synth / label sections) generate and score the images once and cache them for their own models.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from fastpref.config import ConfigError, apply_overrides, from_dict, load_config
 class EvalConfig:
     seeds_per_prompt: int = 2
     max_prompts_per_category: int | None = 12
+    min_images_per_category: int = 12  # small categories (1-3 held-out prompts) get more seeds
     steps: int = 20
     guidance_scale: float = 4.0
     batch_size: int = 64
@@ -31,33 +39,57 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     output_dir: str
-    synth: dict[str, Any]  # fastpref.data.synth.SynthConfig without `output`
-    label: dict[str, Any]  # fastpref.data.label.LabelConfig without `input`
-    cache: dict[str, Any]  # fastpref.data.cache.CacheConfig without `input`
+    cache: dict[str, Any]  # fastpref.data.cache.CacheConfig without `input` / `output`
     train: dict[str, Any]  # fastpref.train.loop.TrainConfig without data.root / output_dir
+    # the data: Syn-Pic (synth + label) or an existing preference dataset (importer), never both
+    synth: dict[str, Any] | None = None  # fastpref.data.synth.SynthConfig without `output`
+    label: dict[str, Any] | None = None  # fastpref.data.label.LabelConfig without `input`
+    importer: dict[str, Any] | None = None  # fastpref.data.importers.ImportConfig without `output` (`fastpref import`)
+    data_root: str | None = None  # where synth / label / import write; default <output_dir>/data
     # extra trainings on the same data, name -> overrides of `train` (e.g. {"objective.name": "dpo"})
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     main_variant: str = "main"  # the name of the run that uses `train` as it is
     eval: EvalConfig | None = field(default_factory=EvalConfig)
     progress: bool = True
 
+    def validate(self) -> None:
+        if self.importer is not None:
+            if self.synth is not None or self.label is not None:
+                both = " and ".join(key for key in ("synth", "label") if getattr(self, key) is not None)
+                raise ConfigError(f"importer: cannot be combined with {both}: an import replaces the synth and "
+                                  "label stages (keep either importer, or synth + label)")
+            return
+        if self.synth is None:
+            raise ConfigError("synth: required (or an `importer:` section that imports an existing preference "
+                              "dataset instead of synth + label)")
+        if self.label is None:
+            raise ConfigError("label: required with synth (the reward models that score and rank the images)")
+
 
 @dataclass
 class Stages:
-    synth: Any
-    label: Any
+    synth: Any  # SynthConfig, or None for an imported dataset
+    label: Any  # LabelConfig, or None for an imported dataset
     cache: Any
     trains: dict[str, Any]
+    importer: Any = None  # ImportConfig, or None for Syn-Pic data
+
+    @property
+    def group_size(self) -> int | None:
+        """K images per prompt (None for an import: it is known only once the source is read)."""
+        return self.synth.group_size if self.synth is not None else None
 
 
 def build_stages(cfg: RunConfig) -> Stages:
     """Every stage config, validated up front; errors name the section (synth., train.variants.dpo., ...)."""
     from fastpref.data.cache import CacheConfig
+    from fastpref.data.importers import ImportConfig
     from fastpref.data.label import LabelConfig
     from fastpref.data.synth import SynthConfig
     from fastpref.train.loop import TrainConfig
 
-    root = str(Path(cfg.output_dir) / "data")
+    root = str(Path(cfg.output_dir) / "data")  # the training root: cache/ (and, by default, everything else)
+    source = cfg.data_root or root  # synth/ + label/ (Syn-Pic or imported)
 
     def build(cls, section: str, data: dict[str, Any]):
         try:
@@ -65,9 +97,14 @@ def build_stages(cfg: RunConfig) -> Stages:
         except ConfigError as err:
             raise ConfigError(f"{section}.{err}") from None
 
-    synth = build(SynthConfig, "synth", {**cfg.synth, "output": root, "progress": cfg.progress})
-    label = build(LabelConfig, "label", {**cfg.label, "input": root, "progress": cfg.progress})
-    cache = build(CacheConfig, "cache", {**cfg.cache, "input": root, "progress": cfg.progress})
+    synth = label = importer = None
+    if cfg.importer is not None:
+        importer = build(ImportConfig, "importer", {**cfg.importer, "output": source, "progress": cfg.progress})
+    else:
+        synth = build(SynthConfig, "synth", {**cfg.synth, "output": source, "progress": cfg.progress})
+        label = build(LabelConfig, "label", {**cfg.label, "input": source, "progress": cfg.progress})
+    cache_paths = {"input": source} if source == root else {"input": source, "output": root}
+    cache = build(CacheConfig, "cache", {**cfg.cache, **cache_paths, "progress": cfg.progress})
     trains = {}
     for name, overrides in {cfg.main_variant: {}, **cfg.variants}.items():
         data = copy.deepcopy(cfg.train)
@@ -78,7 +115,7 @@ def build_stages(cfg: RunConfig) -> Stages:
         apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
         section = "train" if name == cfg.main_variant else f"variants.{name}"
         trains[name] = build(TrainConfig, section, data)
-    return Stages(synth, label, cache, trains)
+    return Stages(synth, label, cache, trains, importer)
 
 
 def trained_pipeline(train_cfg, device: str = "cpu"):
@@ -116,13 +153,32 @@ def run_eval(stages: Stages, cfg: RunConfig, out: Path) -> dict[str, Any]:
                                      pipeline_kwargs=call_kwargs)
         result = evaluate(generate, seeds_per_prompt=ev.seeds_per_prompt,
                           max_prompts_per_category=ev.max_prompts_per_category, batch_size=ev.batch_size,
-                          seed_offset=ev.seed_offset, progress=cfg.progress)
+                          seed_offset=ev.seed_offset, progress=cfg.progress,
+                          min_images_per_category=ev.min_images_per_category)
         result.save(out / "eval" / f"{name}.json")
         results[name] = result
         print(f"[fastpref run] MiniGenEval {name}: {100 * result.overall:.1f}%")
     save_comparison_grid(results, out / "grid.png")
-    return {name: {"overall": r.overall, "per_category": r.per_category, "num_images": r.num_images}
+    return {name: {"overall": r.overall, "per_category": r.per_category, "num_images": r.num_images,
+                   "seed_scores": r.seed_scores(), "seed_spread": r.seed_spread()}
             for name, r in results.items()}
+
+
+def improvement_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Each trained model against the base: the gain, and whether it exceeds the base's seed-to-seed spread
+    (the sample standard deviation of MiniGenEval computed on each evaluation seed alone)."""
+    base = results.get("base")
+    if base is None or not base.get("seed_scores"):
+        return []
+    spread = base["seed_spread"]
+    lines = [f"Seed-to-seed spread of the base: {100 * spread:.1f} points (std over its per-seed scores)."]
+    for name, r in results.items():
+        if name == "base":
+            continue
+        gain = r["overall"] - base["overall"]
+        verdict = "above" if gain > spread else "within"
+        lines.append(f"- {name}: {100 * gain:+.1f} points over the base ({verdict} the seed spread)")
+    return lines
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
@@ -130,18 +186,20 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     lines = [f"# fastpref run: {out}", ""]
     if "eval" in report:
         categories = list(next(iter(report["eval"].values()))["per_category"])
-        lines += ["| model | overall | " + " | ".join(categories) + " |",
-                  "|---|---|" + "---|" * len(categories)]
+        lines += ["| model | overall | per-seed scores | " + " | ".join(categories) + " |",
+                  "|---|---|---|" + "---|" * len(categories)]
         for name, r in report["eval"].items():
             cells = " | ".join(f"{100 * r['per_category'][c]:.1f}" for c in categories)
-            lines.append(f"| {name} | **{100 * r['overall']:.1f}** | {cells} |")
-        lines += ["", "![before/after](grid.png)", ""]
+            seeds = ", ".join(f"{100 * x:.1f}" for x in r.get("seed_scores", []))
+            lines.append(f"| {name} | **{100 * r['overall']:.1f}** | {seeds} | {cells} |")
+        lines += ["", *improvement_lines(report["eval"]), "", "![before/after](grid.png)", ""]
     lines += ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     from fastpref.data.cache import run_cache
+    from fastpref.data.importers import run_import
     from fastpref.data.label import run_label
     from fastpref.data.synth import run_synth
     from fastpref.train.loop import train
@@ -159,8 +217,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         seconds[name] = time.perf_counter() - start
         return result
 
-    timed("synth", run_synth, stages.synth)
-    timed("label", run_label, stages.label)
+    if stages.importer is not None:
+        timed("import", run_import, stages.importer)
+    else:
+        timed("synth", run_synth, stages.synth)
+        timed("label", run_label, stages.label)
     timed("cache", run_cache, stages.cache)
     for name, train_cfg in stages.trains.items():
         report["train"][name] = timed(f"train {name}", train, train_cfg, resume=True)

@@ -77,3 +77,70 @@ def test_train_cli_reads_a_run_recipe(tmp_path, tiny_model):
     cfg = train_config_of_recipe(str(path), ["lr=3e-4", "output_dir=" + str(tmp_path / "elsewhere")])
     assert cfg.objective.name == "rankdpo" and cfg.lr == 3e-4
     assert cfg.data.root == str(tmp_path / "elsewhere" / "data")
+
+
+@pytest.fixture
+def tiny_pickapic(tmp_path):
+    """A Pick-a-Pic v2-like parquet file: 6 prompts with two 32x32 PNG images each, one tie (dropped on import)."""
+    import io
+
+    import numpy as np
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from PIL import Image
+
+    from fastpref.toy import world
+
+    def png(image):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rng = np.random.default_rng(0)
+    specs = [world.sample_spec(rng) for _ in range(6)]
+    renders = [[world.render(spec, rng) for _ in range(2)] for spec in specs]
+    labels = [1.0, 0.0, 0.5, 1.0, 0.0, 1.0]
+    table = pa.table({
+        "caption": [spec.caption for spec in specs],
+        "jpg_0": [png(r[0]) for r in renders],
+        "jpg_1": [png(r[1]) for r in renders],
+        "label_0": labels,
+        "label_1": [1 - x for x in labels],
+    })
+    path = tmp_path / "pickapic" / "train-00000-of-00001.parquet"
+    path.parent.mkdir()
+    pq.write_table(table, path, row_group_size=4)
+    return path.parent
+
+
+def test_sd15_dpo_recipe_runs_import_cache_train_eval_on_tiny_models(tmp_path, tiny_model, tiny_pickapic):
+    """configs/sd15-dpo.yaml as shipped (bf16 cache + training, full fine-tuning, flips, cached e_ref, validation
+    grids), with only the sizes turned down and the hub model and Pick-a-Pic swapped for tiny local ones."""
+    from pathlib import Path
+
+    from fastpref.data.shards import StageDir
+
+    torch.set_num_threads(1)
+    recipe_path = Path(__file__).resolve().parent.parent / "configs" / "sd15-dpo.yaml"
+    out = tmp_path / "run"
+    overrides = [
+        f"output_dir={out}", "progress=false",
+        f"importer.source={tiny_pickapic}", "importer.image_size=32", "importer.groups_per_shard=3",
+        f"cache.model={tiny_model}", "cache.batch_size=8",
+        "train.data.batch_groups=2", "train.data.num_workers=0", "train.grad_accumulation=1", "train.max_steps=2",
+        "train.lr_warmup_steps=1", "train.checkpoint_every=2", "train.tensorboard=false",
+        "train.loss_backend=reference", "train.validation.every=1", "train.validation.num_inference_steps=2",
+        "eval={seeds_per_prompt: 1, max_prompts_per_category: 1, steps: 2, batch_size: 8}",
+    ]
+    cfg = load_config(RunConfig, recipe_path, overrides)
+    report = run(cfg)
+    assert list(report["seconds"])[:2] == ["import", "cache"] and "synth" not in report["seconds"]
+    synth = StageDir(out / "data", "synth").open()
+    assert synth.data["num_groups"] == 5  # the tie is dropped
+    summary = report["train"]["dpo"]
+    assert summary["steps"] == 2 and summary["reference"] == "cached"  # bf16 e_ref for bf16 training
+    train_dir = out / "train" / "dpo"
+    assert (train_dir / "checkpoints/step-000002/denoiser/config.json").exists()  # mode: full
+    grids = sorted(p.name for p in (train_dir / "validation").iterdir())
+    assert grids == ["step-000000.png", "step-000001.png", "step-000002.png"]
+    assert set(report["eval"]) == {"base", "dpo"} and (out / "grid.png").stat().st_size > 0

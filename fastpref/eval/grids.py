@@ -114,9 +114,26 @@ def make_grid(
     return canvas
 
 
+def fit_cells(images: np.ndarray, cell_size: int) -> tuple[np.ndarray, int]:
+    """(images, scale) for make_grid so that every cell is about `cell_size` pixels on its longer side: small
+    images keep their pixels and get an integer nearest-neighbour `scale`; larger ones are downscaled (Lanczos)."""
+    images = np.asarray(images)
+    height, width = images.shape[1:3]
+    longest = max(height, width)
+    if longest <= cell_size:
+        return images, max(1, cell_size // longest)
+    pil_image = require("PIL.Image", "PNG grids")
+    size = (max(1, round(width * cell_size / longest)), max(1, round(height * cell_size / longest)))
+    resized = [np.asarray(pil_image.fromarray(image).resize(size, pil_image.LANCZOS)) for image in images]
+    return np.stack(resized), 1
+
+
 def save_grid(path: str | Path, *args, **kwargs) -> Path:
-    """make_grid(...) written to `path` as PNG (parent folders created)."""
+    """make_grid(...) written to `path` as PNG, atomically (temp file + rename; parent folders created)."""
+    from fastpref.utils.atomic import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(*args, **kwargs).save(path, format="PNG")
+    image = make_grid(*args, **kwargs)
+    with atomic_file(path) as handle:
+        image.save(handle, format="PNG")
     return path

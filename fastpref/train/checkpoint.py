@@ -2,7 +2,7 @@
 
 Layout of one checkpoint (written to a temp dir, renamed into place only when complete):
     <run>/checkpoints/step-000120/
-        trainer_state.pt       optimizer, LR scheduler, data position, RNG states, counters
+        trainer_state.pt       optimizer, LR scheduler, loss scaler (fp16), data position, RNG states, counters
         trainable.safetensors  the trainable parameters in fp32 under their module names (exact resume)
         lora/                  LoRA runs: pytorch_lora_weights.safetensors that diffusers' load_lora_weights reads
         denoiser/              full fine-tunes: the denoiser via save_pretrained (from_pretrained loads it)

@@ -26,6 +26,7 @@ from fastpref.train.parallel import Strategy, build_parallel, local_device
 from fastpref.train.speed import (SpeedConfig, apply_model_speedups, autocast, build_optimizer,
                                   check_speed_support, set_attention_backend)
 from fastpref.train.step import ReferenceModel, TrainStep
+from fastpref.train.validation import ValidationConfig, Validator, resolve_prompts
 from fastpref.utils.imports import require
 
 # Resume tests kill a real run with SIGKILL right after this step (0: never).
@@ -85,6 +86,8 @@ class TrainConfig:
     wandb_project: str | None = None
     loss_backend: Literal["auto", "triton", "native", "reference"] = "auto"
     parallel: Strategy = "none"  # launched with torchrun when not "none"
+    # image grids of the policy on fixed prompts / seeds at step 0 and every N steps (off by default)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def validate(self):
         if not self.data.root:
@@ -99,6 +102,9 @@ class TrainConfig:
             raise ConfigError("reference: 'adapters_off' needs mode: lora (full fine-tuning has no adapters)")
         if self.mode == "lora" and self.reference == "frozen_copy":
             raise ConfigError("reference: 'frozen_copy' is for mode: full; LoRA uses the adapters-off network")
+        if self.objective.feature_space == "ncp" and self.reference == "cached":
+            raise ConfigError("reference: 'cached' cannot serve objective.feature_space: ncp (it runs the frozen "
+                              "initial model live); use auto, adapters_off (lora) or frozen_copy (full)")
         if not self.speed.fused_loss and self.loss_backend != "reference":
             self.loss_backend = "reference"
 
@@ -137,10 +143,19 @@ class Trainer:
         self.dataset = CachedDataset(cfg.data.root, verify=cfg.data.verify)
         self.bundle = load(cfg.model.path, family=cfg.model.family or self.dataset.family,
                            dtype=DTYPES[cfg.model.dtype], device=self.device)
+        self.out = Path(cfg.output_dir)
+        self.validator = None
+        if cfg.validation.enabled:  # encodes its prompts now and keeps the VAE (grids need pixels)
+            from fastpref.models import resolve_path
+            from fastpref.models.bundle import pipeline_call_kwargs
+
+            self.validator = Validator(cfg.validation, self.bundle, resolve_prompts(cfg.validation, cfg.data.root),
+                                       self.out, pipeline_call_kwargs(resolve_path(cfg.model.path)))
         # The cache holds latents and text embeddings: the VAE and text encoders (T5-XXL alone is ~19 GB in fp32
         # for SD3) would only take device memory.
         self.bundle.vae = None
         self.bundle.text_encoders = [None] * len(self.bundle.text_encoders)
+        self.bundle._pipeline = None  # a pipeline built to encode the validation prompts holds the encoders
         denoiser = self.bundle.denoiser
         self.reference_mode = self._reference_mode()
         reference = ReferenceModel(self.reference_mode, denoiser)  # copies the denoiser before any change
@@ -161,7 +176,6 @@ class Trainer:
         self.stream = self.dataset.stream(cfg.data.batch_groups, seed=cfg.seed, rank=self.parallel.rank,
                                           world_size=self.parallel.world_size, backend=cfg.data.loader,
                                           num_workers=cfg.data.num_workers, device="cpu")
-        self.out = Path(cfg.output_dir)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_checkpoints)
         self.step = 0
         self.nonfinite_total = 0
@@ -182,7 +196,7 @@ class Trainer:
                     warnings.warn(f"reference: cached, but {mismatch}; the margins start biased", stacklevel=2)
             return cfg.reference
         live = "adapters_off" if cfg.mode == "lora" else "frozen_copy"
-        if self.dataset.e_ref is None:
+        if self.dataset.e_ref is None or cfg.objective.feature_space == "ncp":
             return live
         mismatch = self._cached_reference_mismatch() or self._cached_reference_too_short()
         if mismatch:
@@ -284,21 +298,27 @@ class Trainer:
         batches = self.batches()
         start, images_seen = time.perf_counter(), 0
         try:
+            if self.validator is not None and self.step == 0:
+                self.validate(logger)  # the starting point, before any update
             while self.step < cfg.max_steps:
                 metrics, images = self.optimizer_step(batches)
                 metrics = self.parallel.mean(metrics)
                 images_seen += images * self.parallel.world_size
                 self.step += 1
                 if main and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
-                    elapsed = time.perf_counter() - start
+                    elapsed = time.perf_counter() - start - (self.validator.seconds if self.validator else 0.0)
                     metrics.update(lr=self.scheduler.get_last_lr()[0], images_per_s=images_seen / max(elapsed, 1e-9),
                                    nonfinite_total=self.nonfinite_total)
+                    if self.parallel.loss_scale is not None:  # fp16
+                        metrics["loss_scale"] = self.parallel.loss_scale
                     if torch.cuda.is_available():
                         metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                     logger.log(self.step, metrics)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('implicit_accuracy', 0):.2f}")
+                if self.validator is not None and self.validator.due(self.step, cfg.max_steps):
+                    self.validate(logger)  # before the checkpoint: a run resumed from it has this grid
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     self.save_checkpoint()
                 if self.step == KILL_AFTER_STEP:
@@ -311,6 +331,12 @@ class Trainer:
         return {"steps": self.step, "resumed_from": resumed_from, "nonfinite_total": self.nonfinite_total,
                 "output_dir": str(self.out), "speedups": self.speedups, "reference": self.reference_mode,
                 "parallel": self.parallel.strategy, "world_size": self.parallel.world_size}
+
+    def validate(self, logger: MetricsLogger | None = None) -> Path | None:
+        """The validation grid of the current policy (every rank samples, the main rank writes); the training RNG
+        stream and the denoiser's mode are left untouched (fastpref/train/validation.py)."""
+        return self.validator.run(self.bundle, self.step, self.parallel.is_main, logger,
+                                  autocast=self.step_fn.autocast, attention=self.attention)
 
     def optimizer_step(self, batches) -> tuple[dict, int]:
         """grad_accumulation micro-batches, then one optimizer step, skipped on every rank when any rank's loss
@@ -342,8 +368,11 @@ class Trainer:
             totals["grad_norm"] = float(grad_norm) * max(counted, 1)
         if not finite:
             self.nonfinite_total += 1
-            self.nonfinite_in_a_row += 1
             parallel.skip_step()
+            # an fp16 overflow that made the loss scaler back off is the scale finding its range, not a diverging
+            # run: logged as skipped, but not counted towards max_nonfinite_in_a_row
+            if not parallel.scaler_backed_off:
+                self.nonfinite_in_a_row += 1
             if self.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
                 raise FloatingPointError(
                     f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (step {self.step}); "
@@ -354,6 +383,9 @@ class Trainer:
             parallel.skip_step()  # no group of the batch carried a preference: nothing to learn, not even momentum
             return {"loss": math.nan, "skipped": 1.0}, images
         parallel.step()
+        if parallel.last_step_skipped:  # DeepSpeed fp16: its loss scaler found an overflow inside engine.step
+            self.nonfinite_total += 1
+            return {"loss": math.nan, "skipped": 1.0}, images
         return {key: value / max(counted, 1) for key, value in totals.items()}, images
 
 
@@ -378,7 +410,8 @@ def train_config_of_recipe(path: str, overrides: list[str]) -> TrainConfig:
     return build_stages(run_cfg).trains[run_cfg.main_variant]
 
 
-RUN_KEYS = ("output_dir", "synth", "label", "cache", "train", "variants", "main_variant", "eval", "progress")
+RUN_KEYS = ("output_dir", "synth", "label", "importer", "data_root", "cache", "train", "variants", "main_variant", "eval",
+            "progress")
 
 
 def cli(argv: list[str]) -> int:

@@ -1,4 +1,5 @@
-"""Training metrics: one JSON line per step (the loss log that resume tests compare), TensorBoard, and W&B if asked."""
+"""Training metrics: one JSON line per step (the loss log that resume tests compare), TensorBoard, and W&B if asked;
+images (validation grids) go to TensorBoard / W&B only."""
 
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        """An RGB uint8 (H, W, 3) image (e.g. a validation grid) to TensorBoard / W&B; metrics.jsonl is left alone."""
+        if self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+            self._tb.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Image(image)}, step=step)
 
     def close(self) -> None:
         self._file.close()

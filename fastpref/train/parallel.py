@@ -4,22 +4,37 @@ Launch with torchrun (or the deepspeed launcher); RANK / WORLD_SIZE / LOCAL_RANK
 the process group uses gloo (DeepSpeed needs DS_ACCELERATOR=cpu there), on GPUs nccl. Each rank streams its own
 share of every global batch (fastpref.data.dataset shards the epoch plan by rank), so `data.batch_groups` is per
 process and the global batch is batch_groups x world size.
+
+fp16 (speed.mixed_precision: fp16, or fp16 weights) trains with dynamic loss scaling. Strategies none / ddp / fsdp2
+use torch.amp.GradScaler: `backward` scales the loss, `clip_grad_norm` unscales the gradients first (so the norm, the
+clipping and the reported grad_norm are the true ones; an overflow makes the norm inf and the loop skips the step on
+every rank like any non-finite gradient), `skip_step` then halves the scale, `step` steps through the scaler and lets
+the scale grow after growth_interval clean steps. FSDP2's DTensor gradients work with the plain scaler: DTensor
+all-reduces (max) the found-inf flag of the unscale op over the mesh, so every rank backs off together. DeepSpeed ZeRO
+uses its own fp16 block (dynamic loss scale with the same schedule); its overflow check runs inside engine.step, which
+then skips the update: `last_step_skipped` says so. The scale and its growth tracker are checkpointed.
+bf16 and fp32 have no scaler (`scaler` is None) and run exactly as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
 
-from fastpref.train.speed import REGIONAL_BLOCK_LISTS, REGIONAL_SINGLE_BLOCKS
+from fastpref.train.speed import (REGIONAL_BLOCK_LISTS, REGIONAL_SINGLE_BLOCKS, UnsupportedSpeedOption,
+                                  make_grad_scaler)
 from fastpref.utils.imports import require
 
 Strategy = Literal["none", "ddp", "fsdp2", "zero1", "zero2", "zero3"]
+# Below this loss scale an overflow is the model's, not the scale's (DeepSpeed's min_loss_scale is the same).
+MIN_LOSS_SCALE = 1.0
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -43,9 +58,17 @@ class Parallel:
 
     strategy: str = "none"
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, mixed_precision: str = "no"):
         self.device = device
+        self.mixed_precision = mixed_precision
         self.rank, self.world_size = init_distributed(device)
+        self.scaler: torch.amp.GradScaler | None = None  # set by wrap when the gradients are computed in fp16
+        self.last_step_skipped = False  # the last step() / skip_step() left the weights unchanged
+        # the last skip_step was an fp16 overflow that halved the loss scale (still >= MIN_LOSS_SCALE): the scaler
+        # looking for its range (65536 -> 2048 takes 5 such skips on the toy DPO run), not a diverging run
+        self.scaler_backed_off = False
+        self._unscaled = False  # clip_grad_norm unscaled this step's gradients: the scaler expects an update
+        self._grads_overflowed = False
 
     @property
     def is_main(self) -> bool:
@@ -54,9 +77,26 @@ class Parallel:
     def wrap(self, denoiser: torch.nn.Module, build_optimizer: Callable, build_scheduler: Callable):
         """(module to run forward on, optimizer, lr scheduler)."""
         self.module = denoiser
+        self._setup_loss_scaling(denoiser)
         self.optimizer = build_optimizer(denoiser.parameters())
         self.scheduler = build_scheduler(self.optimizer)
         return denoiser, self.optimizer, self.scheduler
+
+    def _computes_in_fp16(self, denoiser: torch.nn.Module) -> bool:
+        """fp16 autocast, or fp16 weights outside a bf16 autocast (bf16 runs never get a loss scaler)."""
+        if self.mixed_precision in ("fp16", "bf16"):
+            return self.mixed_precision == "fp16"
+        return any(p.dtype == torch.float16 for p in denoiser.parameters())
+
+    def _setup_loss_scaling(self, denoiser: torch.nn.Module) -> None:
+        """A dynamic loss scaler when the backward runs in fp16 (fp16 autocast or fp16 weights); none otherwise."""
+        if self._computes_in_fp16(denoiser):
+            self.scaler = make_grad_scaler(self.device)
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current loss scale (None: no loss scaling)."""
+        return self.scaler.get_scale() if self.scaler is not None else None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -65,20 +105,54 @@ class Parallel:
         self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the (unscaled) gradients to max_norm; returns their global norm before clipping (inf or nan when a
+        gradient overflowed: the caller then skips the step)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            self._unscaled = True
         norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self._grads_overflowed = self.scaler is not None and not math.isfinite(float(norm))
+        return norm
 
     def step(self) -> None:
-        self.optimizer.step()
-        self.scheduler.step()
+        if self.scaler is None:
+            self.optimizer.step()
+            self.last_step_skipped = False
+            self.scheduler.step()
+            return
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # skips optimizer.step itself on an inf / nan the caller did not check
+        self.scaler.update()
+        self.last_step_skipped = self.scaler.get_scale() < scale  # it backs off exactly when it skipped
+        self._unscaled = self._grads_overflowed = False
+        self._advance_schedule()
 
     def skip_step(self) -> None:
-        """A skipped step still advances the schedule, so that all ranks and resumed runs stay in lockstep."""
+        """A skipped step still advances the schedule, so that all ranks and resumed runs stay in lockstep.
+
+        With loss scaling: gradients that overflowed (clip_grad_norm saw a non-finite norm) halve the scale; any
+        other skip (a non-finite loss before backward, a batch without preferences) leaves scale and growth
+        tracker as they were."""
+        self.scaler_backed_off = False
+        if self.scaler is not None and self._unscaled:
+            if self._grads_overflowed:
+                self.scaler.update()  # found inf: scale x backoff_factor, growth tracker reset
+                self.scaler_backed_off = self.scaler.get_scale() >= MIN_LOSS_SCALE
+            else:
+                self.scaler.update(self.scaler.get_scale())  # same scale; only clears this step's inf checks
+        self._unscaled = self._grads_overflowed = False
+        self.last_step_skipped = True
         self.zero_grad()
-        self.scheduler.step()
+        self._advance_schedule()
+
+    def _advance_schedule(self) -> None:
+        with warnings.catch_warnings():  # a skip before the first update is intended, not a misordered call
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
 
     def all_true(self, flag: bool) -> bool:
         if self.world_size == 1:
@@ -115,14 +189,28 @@ class Parallel:
     # The training state beyond the trainable weights (which the loop saves from `gathered` parameters).
     def save_state(self, directory: Path, extra: dict[str, Any]) -> None:
         if self.is_main:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), **extra},
-                       directory / "trainer_state.pt")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        **self._scaler_state(), **extra}, directory / "trainer_state.pt")
 
     def load_state(self, directory: Path) -> dict[str, Any]:
         state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.scheduler.load_state_dict(state.pop("scheduler"))
+        self._load_scaler_state(state, directory)
         return state
+
+    def _scaler_state(self) -> dict[str, Any]:
+        return {"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def _load_scaler_state(self, state: dict[str, Any], directory: Path) -> None:
+        saved = state.pop("grad_scaler", None)
+        if self.scaler is None:
+            return  # a bf16 / fp32 resume of an fp16 run: the loss scale has no use
+        if saved is None:
+            warnings.warn(f"checkpoint {directory}: no loss-scaler state (it was not written by an fp16 run); "
+                          f"the loss scale restarts at {self.scaler.get_scale():g}", stacklevel=3)
+            return
+        self.scaler.load_state_dict(saved)
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -137,6 +225,7 @@ class DDP(Parallel):
         from torch.nn.parallel import DistributedDataParallel
 
         self.module = denoiser
+        self._setup_loss_scaling(denoiser)
         ids = [self.device.index] if self.device.type == "cuda" else None
         wrapped = DistributedDataParallel(denoiser, device_ids=ids) if self.world_size > 1 else denoiser
         self.optimizer = build_optimizer(denoiser.parameters())
@@ -149,16 +238,14 @@ class FSDP2(Parallel):
 
     strategy = "fsdp2"
 
-    def __init__(self, device: torch.device, mixed_precision: str = "no"):
-        super().__init__(device)
-        self.mixed_precision = mixed_precision
-
     def wrap(self, denoiser, build_optimizer, build_scheduler):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         kwargs = {}
-        if self.mixed_precision == "bf16":
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if self.mixed_precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        self._setup_loss_scaling(denoiser)  # the sharded gradients stay DTensors: the plain GradScaler handles them
         blocks = [b for name in REGIONAL_BLOCK_LISTS for b in (getattr(denoiser, name, None) or [])]
         blocks += [getattr(denoiser, n) for n in REGIONAL_SINGLE_BLOCKS if getattr(denoiser, n, None) is not None]
         for block in blocks:
@@ -203,8 +290,8 @@ class FSDP2(Parallel):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optimizer = get_optimizer_state_dict(self.module, self.optimizer, options=options)
         if self.is_main:
-            torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), **extra},
-                       directory / "trainer_state.pt")
+            torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), **self._scaler_state(),
+                        **extra}, directory / "trainer_state.pt")
 
     def load_state(self, directory):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -213,17 +300,37 @@ class FSDP2(Parallel):
         options = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(self.module, self.optimizer, state.pop("optimizer"), options=options)
         self.scheduler.load_state_dict(state.pop("scheduler"))
+        self._load_scaler_state(state, directory)
         return state
 
 
+# DeepSpeed's dynamic loss scale with torch.amp.GradScaler's schedule: start at 2**16, halve at every overflow
+# (hysteresis 1), double after 2000 clean steps.
+DEEPSPEED_FP16 = {"enabled": True, "auto_cast": False, "loss_scale": 0, "initial_scale_power": 16,
+                  "loss_scale_window": 2000, "hysteresis": 1, "min_loss_scale": 1}
+
+
 class DeepSpeedZero(Parallel):
-    """DeepSpeed ZeRO stage 1/2/3 around the same torch optimizer and LR schedule."""
+    """DeepSpeed ZeRO stage 1/2/3 around the same torch optimizer and LR schedule.
+
+    fp16 uses DeepSpeed's fp16 block (fp16 module, fp32 master weights in the ZeRO optimizer, dynamic loss scale),
+    never a torch GradScaler: engine.backward scales, engine.step checks for overflow on all ranks and skips.
+    """
 
     def __init__(self, device: torch.device, stage: int, max_grad_norm: float, mixed_precision: str = "no"):
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.deepspeed = require("deepspeed", f"parallel: zero{stage}")
-        super().__init__(device)
+        if mixed_precision == "fp16":
+            from deepspeed.accelerator import get_accelerator
+
+            accelerator = get_accelerator()
+            if not accelerator.is_fp16_supported():
+                raise UnsupportedSpeedOption(
+                    f"speed.mixed_precision=fp16: DeepSpeed's {accelerator.device_name()} accelerator has no fp16 "
+                    f"support on this machine, so parallel=zero{stage} cannot train in fp16; allowed values here: "
+                    "no, bf16")
+        super().__init__(device, mixed_precision)
         self.stage = stage
         self.strategy = f"zero{stage}"
         self.config = {
@@ -235,9 +342,21 @@ class DeepSpeedZero(Parallel):
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+        self.fp16 = False
+
+    def _setup_loss_scaling(self, denoiser):
+        # DeepSpeed scales the loss itself (the fp16 block); no torch GradScaler next to it
+        self.fp16 = self._computes_in_fp16(denoiser)
+        if self.fp16:
+            self.config["fp16"] = dict(DEEPSPEED_FP16)
+
+    @property
+    def loss_scale(self):
+        return float(self.engine.optimizer.loss_scale) if self.fp16 else None  # the ZeRO optimizer keeps it
 
     def wrap(self, denoiser, build_optimizer, build_scheduler):
         self.module = denoiser
+        self._setup_loss_scaling(denoiser)
         optimizer = build_optimizer(denoiser.parameters())
         scheduler = build_scheduler(optimizer)
         self.engine, self.optimizer, _, self.scheduler = self.deepspeed.initialize(
@@ -259,10 +378,16 @@ class DeepSpeedZero(Parallel):
 
     def step(self):
         self.engine.step()
+        self.last_step_skipped = not self.engine.was_step_applied()
+        if self.fp16 and self.last_step_skipped:
+            # the fp16 loss scaler found an overflow (the same on every rank) and DeepSpeed skipped the update and
+            # its LR step; advance the schedule like every skipped step does
+            self._advance_schedule()
 
     def skip_step(self):
+        self.last_step_skipped = True
         self.engine.zero_grad()
-        self.scheduler.step()
+        self._advance_schedule()
 
     @contextlib.contextmanager
     def gathered(self):
@@ -289,9 +414,9 @@ class DeepSpeedZero(Parallel):
 
 def build_parallel(strategy: str, device: torch.device, max_grad_norm: float, mixed_precision: str) -> Parallel:
     if strategy == "none":
-        return Parallel(device)
+        return Parallel(device, mixed_precision)
     if strategy == "ddp":
-        return DDP(device)
+        return DDP(device, mixed_precision)
     if strategy == "fsdp2":
         return FSDP2(device, mixed_precision)
     if strategy in ("zero1", "zero2", "zero3"):

@@ -1,6 +1,7 @@
 """Speed switches: regional torch.compile, FP8 linear layers, 8-bit AdamW, gradient checkpointing, attention
-backend, channels-last, bf16/fp16 autocast. Each refuses with a clear message where the hardware or install cannot
-do it: `check_speed_support` before any model is loaded, and each switch again where it is applied.
+backend, channels-last, bf16/fp16 autocast (fp16 with dynamic loss scaling). Each refuses with a clear message
+where the hardware or install cannot do it: `check_speed_support` before any model is loaded, and each switch again
+where it is applied.
 
     speed:
       compile: true              # torch.compile of the denoiser's repeated blocks (regional compilation)
@@ -10,7 +11,8 @@ do it: `check_speed_support` before any model is loaded, and each switch again w
       attention: flash           # PyTorch SDPA backend: sdpa (let PyTorch pick) / flash / efficient / cudnn / math,
                                  # or xformers (CUDA only)
       channels_last: true
-      mixed_precision: bf16
+      mixed_precision: bf16      # no / bf16 / fp16 autocast; fp16 trains with dynamic loss scaling
+                                 # (torch.amp.GradScaler, or DeepSpeed's fp16 block under ZeRO: see parallel.py)
       fused_loss: true           # false forces loss_backend=reference
 
 The switches change speed and memory, not the math: the tests check that each gives the loss and gradients of the
@@ -21,6 +23,7 @@ and FP8, whose rounding is coarser).
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -257,22 +260,65 @@ def set_attention_backend(denoiser: nn.Module, backend: str, device: torch.devic
     return SDPAKernel(backend)
 
 
+@functools.lru_cache(maxsize=None)
+def _fp16_amp_on_cpu() -> bool:
+    """Whether this torch runs fp16 autocast and a GradScaler on CPU (torch 2.13 does; older ones warn that the
+    dtype is unsupported and silently run fp32, or have no CPU GradScaler)."""
+    try:
+        torch.amp.GradScaler("cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast(device_type="cpu", dtype=torch.float16):
+                out = torch.nn.functional.linear(torch.ones(1, 2), torch.ones(2, 2))
+        return out.dtype == torch.float16
+    except Exception:  # noqa: BLE001 - any failure means: not supported here
+        return False
+
+
+def fp16_unsupported_reason(device: torch.device) -> str | None:
+    """Why fp16 autocast with dynamic loss scaling cannot run on `device` (None: it can)."""
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        return None if _fp16_amp_on_cpu() else (
+            f"torch {torch.__version__} has no fp16 autocast or GradScaler on CPU")
+    return f"fp16 autocast with loss scaling is not supported on device type {device.type}"
+
+
 def autocast_dtype(device: torch.device, mixed_precision: str) -> torch.dtype | None:
     """The autocast dtype of speed.mixed_precision on `device` (None: no autocast); refuses what cannot run."""
     if mixed_precision == "no":
         return None
     if mixed_precision not in ("bf16", "fp16"):
         raise ValueError(f"speed.mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
-    if device.type == "cpu" and mixed_precision == "fp16":
-        raise UnsupportedSpeedOption("speed.mixed_precision: fp16 autocast is not supported on CPU; use bf16")
+    if mixed_precision == "fp16" and (why := fp16_unsupported_reason(device)):
+        raise UnsupportedSpeedOption(f"speed.mixed_precision=fp16: {why}; allowed values here: no, bf16")
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+
+
+class GradScaler(torch.amp.GradScaler):
+    """torch's dynamic loss scaler (init scale 2**16, x0.5 on overflow, x2 after 2000 clean steps), which also
+    unscales fp16 gradients, i.e. fp16 trainable weights (model.dtype: float16). torch's own refuses those ("Attempting
+    to unscale FP16 gradients": its recipe keeps fp32 master weights, as speed.mixed_precision=fp16 does); unscaling
+    them in place is the same check-and-divide kernel, with fp16's range for the result."""
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        return super()._unscale_grads_(optimizer, inv_scale, found_inf, True)
+
+
+def make_grad_scaler(device: torch.device) -> GradScaler:
+    """The loss scaler of an fp16 run on `device` (refuses a device where fp16 cannot run, naming the key)."""
+    if why := fp16_unsupported_reason(device):
+        raise UnsupportedSpeedOption(f"speed.mixed_precision=fp16 (or model.dtype=float16): {why}; allowed values "
+                                     "here: no, bf16")
+    return GradScaler(device.type)
 
 
 def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
     """Autocast for the forward passes (weights and optimizer state stay in their own dtype).
 
-    fp16 on CUDA runs without loss scaling (the loop has no GradScaler yet): small gradients can underflow; prefer
-    bf16 on GPUs that have it.
+    fp16 needs loss scaling, which the Parallel object of the run does (fastpref.train.parallel): backward scales
+    the loss, clipping unscales, overflowing steps are skipped and the scale adapts.
     """
     dtype = autocast_dtype(device, mixed_precision)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)

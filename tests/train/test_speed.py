@@ -15,9 +15,9 @@ from torch import nn
 
 from fastpref.train.loop import Trainer, train
 from fastpref.train.speed import (
+    GradScaler,
     SpeedConfig,
     UnsupportedSpeedOption,
-    autocast,
     build_optimizer,
     check_speed_support,
     compile_regions,
@@ -133,12 +133,20 @@ def test_bf16_live_reference_runs_in_the_same_precision(cached_dataset, tmp_path
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_fp16_autocast_is_refused_on_cpu(tmp_path):
-    with pytest.raises(UnsupportedSpeedOption, match="fp16 autocast is not supported on CPU; use bf16"):
-        autocast(CPU, "fp16")
-    with pytest.raises(UnsupportedSpeedOption, match="speed.mixed_precision: fp16"):
-        Trainer(make_config({"root": str(tmp_path / "never-read"), "model": "unused"}, tmp_path,
-                            **{"speed.mixed_precision": "fp16", "device": "cpu"}))
+def test_fp16_autocast_runs_the_denoiser_in_fp16_close_to_fp32_with_a_loss_scaler(cached_dataset, tmp_path,
+                                                                                  fp32_first_step):
+    """torch 2.13 has fp16 CPU autocast and a CPU GradScaler; where torch has not, fp16 is refused naming the key
+    (test_grad_scaler.py, with the scaler's own tests)."""
+    trainer = make_trainer(cached_dataset, tmp_path, **{"speed.mixed_precision": "fp16"})
+    assert isinstance(trainer.parallel.scaler, GradScaler)
+    output_dtypes = []
+    trainer.bundle.denoiser.conv_out.register_forward_hook(lambda m, i, out: output_dtypes.append(out.dtype))
+    loss, grads = first_step(trainer)
+    assert output_dtypes == [torch.float16]
+    assert all(g.dtype == torch.float32 for g in grads.values())  # fp32 master weights and gradients
+    # fp16 keeps 11 mantissa bits; measured: 2e-7 relative on the loss, 3.5e-3 on the gradients of this tiny net
+    torch.testing.assert_close(loss, fp32_first_step[0], rtol=1e-4, atol=0)
+    assert_gradients_close(grads, fp32_first_step[1], rel_tol=0.02)
 
 
 # --------------------------------------------------------------------------- attention backends

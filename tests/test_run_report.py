@@ -1,0 +1,28 @@
+"""fastpref run's report: per-seed scores and the gain over the base against its seed-to-seed spread."""
+
+import json
+
+from fastpref.pipeline import improvement_lines, write_report
+
+
+def _result(overall, seeds):
+    return {"overall": overall, "per_category": {"colors": overall}, "num_images": 8, "seed_scores": seeds,
+            "seed_spread": float(__import__("numpy").std(seeds, ddof=1))}
+
+
+def test_gain_is_compared_with_the_base_seed_spread(tmp_path):
+    results = {"base": _result(0.50, [0.45, 0.55]), "rankdpo": _result(0.60, [0.58, 0.62]),
+               "dpo": _result(0.52, [0.50, 0.54])}
+    lines = improvement_lines(results)
+    assert lines[0].startswith("Seed-to-seed spread of the base: 7.1 points")
+    assert "- rankdpo: +10.0 points over the base (above the seed spread)" in lines
+    assert "- dpo: +2.0 points over the base (within the seed spread)" in lines
+    write_report(tmp_path, {"eval": results, "seconds": {"train": 1.0}})
+    text = (tmp_path / "report.md").read_text()
+    assert "| rankdpo | **60.0** | 58.0, 62.0 | 60.0 |" in text and "above the seed spread" in text
+    assert json.loads((tmp_path / "report.json").read_text())["eval"]["base"]["seed_scores"] == [0.45, 0.55]
+
+
+def test_no_base_or_no_seed_scores_gives_no_verdict():
+    assert improvement_lines({"rankdpo": _result(0.6, [0.6])}) == []
+    assert improvement_lines({"base": {"overall": 0.5, "per_category": {}}}) == []
