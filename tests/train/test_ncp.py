@@ -283,16 +283,19 @@ def test_ncp_refuses_a_reference_that_is_not_live(tokenizer, mode):
         make_step(bundle, "dpo", mode)
 
 
-def test_ncp_with_cached_reference_is_refused_by_the_trainer(cached_dataset, tmp_path):
+def test_ncp_with_cached_reference_is_refused_by_the_config_and_auto_runs_it_live(cached_dataset, tmp_path):
     from fastpref.train.loop import TrainConfig, Trainer
 
-    cfg = from_dict(TrainConfig, {
+    settings = {
         "model": {"path": cached_dataset["model"]}, "data": {"root": cached_dataset["root"], "batch_groups": 2},
         "output_dir": str(tmp_path), "max_steps": 2, "progress": False, "tensorboard": False,
         "reference": "cached", "objective": {"name": "rankdpo", "feature_space": "ncp"},
-    })
+    }
     with pytest.raises(ConfigError, match="reference: 'cached' cannot serve objective.feature_space: ncp"):
-        Trainer(cfg)
+        from_dict(TrainConfig, settings)  # validation, before any model is loaded
+    trainer = Trainer(from_dict(TrainConfig, {**settings, "reference": "auto"}))
+    assert trainer.dataset.e_ref is not None  # the dataset has cached errors, yet NCP needs the live model
+    assert trainer.reference_mode in ("adapters_off", "frozen_copy")
 
 
 def test_ncp_refuses_flow_matching_models(tokenizer):
