@@ -2,12 +2,14 @@
 
 import json
 
+import numpy as np
+
 from fastpref.pipeline import improvement_lines, write_report
 
 
 def _result(overall, seeds):
     return {"overall": overall, "per_category": {"colors": overall}, "num_images": 8, "seed_scores": seeds,
-            "seed_spread": float(__import__("numpy").std(seeds, ddof=1))}
+            "seed_spread": float(np.std(seeds, ddof=1))}
 
 
 def test_gain_is_compared_with_the_base_seed_spread(tmp_path):
