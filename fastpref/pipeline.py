@@ -165,8 +165,8 @@ def run_eval(stages: Stages, cfg: RunConfig, out: Path) -> dict[str, Any]:
 
 
 def improvement_lines(results: dict[str, dict[str, Any]]) -> list[str]:
-    """Each trained model against the base: the gain, and whether it exceeds the base's seed-to-seed spread
-    (the sample standard deviation of MiniGenEval computed on each evaluation seed alone)."""
+    """Each trained model against the base: the gain, and whether it is better, worse or within the base's
+    seed-to-seed spread (the sample standard deviation of MiniGenEval computed on each evaluation seed alone)."""
     base = results.get("base")
     if base is None or not base.get("seed_scores"):
         return []
@@ -176,8 +176,13 @@ def improvement_lines(results: dict[str, dict[str, Any]]) -> list[str]:
         if name == "base":
             continue
         gain = r["overall"] - base["overall"]
-        verdict = "above" if gain > spread else "within"
-        lines.append(f"- {name}: {100 * gain:+.1f} points over the base ({verdict} the seed spread)")
+        if gain > spread:
+            verdict = "better than the base by more than the seed spread"
+        elif gain < -spread:
+            verdict = "worse than the base by more than the seed spread"
+        else:
+            verdict = "within the seed spread"
+        lines.append(f"- {name}: {100 * gain:+.1f} points over the base ({verdict})")
     return lines
 
 

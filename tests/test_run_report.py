@@ -14,14 +14,15 @@ def _result(overall, seeds):
 
 def test_gain_is_compared_with_the_base_seed_spread(tmp_path):
     results = {"base": _result(0.50, [0.45, 0.55]), "rankdpo": _result(0.60, [0.58, 0.62]),
-               "dpo": _result(0.52, [0.50, 0.54])}
+               "dpo": _result(0.52, [0.50, 0.54]), "sft": _result(0.40, [0.38, 0.42])}
     lines = improvement_lines(results)
     assert lines[0].startswith("Seed-to-seed spread of the base: 7.1 points")
-    assert "- rankdpo: +10.0 points over the base (above the seed spread)" in lines
+    assert "- rankdpo: +10.0 points over the base (better than the base by more than the seed spread)" in lines
     assert "- dpo: +2.0 points over the base (within the seed spread)" in lines
+    assert "- sft: -10.0 points over the base (worse than the base by more than the seed spread)" in lines
     write_report(tmp_path, {"eval": results, "seconds": {"train": 1.0}})
     text = (tmp_path / "report.md").read_text()
-    assert "| rankdpo | **60.0** | 58.0, 62.0 | 60.0 |" in text and "above the seed spread" in text
+    assert "| rankdpo | **60.0** | 58.0, 62.0 | 60.0 |" in text and "better than the base by more" in text
     assert json.loads((tmp_path / "report.json").read_text())["eval"]["base"]["seed_scores"] == [0.45, 0.55]
 
 
