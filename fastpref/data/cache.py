@@ -19,21 +19,13 @@ forward would give on the streamed batch, up to the rounding of the compute dtyp
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from fastpref.config import ConfigError
 from fastpref.data.noise import draw_flips, draw_timesteps_and_noise
-from fastpref.data.shards import (
-    Manifest,
-    ShardError,
-    StageDir,
-    assigned_shards,
-    run_stage,
-    stage_config,
-    worker_from_env,
-)
+from fastpref.data.shards import Manifest, ShardError, StageDir, run_worker_stage, stage_config
 from fastpref.data.synth import image_seed, load_bundle, resolve_device
 from fastpref.utils.imports import require
 
@@ -168,17 +160,12 @@ def run_cache(config: CacheConfig, bundle=None) -> Manifest | None:
     """Cache this worker's shards into <output>/cache; `bundle` overrides loading config.model (tests, notebooks)."""
     synth, label = open_inputs(config.input)
     fingerprint = synth.fingerprint + (f"+{label.fingerprint}" if label is not None else "")
-    stage = StageDir(config.output or config.input, "cache")
-    num_shards = len(synth.shards)
-    stage.prepare(stage_config(config, RUNTIME_FIELDS), num_shards, fingerprint, overwrite=config.overwrite)
-    worker, num_workers = worker_from_env(config.shard_index, config.num_workers)
-    state: dict[str, Any] = {}
 
-    def write(index: int, writer) -> None:
-        if "encoder" not in state:
-            model = bundle or load_bundle(config.family, config.model, config.dtype, resolve_device(config.device))
-            state["encoder"] = _Encoder(model, config)
-        encoder = state["encoder"]
+    def load() -> _Encoder:
+        model = bundle or load_bundle(config.family, config.model, config.dtype, resolve_device(config.device))
+        return _Encoder(model, config)
+
+    def write(index: int, writer, encoder: _Encoder) -> None:
         groups = synth.load_json(index, "groups.json")
         group_ids = [g["index"] for g in groups]
         images = synth.load(index, "images.npy")
@@ -197,13 +184,10 @@ def run_cache(config: CacheConfig, bundle=None) -> Manifest | None:
         if config.reference_errors.epochs > 0:
             writer.save_array("e_ref.npy", encoder.reference_errors(latents, latents_flip, cond, group_ids))
 
-    return run_stage(
-        stage,
-        assigned_shards(num_shards, worker, num_workers),
-        lambda i: synth.shards[i]["num_groups"],
-        write,
-        progress=config.progress,
-    )
+    stage = StageDir(config.output or config.input, "cache")
+    plan = stage_config(config, RUNTIME_FIELDS)
+    shard_groups = [shard["num_groups"] for shard in synth.shards]
+    return run_worker_stage(stage, config, plan, fingerprint, shard_groups, load, write)
 
 
 def cli(argv: list[str]) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fastpref.config import ConfigError
-from fastpref.data.shards import Manifest, StageDir, assigned_shards, run_stage, stage_config, worker_from_env
+from fastpref.data.shards import Manifest, StageDir, run_worker_stage, stage_config
 from fastpref.data.synth import resolve_device
 from fastpref.rewards.ensemble import preference_pairs, psi_from_scores, ranks_from_psi
 
@@ -86,16 +86,12 @@ def label_groups(
 def run_label(config: LabelConfig, rewards: list | None = None) -> Manifest | None:
     """Label this worker's shards into <output>/label; `rewards` overrides building config.rewards."""
     synth = StageDir(config.input, "synth").open()
-    stage = StageDir(config.output or config.input, "label")
-    num_shards = len(synth.shards)
-    stage.prepare(stage_config(config, RUNTIME_FIELDS), num_shards, synth.fingerprint, overwrite=config.overwrite)
-    worker, num_workers = worker_from_env(config.shard_index, config.num_workers)
-    models: list = []
 
-    def write(index: int, writer) -> None:
-        if not models:
-            device = resolve_device(config.device)
-            models.extend(rewards if rewards is not None else build_rewards(config.rewards, device))
+    def load() -> list:
+        device = resolve_device(config.device)
+        return rewards if rewards is not None else build_rewards(config.rewards, device)
+
+    def write(index: int, writer, models: list) -> None:
         images = synth.load(index, "images.npy")
         groups = synth.load_json(index, "groups.json")
         k = images.shape[1]
@@ -106,13 +102,10 @@ def run_label(config: LabelConfig, rewards: list | None = None) -> Manifest | No
         for name, array in arrays.items():
             writer.save_array(name, array)
 
-    return run_stage(
-        stage,
-        assigned_shards(num_shards, worker, num_workers),
-        lambda i: synth.shards[i]["num_groups"],
-        write,
-        progress=config.progress,
-    )
+    stage = StageDir(config.output or config.input, "label")
+    plan = stage_config(config, RUNTIME_FIELDS)
+    shard_groups = [shard["num_groups"] for shard in synth.shards]
+    return run_worker_stage(stage, config, plan, synth.fingerprint, shard_groups, load, write)
 
 
 def cli(argv: list[str]) -> int:

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -306,6 +306,36 @@ def run_stage(
                 write_shard(index, writer)
             bar.update(groups_in_shard(index))
     return stage.finalize()
+
+
+def run_worker_stage(
+    stage: StageDir,
+    config: Any,
+    plan_config: dict[str, Any],
+    input_fingerprint: str | None,
+    shard_groups: list[int],
+    load: Callable[[], Any],
+    write_shard: Callable[[int, ShardWriter, Any], None],
+) -> Manifest | None:
+    """A stage's whole run for this worker: plan, take the worker's shards, compute the unfinished ones.
+
+    `config` is the stage config; its overwrite, shard_index, num_workers and progress fields are read.
+    `plan_config` goes to plan.json (a resumed run must match it), `shard_groups[i]` is shard i's group count.
+    `load()` builds the stage's models once, before the first shard this worker writes (a worker with
+    nothing left to do loads none); each shard is written by `write_shard(index, writer, loaded)`.
+    Returns the stage's Manifest once every worker's shards are committed, else None (see run_stage).
+    """
+    stage.prepare(plan_config, len(shard_groups), input_fingerprint, overwrite=config.overwrite)
+    worker, num_workers = worker_from_env(config.shard_index, config.num_workers)
+    loaded: list[Any] = []  # [load()] once loaded
+
+    def write(index: int, writer: ShardWriter) -> None:
+        if not loaded:
+            loaded.append(load())
+        write_shard(index, writer, loaded[0])
+
+    shard_ids = assigned_shards(len(shard_groups), worker, num_workers)
+    return run_stage(stage, shard_ids, shard_groups.__getitem__, write, progress=config.progress)
 
 
 def stage_config(config: Any, runtime_fields: tuple[str, ...]) -> dict[str, Any]:

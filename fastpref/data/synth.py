@@ -19,7 +19,7 @@ import numpy as np
 
 from fastpref.config import ConfigError
 from fastpref.data.prompts import Prompt, PromptSource, read_prompts
-from fastpref.data.shards import Manifest, StageDir, assigned_shards, run_stage, stage_config, worker_from_env
+from fastpref.data.shards import Manifest, StageDir, run_worker_stage, stage_config
 from fastpref.models import resolve_path
 from fastpref.utils.imports import require
 
@@ -237,29 +237,22 @@ def run_synth(config: SynthConfig) -> Manifest | None:
     if not prompts:
         raise ValueError(f"{config.prompts.path}: no prompts")
     ranges = shard_ranges(len(prompts), config.groups_per_shard)
-    stage = StageDir(config.output, "synth")
     # the prompts themselves (not just their file's path) decide the output: an edited file is refused on resume
     prompt_hash = hashlib.sha256(json.dumps([[p.id, p.text] for p in prompts]).encode()).hexdigest()
-    stage.prepare(synth_stage_config(config), len(ranges), input_fingerprint=prompt_hash, overwrite=config.overwrite)
-    worker, num_workers = worker_from_env(config.shard_index, config.num_workers)
     device = resolve_device(config.device)
-    pipes: dict[str, Any] = {}
 
-    def write(index: int, writer) -> None:
-        if not pipes:  # load lazily: a worker with nothing left to do loads no model
-            pipes.update({g.name: load_generator(g, device) for g in config.generators})
+    def load() -> dict[str, Any]:  # the generator pipelines by name, with their call kwargs
+        return {g.name: load_generator(g, device) for g in config.generators}
+
+    def write(index: int, writer, pipes: dict[str, Any]) -> None:
         start, stop = ranges[index]
         images, groups = synth_shard(config, prompts[start:stop], start, pipes)
         writer.save_array("images.npy", images)
         writer.save_json("groups.json", groups)
 
-    return run_stage(
-        stage,
-        assigned_shards(len(ranges), worker, num_workers),
-        lambda i: ranges[i][1] - ranges[i][0],
-        write,
-        progress=config.progress,
-    )
+    stage = StageDir(config.output, "synth")
+    shard_groups = [stop - start for start, stop in ranges]
+    return run_worker_stage(stage, config, synth_stage_config(config), prompt_hash, shard_groups, load, write)
 
 
 def cli(argv: list[str]) -> int:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,8 +142,54 @@ def resumed_budget(args: PretrainArgs, state: dict) -> "StepBudget":
 
 
 def _progress(total_hint: int | None, enabled: bool, desc: str):
-    tqdm = require("tqdm", "pretraining progress bars")
+    tqdm = require("tqdm", "toy training progress bars")
     return tqdm.tqdm(total=total_hint, desc=desc, disable=not enabled, mininterval=5.0)
+
+
+def optimizer_steps(
+    budget: StepBudget,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    next_loss: Callable[[], torch.Tensor],
+    losses: list[float],
+    *,
+    base_lr: float,
+    warmup: int,
+    floor: float = 0.05,
+    start_step: int = 0,
+    desc: str,
+    progress: bool,
+    loss_window: int = 50,
+    show_loss_every: int = 1,
+    loss_digits: int = 4,
+) -> Iterator[int]:
+    """The step loop of the toy trainers (VAE, diffusion families, ShapeCLIP), until `budget` is spent.
+
+    Each step sets the lr to base_lr x cosine_lr(step, ...), computes next_loss(), zeroes the grads,
+    backpropagates, clips the gradient norm of `params` to 1 and steps the optimizer; the loss is
+    appended to `losses`, the budget settles and the progress bar moves (the mean of the last
+    `loss_window` losses, every `show_loss_every` steps). Then it yields the number of steps done, for
+    the caller's per-step work (EMA update, checkpoints, snapshots); the bar closes when the budget is spent.
+    """
+    bar = _progress(budget.total, progress, desc)
+    step = start_step
+    while budget.total is None or step < budget.total:
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * cosine_lr(step, budget.provisional_total, warmup=warmup, floor=floor)
+        loss = next_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        budget.settle(step)
+        step += 1
+        bar.total = budget.total
+        bar.update(1)
+        if step % show_loss_every == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-loss_window:]):.{loss_digits}f}")
+        yield step
+    bar.close()
 
 
 # ------------------------------------------------------------------------------------------- VAE
@@ -209,27 +256,17 @@ def train_vae(args: PretrainArgs) -> dict:
     state = _maybe_resume(args, {"vae": vae}, optimizer, rng, generator=sample_generator)
     start_step, rng = state["step"], state["rng"]
     budget = resumed_budget(args, state)
-    losses = []
-    bar = _progress(budget.total, args.progress, "vae")
-    step = start_step
-    while budget.total is None or step < budget.total:
-        for group in optimizer.param_groups:
-            group["lr"] = base_lr * cosine_lr(step, budget.provisional_total, warmup=50)
+
+    def next_loss() -> torch.Tensor:
         images, _ = world.sample_batch(rng, args.batch_size, split="train")
-        loss = vae_loss(vae, images_to_tensor(images), sample_generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        budget.settle(step)
-        bar.total = budget.total
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        step += 1
+        return vae_loss(vae, images_to_tensor(images), sample_generator)
+
+    losses: list[float] = []
+    step = start_step
+    for step in optimizer_steps(budget, optimizer, list(vae.parameters()), next_loss, losses, base_lr=base_lr,
+                                warmup=50, start_step=start_step, desc="vae", progress=args.progress, loss_window=20):
         if args.work_dir and step % args.checkpoint_every == 0:
             _save_checkpoint(args, {"vae": vae}, optimizer, rng, step, budget.total, generator=sample_generator)
-    bar.close()
     vae.eval()
     # fewer images for the tests' tiny runs: these are summaries, not what the run trains on
     stat_images, eval_images = (2048, 500) if args.size == "toy" else (128, 32)
@@ -364,13 +401,8 @@ def train_diffusion(args: PretrainArgs) -> dict:
     pool = latent_pool(vae, args.vae, args.seed, LATENT_POOL_IMAGES if args.size == "toy" else 512,
                        args.latent_cache or args.work_dir)
     budget.start = time.perf_counter()  # the pool is shared by families: time training only
-    losses: list[float] = []
-    early_saved = args.early_out is None
-    bar = _progress(budget.total, args.progress, args.family)
-    step = start_step
-    while budget.total is None or step < budget.total:
-        for group in optimizer.param_groups:
-            group["lr"] = base_lr * cosine_lr(step, budget.provisional_total, warmup=LR_WARMUP_STEPS, floor=0.1)
+
+    def next_loss() -> torch.Tensor:
         index = rng.integers(0, len(pool["captions"]), args.batch_size)
         captions = ["" if rng.random() < args.caption_dropout else pool["captions"][i] for i in index]
         latents = pool_latents(bundle, pool, index, generator)
@@ -378,18 +410,14 @@ def train_diffusion(args: PretrainArgs) -> dict:
         t = bundle.sample_timesteps(args.batch_size, generator)
         cond = bundle.encode_prompt(captions)
         prediction = bundle.denoise(bundle.add_noise(latents, noise, t), t, cond)
-        loss = torch.nn.functional.mse_loss(prediction.float(), bundle.target(latents, noise, t).float())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        return torch.nn.functional.mse_loss(prediction.float(), bundle.target(latents, noise, t).float())
+
+    losses: list[float] = []
+    early_saved = args.early_out is None
+    step = start_step
+    for step in optimizer_steps(budget, optimizer, params, next_loss, losses, base_lr=base_lr, warmup=LR_WARMUP_STEPS,
+                                floor=0.1, start_step=start_step, desc=args.family, progress=args.progress):
         ema.step(params)
-        losses.append(loss.item())
-        budget.settle(step)
-        bar.total = budget.total
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        step += 1
         if args.work_dir and step % args.checkpoint_every == 0:
             _save_checkpoint(args, {"trainable": trainable}, optimizer, rng, step, budget.total, ema, generator)
         if not early_saved and budget.total is not None and step >= args.early_fraction * budget.total:
@@ -408,7 +436,6 @@ def train_diffusion(args: PretrainArgs) -> dict:
                 **loss_summary(losses),
             }
             (args.early_out / "metrics.json").write_text(json.dumps(early_metrics, indent=2) + "\n")
-    bar.close()
     _save_ema(bundle, ema, params, args.out, args.vae if args.link_vae else None)
     metrics = {
         "command": command_line(),

@@ -282,9 +282,8 @@ def train_shapeclip(
 ) -> tuple[ShapeCLIP, dict]:
     """Train ShapeCLIP for `minutes` (the step count is fixed from the first steps' speed and
     recorded) or exactly `steps`; save it and metrics.json to `out` (unless None)."""
-    from fastpref.toy.pretrain import StepBudget, cosine_lr
+    from fastpref.toy.pretrain import StepBudget, optimizer_steps
 
-    tqdm = require("tqdm", "ShapeCLIP training progress")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -292,27 +291,16 @@ def train_shapeclip(
     model = ShapeCLIP(**{"words": world.vocabulary(), **(model_kwargs or {})})
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     budget = StepBudget(steps, minutes)
-    bar = tqdm.tqdm(total=budget.total, desc="shapeclip", disable=not progress, mininterval=5.0)
+
+    def next_loss() -> torch.Tensor:
+        images, texts, positive = training_batch(rng, batch_size)
+        return contrastive_loss(model(uint8_to_float(images), texts), torch.from_numpy(positive))
+
     losses: list[float] = []
     step = 0
-    while budget.total is None or step < budget.total:
-        for group in optimizer.param_groups:
-            group["lr"] = lr * cosine_lr(step, budget.provisional_total, warmup=100)
-        images, texts, positive = training_batch(rng, batch_size)
-        loss = contrastive_loss(model(uint8_to_float(images), texts), torch.from_numpy(positive))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        budget.settle(step)
-        step += 1
-        if bar.total != budget.total:
-            bar.total = budget.total
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-    bar.close()
+    for step in optimizer_steps(budget, optimizer, list(model.parameters()), next_loss, losses, base_lr=lr, warmup=100,
+                                desc="shapeclip", progress=progress, show_loss_every=50, loss_digits=3):
+        pass  # nothing to do between steps (no EMA, no checkpoints)
     model.eval()
     metrics = {
         "seed": seed,
