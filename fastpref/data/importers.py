@@ -22,7 +22,7 @@ import numpy as np
 
 from fastpref.config import ConfigError
 from fastpref.data.label import label_groups
-from fastpref.data.shards import Manifest, StageDir, assigned_shards, run_stage, stage_config, worker_from_env
+from fastpref.data.shards import Manifest, StageDir, run_stage, run_worker_stage, stage_config
 from fastpref.data.synth import shard_ranges, to_uint8_square
 from fastpref.utils.imports import require
 
@@ -173,11 +173,8 @@ def run_import(config: ImportConfig) -> Manifest | None:
     if not index:
         raise ValueError(f"{config.source}: nothing to import")
     ranges = shard_ranges(len(index), config.groups_per_shard)
-    worker, num_workers = worker_from_env(config.shard_index, config.num_workers)
-    synth_stage = StageDir(config.output, "synth")
-    synth_stage.prepare(stage_config(config, RUNTIME_FIELDS), len(ranges), None, overwrite=config.overwrite)
 
-    def write_synth(shard: int, writer) -> None:
+    def write_synth(shard: int, writer, _models: None) -> None:
         entries = index[ranges[shard][0] : ranges[shard][1]]
         if config.format == "pickapic":
             _pickapic_images(entries)
@@ -185,8 +182,8 @@ def run_import(config: ImportConfig) -> Manifest | None:
         writer.save_array("images.npy", images)
         writer.save_json("groups.json", meta)
 
-    synth = run_stage(synth_stage, assigned_shards(len(ranges), worker, num_workers),
-                      lambda i: ranges[i][1] - ranges[i][0], write_synth, config.progress)
+    synth = run_worker_stage(StageDir(config.output, "synth"), config, stage_config(config, RUNTIME_FIELDS), None,
+                             [end - start for start, end in ranges], lambda: None, write_synth)
     if synth is None or _scores_from_provenance(synth.load_json(0, "groups.json")) is None:
         return synth  # None while other workers' shards are missing; unscored data has no label stage
     label_stage = StageDir(config.output, "label")
