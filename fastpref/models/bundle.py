@@ -10,13 +10,16 @@ schedulers) and answers four questions the same way for every family:
 
 Timesteps `t` are always in the denoiser's own units, 0..num_train_timesteps: integer DDPM steps
 for epsilon / v-prediction, sigma * num_train_timesteps (float) for flow matching, exactly what the
-diffusers pipelines feed the denoiser. Prompt encoding reuses the family's diffusers pipeline
-(`encode_prompt`) so that training sees the embeddings sampling will see. A family subclass (sd.py,
+diffusers pipelines feed the denoiser. Flow models draw their training sigmas as diffusers' SD3
+training scripts do, through the scheduler's `shift` (SD3-Medium: 3.0; see FlowTimestepSampling).
+Prompt encoding reuses the family's diffusers pipeline (`encode_prompt`) so that training sees the
+embeddings sampling will see. A family subclass (sd.py,
 sdxl.py, sd3.py) says how to build its pipeline and how its denoiser takes the conditioning.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +30,57 @@ from fastpref.utils.imports import require
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 Conditioning = dict[str, torch.Tensor]
+FLOW_WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform")
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """FlowMatchEulerDiscreteScheduler's static shift: shift * s / (1 + (shift - 1) * s); the identity (the very
+    same tensor) at shift 1."""
+    if shift == 1.0:
+        return sigmas
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+@dataclass(frozen=True)
+class FlowTimestepSampling:
+    """How flow-matching (SD3) bundles draw training sigmas: diffusers' SD3 training scripts
+    (examples/dreambooth/train_dreambooth_sd3.py), made continuous.
+
+    diffusers draws u = compute_density_for_timestep_sampling(weighting_scheme, logit_mean, logit_std, mode_scale)
+    in [0, 1] and trains at timesteps[(u * T).long()] / sigmas[...] of the training FlowMatchEulerDiscreteScheduler,
+    whose grid descends from sigma 1 and is shifted: sigma = shift(1 - floor(u T) / T). Here
+    sigma = shift(1 - u) without the floor (`ModelBundle.flow_sigmas_of_u`), so t = sigma * T is a float; the two
+    agree exactly where u T is an integer and within `shift` timesteps (1 at shift 1) elsewhere. At u = 0.5 and
+    shift 3 (SD3-Medium): sigma = 0.75, t = 750.
+
+    As in diffusers, the sign of logit_mean is the opposite of the SD3 paper's m: a positive logit_mean makes
+    u larger, i.e. sigma *smaller* (cleaner inputs). logit_normal draws the unshifted sigma as
+    sigmoid(logit_std * w - logit_mean), w ~ N(0, 1), which is 1 - u for u ~ sigmoid(N(logit_mean, logit_std)) and,
+    at the defaults, bit for bit sigmoid(w): the sampling every flow bundle used before the shift was applied.
+    """
+
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # diffusers' scripts' default for weighting_scheme "mode"
+
+    def __post_init__(self):
+        if self.weighting_scheme not in FLOW_WEIGHTING_SCHEMES:
+            raise ValueError(f"weighting_scheme {self.weighting_scheme!r} is not one of {FLOW_WEIGHTING_SCHEMES}")
+        if not self.logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
+
+    def unshifted_sigmas(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(batch_size,) float32 sigmas in [0, 1] before the scheduler's shift, on the CPU."""
+        if self.weighting_scheme == "logit_normal":
+            w = torch.randn(batch_size, generator=generator)
+            return torch.sigmoid(self.logit_std * w - self.logit_mean)
+        r = torch.rand(batch_size, generator=generator)
+        if self.weighting_scheme == "mode":
+            u = 1 - r - self.mode_scale * (torch.cos(math.pi * r / 2) ** 2 - 1 + r)
+        else:
+            u = r
+        return 1.0 - u
 
 
 @dataclass(eq=False)
@@ -42,6 +96,8 @@ class ModelBundle:
     prediction_type: str
     source: str | None = None  # path or hub id it was loaded from
     _pipeline: Any = field(default=None, repr=False)
+    # flow models only: the density of the training sigmas (the shift comes from the noise scheduler's config)
+    flow_timestep_sampling: FlowTimestepSampling = field(default_factory=FlowTimestepSampling)
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -93,12 +149,29 @@ class ModelBundle:
     def text_modules(self) -> list[torch.nn.Module]:
         return [encoder for encoder in self.text_encoders if encoder is not None]
 
+    @property
+    def timestep_shift(self) -> float:
+        """The flow scheduler's static shift (1.0 for DDPM schedulers and for use_dynamic_shifting, whose training
+        grid diffusers leaves unshifted)."""
+        config = self.noise_scheduler.config
+        if self.prediction_type != "flow" or config.get("use_dynamic_shifting", False):
+            return 1.0
+        return float(config.get("shift", 1.0))
+
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training timesteps: uniform integers (DDPM), logit-normal sigmas * T (flow, as SD3 trains)."""
+        """Training timesteps: uniform integers (DDPM); for flow models shifted sigmas * T with sigmas drawn as
+        diffusers' SD3 scripts draw them (flow_timestep_sampling, default logit-normal(0, 1); see
+        FlowTimestepSampling). add_noise recovers sigma as t / T."""
         if self.prediction_type == "flow":
-            sigmas = torch.sigmoid(torch.randn(batch_size, generator=generator))
+            sigmas = shift_sigmas(self.flow_timestep_sampling.unshifted_sigmas(batch_size, generator),
+                                  self.timestep_shift)
             return (sigmas * self.num_train_timesteps).to(self.device)
         return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator).to(self.device)
+
+    def flow_sigmas_of_u(self, u: torch.Tensor) -> torch.Tensor:
+        """The sigma diffusers' SD3 scripts train at for a density draw u in [0, 1] (compute_density_for_timestep_
+        sampling), without the grid's floor: shift(1 - u). The timestep is this * num_train_timesteps."""
+        return shift_sigmas(1.0 - u, self.timestep_shift)
 
     def _flow_sigmas(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         sigmas = t.to(torch.float32) / self.num_train_timesteps

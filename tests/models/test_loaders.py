@@ -151,3 +151,150 @@ def test_unknown_pipeline_class_is_rejected(tmp_path):
         models.load(tmp_path)
     with pytest.raises(ValueError, match="family"):
         models.load(tmp_path, family="sd4")
+
+
+# ------------------------------------------------------------------ SD3 training timesteps under the scheduler shift
+# diffusers' SD3 training scripts (examples/dreambooth/train_dreambooth_sd3.py):
+#     u = compute_density_for_timestep_sampling(weighting_scheme, bsz, logit_mean, logit_std, mode_scale)
+#     indices = (u * noise_scheduler.config.num_train_timesteps).long()
+#     timesteps = noise_scheduler.timesteps[indices]; sigmas = noise_scheduler.sigmas[indices]  (get_sigmas)
+#     noisy = (1 - sigmas) * x0 + sigmas * noise; target = noise - x0
+SD3_MEDIUM_SHIFT = 3.0
+
+
+@pytest.fixture(scope="module")
+def shifted_sd3(tokenizer, tmp_path_factory):
+    """A tiny SD3 saved with SD3-Medium's scheduler shift (3.0) and loaded back: the shift comes from the folder."""
+    config = sd3.tiny_config("tiny")
+    config["scheduler"] = {**config["scheduler"], "shift": SD3_MEDIUM_SHIFT}
+    folder = tmp_path_factory.mktemp("sd3-shift3")
+    sd3.build_random(config, tokenizer, seed=0).save_pretrained(folder)
+    return sd3.load(folder)
+
+
+def _diffusers_sd3_draw(scheduler, u):
+    indices = (u * scheduler.config.num_train_timesteps).long()
+    return scheduler.timesteps[indices], scheduler.sigmas[indices]
+
+
+def test_shifted_flow_timesteps_of_u_match_diffusers_sd3_training(shifted_sd3):
+    """Same u -> diffusers' (t, sigma): exactly (float32 rounding, atol 1e-3 on t, 1e-6 on sigma) where u T is an
+    integer, and between diffusers' grid value and `shift` timesteps below it elsewhere (diffusers floors u T on a
+    grid descending from sigma 1, so its sigma is never smaller)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    bundle = shifted_sd3
+    assert bundle.timestep_shift == SD3_MEDIUM_SHIFT
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_MEDIUM_SHIFT)
+    T = bundle.num_train_timesteps
+
+    # the brief's example: at u = 0.5 SD3-Medium trains at t = 750, not 500
+    t_half, sigma_half = _diffusers_sd3_draw(scheduler, torch.tensor([0.5]))
+    assert float(t_half) == 750.0 and float(sigma_half) == 0.75
+    assert float(bundle.flow_sigmas_of_u(torch.tensor([0.5]))) == 0.75
+
+    grid = torch.arange(T, dtype=torch.float32) / T
+    exact = (grid * T).long() == torch.arange(T)  # u T an integer in float32 too (not so for 5 of the 1000)
+    assert int(exact.sum()) > 990
+    grid = grid[exact]
+    t_ref, sigma_ref = _diffusers_sd3_draw(scheduler, grid)
+    sigma = bundle.flow_sigmas_of_u(grid)
+    torch.testing.assert_close(sigma, sigma_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sigma * T, t_ref, rtol=0, atol=1e-3)
+
+    u = compute_density_for_timestep_sampling("logit_normal", 4096, logit_mean=0.0, logit_std=1.0,
+                                              generator=torch.Generator().manual_seed(0))
+    t_ref, sigma_ref = _diffusers_sd3_draw(scheduler, u)
+    gap = t_ref - bundle.flow_sigmas_of_u(u) * T
+    assert gap.min() >= -1e-3 and gap.max() <= SD3_MEDIUM_SHIFT + 1e-3, (gap.min(), gap.max())
+
+    # the forward process and target run at the sigma of the drawn t (sigma = t / T, as get_sigmas looks it up)
+    generator = torch.Generator().manual_seed(1)
+    x0 = torch.randn(8, 4, 8, 8, generator=generator)
+    eps = torch.randn(8, 4, 8, 8, generator=generator)
+    t_ref, sigma_ref = _diffusers_sd3_draw(scheduler, torch.arange(8) / 8)
+    s = sigma_ref.view(-1, 1, 1, 1)
+    torch.testing.assert_close(bundle.add_noise(x0, eps, t_ref), (1 - s) * x0 + s * eps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bundle.target(x0, eps, t_ref), eps - x0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        {"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0},
+        {"weighting_scheme": "logit_normal", "logit_mean": 0.6, "logit_std": 0.7},  # sign convention: diffusers'
+        {"weighting_scheme": "mode", "mode_scale": 1.29},
+    ],
+    ids=["logit_normal", "logit_normal-shifted-mean", "mode"],
+)
+def test_shifted_flow_timestep_distribution_matches_diffusers(shifted_sd3, scheme):
+    """200k draws of bundle.sample_timesteps against 200k of diffusers' recipe: empirical CDFs within 0.01
+    (two-sample KS; the 99.9% level is 0.006 at this size), quantiles within 6 timesteps; at logit-normal(0, 1) the
+    median is the shifted 750 (+-3), not the unshifted 500."""
+    import dataclasses
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from fastpref.models.bundle import FlowTimestepSampling
+
+    n = 200_000
+    bundle = dataclasses.replace(shifted_sd3, flow_timestep_sampling=FlowTimestepSampling(**scheme), _pipeline=None)
+    ours = bundle.sample_timesteps(n, torch.Generator().manual_seed(2)).double()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_MEDIUM_SHIFT)
+    u = compute_density_for_timestep_sampling(scheme["weighting_scheme"], n, logit_mean=scheme.get("logit_mean"),
+                                              logit_std=scheme.get("logit_std"), mode_scale=scheme.get("mode_scale"),
+                                              generator=torch.Generator().manual_seed(3))
+    theirs, _ = _diffusers_sd3_draw(scheduler, u)
+    theirs = theirs.double()
+    assert ours.min() >= 0 and ours.max() <= 1000
+    q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
+    torch.testing.assert_close(ours.quantile(q), theirs.quantile(q), rtol=0, atol=6.0)
+    grid = torch.linspace(0, 1000, 2001, dtype=torch.float64)
+    cdf = lambda x: torch.searchsorted(x.sort().values, grid, right=True).double() / n  # noqa: E731
+    assert float((cdf(ours) - cdf(theirs)).abs().max()) < 0.01
+    if scheme == {"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}:
+        assert abs(float(ours.median()) - 750.0) < 3.0
+
+
+def test_shift_applies_to_the_same_per_group_draw(shifted_sd3, tokenizer):
+    """A group's shifted t is the shift of the very draw an unshifted model makes for it (cache and trainer agree
+    through fastpref.data.noise), the draw does not depend on its batch, and noise is untouched by the shift."""
+    from fastpref.data.noise import draw_timesteps_and_noise
+    from fastpref.models.bundle import shift_sigmas
+
+    unshifted = sd3.build_random(sd3.tiny_config("tiny"), tokenizer, seed=0)
+    assert unshifted.timestep_shift == 1.0
+    ids = list(range(40))
+    shifted = draw_timesteps_and_noise(5, 1, ids, (4, 8, 8), shifted_sd3)
+    plain = draw_timesteps_and_noise(5, 1, ids, (4, 8, 8), unshifted)
+    torch.testing.assert_close(shifted.noise, plain.noise, rtol=0, atol=0)
+    expected = shift_sigmas(plain.timesteps.double() / 1000, SD3_MEDIUM_SHIFT) * 1000
+    torch.testing.assert_close(shifted.timesteps.double(), expected, rtol=1e-6, atol=1e-4)
+    assert (shifted.timesteps > plain.timesteps).all()
+    alone = draw_timesteps_and_noise(5, 1, [7], (4, 8, 8), shifted_sd3)
+    torch.testing.assert_close(alone.timesteps, shifted.timesteps[7:8], rtol=0, atol=0)
+    torch.testing.assert_close(alone.noise, shifted.noise[7:8], rtol=0, atol=0)
+
+
+def test_flow_sampling_at_shift_one_is_the_logit_normal_draw_bit_for_bit(tokenizer):
+    """The toy SD3 family (shift 1.0, what toy-sd3 ships) keeps the draw its caches and results were made with."""
+    bundle = sd3.build_random(sd3.tiny_config("tiny"), tokenizer, seed=0)
+    assert sd3.tiny_config("toy")["scheduler"]["shift"] == 1.0
+    for seed in range(3):
+        got = bundle.sample_timesteps(16, torch.Generator().manual_seed(seed))
+        expected = torch.sigmoid(torch.randn(16, generator=torch.Generator().manual_seed(seed))) * 1000
+        assert torch.equal(got, expected)
+    # dynamic shifting (resolution-dependent, Flux-style) leaves diffusers' training grid unshifted
+    bundle.noise_scheduler.register_to_config(use_dynamic_shifting=True, shift=3.0)
+    assert bundle.timestep_shift == 1.0
+
+
+def test_flow_timestep_sampling_rejects_unknown_schemes():
+    from fastpref.models.bundle import FlowTimestepSampling
+
+    with pytest.raises(ValueError, match="weighting_scheme"):
+        FlowTimestepSampling(weighting_scheme="cosmap")
+    with pytest.raises(ValueError, match="logit_std"):
+        FlowTimestepSampling(logit_std=0.0)
