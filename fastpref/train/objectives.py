@@ -49,6 +49,13 @@ class ObjectiveConfig:
     def validate(self):
         if self.beta <= 0:
             raise ConfigError(f"beta: must be > 0, got {self.beta}")
+        # a setting the chosen objective would silently ignore is a mistake in the recipe, not a no-op
+        if self.loss_type != "sigmoid" and self.name not in ("dpo", "rankdpo"):
+            raise ConfigError(f"loss_type: {self.loss_type!r} applies to objectives dpo and rankdpo only; "
+                              f"{self.name!r} has one loss (leave loss_type: sigmoid)")
+        if self.weighting != "dcg" and self.name != "rankdpo":
+            raise ConfigError(f"weighting: {self.weighting!r} applies to rankdpo only (its pair weights); "
+                              f"{self.name!r} has none (leave weighting: dcg)")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ConfigError(f"min_snr_gamma: must be > 0 or null, got {self.min_snr_gamma}")
         if self.feature_space == "ncp":

@@ -419,3 +419,18 @@ def test_min_snr_weight_matches_diffusers_compute_snr_recipe(prediction_type):
 def test_min_snr_weight_refuses_flow_models():
     with pytest.raises(ValueError, match="epsilon / v_prediction"):
         min_snr_weight(scaled_linear_alphas_cumprod(), torch.tensor([3]), 5.0, "flow")
+
+
+@pytest.mark.parametrize("name, setting, needle", [
+    ("cpo", {"loss_type": "hinge"}, "loss_type: 'hinge' applies to objectives dpo and rankdpo only"),
+    ("sft", {"loss_type": "ipo"}, "loss_type: 'ipo' applies to objectives dpo and rankdpo only"),
+    ("dpo", {"weighting": "uniform"}, "weighting: 'uniform' applies to rankdpo only"),
+    ("kto", {"weighting": "uniform"}, "weighting: 'uniform' applies to rankdpo only"),
+])
+def test_a_setting_the_objective_would_ignore_is_refused(name, setting, needle):
+    from fastpref.config import ConfigError
+    from fastpref.train.objectives import ObjectiveConfig
+
+    with pytest.raises(ConfigError, match=needle):
+        ObjectiveConfig(name=name, **setting).validate()
+    ObjectiveConfig(name="rankdpo", **setting).validate()  # the objective that uses it accepts it
