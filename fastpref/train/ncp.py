@@ -156,11 +156,10 @@ def ncp_features(bundle, encode, noisy: torch.Tensor, t: torch.Tensor, cond: dic
 
     policy = flatten_features(encode(step(pred), s, cond), layers)
     with torch.no_grad():
-        fixed = [target.detach()] + ([ref_pred.detach()] if ref_pred is not None else [])
-        rows = torch.cat([step(output) for output in fixed])
-        count = len(fixed)
-        # one encoder pass for the target and the reference: the conditioning repeats per block of N rows
-        features = flatten_features(encode(rows, s.repeat(count), {k: v.repeat(count, *([1] * (v.ndim - 1)))
-                                                                    for k, v in cond.items()}), layers)
-    chunks = features.chunk(count)
-    return policy, chunks[0], (chunks[1] if ref_pred is not None else None)
+        # each in a pass of the policy's own N rows, never one pass of 2N: the same inputs then give bitwise the same
+        # features, so a policy equal to the reference (LoRA at its start) has e_pol == e_ref exactly and RankDPO's
+        # policy ranks tie-break by row index. A 2N-row pass rounds differently from the N-row one; that noise then
+        # decided the ranks, and the step depended on the per-process batch (1 process != 2 with the same global batch)
+        fixed = flatten_features(encode(step(target.detach()), s, cond), layers)
+        reference = flatten_features(encode(step(ref_pred.detach()), s, cond), layers) if ref_pred is not None else None
+    return policy, fixed, reference

@@ -273,6 +273,36 @@ def test_every_layer_choice_runs_and_starts_at_log_2(tokenizer, layers):
     assert float(out.metrics["e_pol"]) > 0
 
 
+def test_ncp_step_at_the_start_does_not_depend_on_how_the_batch_is_split(tokenizer):
+    """LoRA at its start (B = 0): the policy is the reference, so e_pol == e_ref exactly and RankDPO's policy ranks
+    tie-break by row index whatever the batch. One step on 4 groups then has the mean gradient of 2 steps on 2 groups
+    each, as 1 process and 2 processes with the same global batch must (test_ncp_parallel.py runs those). Encoding the
+    target and reference rows in one 2N-row pass rounded differently from the policy's N rows: that noise picked the
+    ranks, and the two gradients differed by 20-35%."""
+    bundle = add_lora(tiny_bundle("sd", tokenizer), perturb=False)
+    step = make_step(bundle, "rankdpo")
+    batch = synthetic_batch(bundle, groups=4, k=3)
+    halves = [{"latents": batch["latents"][i:i + 2], "psi": batch["psi"][i:i + 2],
+               "group_ids": batch["group_ids"][i:i + 2], "cond": {k: v[i:i + 2] for k, v in batch["cond"].items()}}
+              for i in (0, 2)]
+    trained = [p for p in bundle.denoiser.parameters() if p.requires_grad]
+
+    def loss_and_grad(b):
+        for p in trained:
+            p.grad = None
+        out = step.forward(b, epoch=0)
+        out.loss.backward()
+        return out, torch.cat([p.grad.flatten() for p in trained])
+
+    whole, grad = loss_and_grad(batch)
+    assert float(whole.metrics["margin"]) == 0.0 and abs(float(whole.loss) - math.log(2)) < 1e-7
+    split = [loss_and_grad(half) for half in halves]
+    assert all(float(out.metrics["margin"]) == 0.0 for out, _ in split)
+    mean = (split[0][1] + split[1][1]) / 2
+    assert float(grad.norm()) > 0
+    assert float((grad - mean).norm() / grad.norm()) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------- refusals
 
 
