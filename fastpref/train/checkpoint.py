@@ -11,7 +11,9 @@ Layout of one checkpoint (written to a temp dir, renamed into place only when co
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import re
 import shutil
@@ -25,6 +27,10 @@ import torch
 from fastpref.utils.atomic import commit_dir
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+# leftovers of a run killed while saving: a half-written checkpoint, or a complete one that commit_dir had moved
+# aside to replace it (killed between its two renames)
+PARTIAL_DIR = re.compile(r"^\.step-(\d{6,})\.tmp$")
+MOVED_ASIDE_DIR = re.compile(r"^\.step-(\d{6,})\.old$")
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,8 +65,24 @@ class CheckpointManager:
     def steps(self) -> list[int]:
         if not self.directory.is_dir():
             return []
+        self._restore_moved_aside()
         found = (STEP_DIR.match(p.name) for p in self.directory.iterdir() if p.is_dir())
         return sorted(int(m.group(1)) for m in found if m)
+
+    def _restore_moved_aside(self) -> None:
+        """A complete step-N that was moved aside to be replaced, with no step-N in its place, is the checkpoint."""
+        for path in self.directory.iterdir():
+            match = MOVED_ASIDE_DIR.match(path.name)
+            if match and path.is_dir() and not self.path_for(int(match.group(1))).exists():
+                with contextlib.suppress(OSError):  # another rank may be restoring it at the same moment
+                    os.replace(path, self.path_for(int(match.group(1))))
+
+    def _remove_partial(self) -> None:
+        """Main rank, once a checkpoint is committed: no other save is in flight, so every temp dir is a leftover
+        (e.g. of a step that a resumed run with another checkpoint_every never saves again)."""
+        for path in self.directory.iterdir():
+            if PARTIAL_DIR.match(path.name) or MOVED_ASIDE_DIR.match(path.name):
+                shutil.rmtree(path, ignore_errors=True)
 
     def latest(self) -> Path | None:
         # Only complete checkpoints ever carry a step-* name (see commit), so the newest is safe to load.
@@ -83,6 +105,7 @@ class CheckpointManager:
         commit_dir(tmp, target)
         for old in self.steps()[: -self.keep_last]:
             shutil.rmtree(self.path_for(old), ignore_errors=True)
+        self._remove_partial()
         return target
 
     def save(self, step: int, write: Callable[[Path], None], meta: dict[str, Any] | None = None) -> Path:
