@@ -20,7 +20,8 @@ import torch
 
 from fastpref.config import ConfigError, load_config, save_config, to_dict
 from fastpref.train.checkpoint import CheckpointManager, rng_state, save_trainable, set_rng_state
-from fastpref.train.metrics import MetricsLogger
+from fastpref.train.metrics import (MetricsLogger, RunHistory, format_summary, memory_usage,
+                                    progress_postfix, write_summary)
 from fastpref.train.objectives import ObjectiveConfig
 from fastpref.train.parallel import Strategy, build_parallel, local_device
 from fastpref.train.speed import (SpeedConfig, apply_model_speedups, autocast, build_optimizer,
@@ -68,6 +69,14 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     # auto: cached e_ref when the dataset has it, else adapters_off (lora) / frozen_copy (full)
     reference: Literal["auto", "cached", "adapters_off", "frozen_copy"] = "auto"
+    # dtype of full fine-tuning's frozen reference copy (frozen_copy; on the policy's device, never offloaded).
+    # auto: on a CUDA device the dtype the policy computes in: bfloat16 under speed.mixed_precision: bf16 (the GPU
+    # recipes; a frozen SDXL U-Net then takes 5 GB instead of 10, and its e_ref equals an fp32 copy's under the same
+    # autocast), float16 under fp16, the weights' dtype without autocast; on CPU the weights' dtype (bf16 matmuls are
+    # slow there, and CPU runs are the exact-resume references). A copy in another precision than the policy's
+    # biases the start (warned): measured on the toy SD, fp32 policy + bf16 copy, DPO beta 2500: step-0 loss 2.14
+    # instead of ln 2 = 0.69.
+    reference_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     output_dir: str = "runs/train"
     seed: int = 0
     max_steps: int = 100
@@ -102,11 +111,47 @@ class TrainConfig:
             raise ConfigError("reference: 'adapters_off' needs mode: lora (full fine-tuning has no adapters)")
         if self.mode == "lora" and self.reference == "frozen_copy":
             raise ConfigError("reference: 'frozen_copy' is for mode: full; LoRA uses the adapters-off network")
+        if self.mode == "lora" and self.reference_dtype != "auto":
+            raise ConfigError(f"reference_dtype: {self.reference_dtype!r} sets the dtype of the frozen reference copy of "
+                              "mode: full; LoRA's reference is the policy itself with its adapters off (allowed "
+                              "with mode: lora: auto)")
         if self.objective.feature_space == "ncp" and self.reference == "cached":
             raise ConfigError("reference: 'cached' cannot serve objective.feature_space: ncp (it runs the frozen "
                               "initial model live); use auto, adapters_off (lora) or frozen_copy (full)")
         if not self.speed.fused_loss and self.loss_backend != "reference":
             self.loss_backend = "reference"
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_reference_dtype(setting: str, device: torch.device, weight_dtype: torch.dtype,
+                            mixed_precision: str = "no") -> torch.dtype:
+    """The dtype of full fine-tuning's frozen reference copy for train.reference_dtype (see TrainConfig).
+
+    auto: on a CUDA device the policy's compute dtype (the autocast dtype of speed.mixed_precision, else the weights'
+    dtype): 16-bit under bf16 / fp16 autocast, where the copy costs half the memory and rounds as the policy does;
+    on CPU the weights' dtype.
+    """
+    if setting != "auto":
+        return DTYPES[setting]
+    if device.type != "cuda":
+        return weight_dtype
+    return AUTOCAST_DTYPES.get(mixed_precision, weight_dtype)
+
+
+def reference_precision_gap(reference_dtype: torch.dtype, weight_dtype: torch.dtype,
+                            mixed_precision: str = "no") -> str | None:
+    """Why a frozen reference in `reference_dtype` would not round as the policy does (None: it would)."""
+    name = str(reference_dtype).removeprefix("torch.")
+    autocast_dtype = AUTOCAST_DTYPES.get(mixed_precision)
+    if autocast_dtype is not None:  # the reference runs under the same autocast: only another 16-bit dtype differs
+        if reference_dtype in (torch.bfloat16, torch.float16) and reference_dtype != autocast_dtype:
+            return f"the frozen reference is kept in {name} and the training autocasts to {mixed_precision}"
+        return None
+    if reference_dtype != weight_dtype:
+        return f"the frozen reference runs in {name} and the policy in {str(weight_dtype).removeprefix('torch.')}"
+    return None
 
 
 def add_lora(denoiser: torch.nn.Module, cfg: LoraConfig) -> None:
@@ -135,12 +180,16 @@ class Trainer:
         from fastpref.data.dataset import CachedDataset
         from fastpref.models import load
 
+        created = time.perf_counter()
         self.cfg = cfg
         self.device = local_device(cfg.device)
         check_speed_support(cfg.speed, self.device, DTYPES[cfg.model.dtype])  # before minutes of loading
         self.parallel = build_parallel(cfg.parallel, self.device, cfg.max_grad_norm, cfg.speed.mixed_precision)
         torch.manual_seed(cfg.seed)
         self.dataset = CachedDataset(cfg.data.root, verify=cfg.data.verify)
+        # before minutes of model loading: `reference: cached` on a dataset that cannot serve it fails now
+        self.reference_mode = self._reference_mode()
+        self.reference_dtype = self._reference_dtype() if self.reference_mode == "frozen_copy" else None
         self.bundle = load(cfg.model.path, family=cfg.model.family or self.dataset.family,
                            dtype=DTYPES[cfg.model.dtype], device=self.device)
         self.out = Path(cfg.output_dir)
@@ -157,8 +206,8 @@ class Trainer:
         self.bundle.text_encoders = [None] * len(self.bundle.text_encoders)
         self.bundle._pipeline = None  # a pipeline built to encode the validation prompts holds the encoders
         denoiser = self.bundle.denoiser
-        self.reference_mode = self._reference_mode()
-        reference = ReferenceModel(self.reference_mode, denoiser)  # copies the denoiser before any change
+        # copies the denoiser before any change, on its device (never offloaded), in reference_dtype
+        reference = ReferenceModel(self.reference_mode, denoiser, self.reference_dtype)
         if cfg.mode == "lora":
             add_lora(denoiser, cfg.lora)
         denoiser.train()
@@ -180,6 +229,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
+        self.setup_seconds = time.perf_counter() - created  # loading the model and the data, copying the reference
 
     def _reference_mode(self) -> str:
         cfg = self.cfg
@@ -204,6 +254,17 @@ class Trainer:
                           "with the training precision to skip it", stacklevel=2)
             return live
         return "cached"
+
+    def _reference_dtype(self) -> torch.dtype:
+        """The frozen copy's dtype (reference_dtype); warns when it does not round as the policy does."""
+        cfg = self.cfg
+        weights = DTYPES[cfg.model.dtype]
+        dtype = resolve_reference_dtype(cfg.reference_dtype, self.device, weights, cfg.speed.mixed_precision)
+        if gap := reference_precision_gap(dtype, weights, cfg.speed.mixed_precision):
+            warnings.warn(f"reference_dtype: {cfg.reference_dtype}: {gap}; at step 0 their errors differ by rounding, "
+                          "which beta magnifies into a biased margin. Set reference_dtype to the training precision "
+                          "to start unbiased (an fp32 copy takes twice the memory of a bf16 one)", stacklevel=3)
+        return dtype
 
     def _cached_reference_too_short(self) -> str | None:
         """Why the cached e_ref would run out before max_steps (None: it covers the run)."""
@@ -280,7 +341,9 @@ class Trainer:
                                    f"data.batch_groups={self.cfg.data.batch_groups} x world size?)")
 
     def train(self, resume: bool = False) -> dict:
+        """Train to max_steps; returns the summary, which the main rank also prints and writes to summary.json."""
         cfg, main = self.cfg, self.parallel.is_main
+        wall_start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         resumed_from = None
         if resume and (latest := self.checkpoints.latest()) is not None:
@@ -297,6 +360,7 @@ class Trainer:
                 progress = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         batches = self.batches()
         start, images_seen = time.perf_counter(), 0
+        history = RunHistory()
         try:
             if self.validator is not None and self.step == 0:
                 self.validate(logger)  # the starting point, before any update
@@ -305,18 +369,19 @@ class Trainer:
                 metrics = self.parallel.mean(metrics)
                 images_seen += images * self.parallel.world_size
                 self.step += 1
+                history.add(metrics)
+                elapsed = self._training_seconds(start)
+                images_per_s = images_seen / max(elapsed, 1e-9)
+                memory = memory_usage(self.device) if main else {}
                 if main and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
-                    elapsed = time.perf_counter() - start - (self.validator.seconds if self.validator else 0.0)
-                    metrics.update(lr=self.scheduler.get_last_lr()[0], images_per_s=images_seen / max(elapsed, 1e-9),
+                    metrics.update(lr=self.scheduler.get_last_lr()[0], images_per_s=images_per_s,
                                    nonfinite_total=self.nonfinite_total)
                     if self.parallel.loss_scale is not None:  # fp16
                         metrics["loss_scale"] = self.parallel.loss_scale
-                    if torch.cuda.is_available():
-                        metrics["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                    logger.log(self.step, metrics)
+                    logger.log(self.step, metrics, measurements=memory)
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('implicit_accuracy', 0):.2f}")
+                    progress.set_postfix(progress_postfix(metrics, images_per_s, memory))
                 if self.validator is not None and self.validator.due(self.step, cfg.max_steps):
                     self.validate(logger)  # before the checkpoint: a run resumed from it has this grid
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
@@ -328,9 +393,25 @@ class Trainer:
                 logger.close()
             if progress is not None:
                 progress.close()
-        return {"steps": self.step, "resumed_from": resumed_from, "nonfinite_total": self.nonfinite_total,
-                "output_dir": str(self.out), "speedups": self.speedups, "reference": self.reference_mode,
-                "parallel": self.parallel.strategy, "world_size": self.parallel.world_size}
+        train_seconds = self._training_seconds(start)
+        summary = {"steps": self.step, "resumed_from": resumed_from, "steps_this_run": history.steps,
+                   "nonfinite_total": self.nonfinite_total, "skipped_this_run": history.skipped,
+                   **history.summary(),
+                   "setup_time_s": self.setup_seconds, "wall_time_s": time.perf_counter() - wall_start,
+                   "train_time_s": train_seconds,
+                   "images": images_seen, "images_per_s": images_seen / max(train_seconds, 1e-9),
+                   **(memory_usage(self.device) if main else {}),
+                   "output_dir": str(self.out), "speedups": self.speedups, "reference": self.reference_mode,
+                   "reference_dtype": str(self.reference_dtype).removeprefix("torch.") if self.reference_dtype else None,
+                   "parallel": self.parallel.strategy, "world_size": self.parallel.world_size}
+        if main:
+            write_summary(self.out / "summary.json", summary)
+            print(format_summary(summary), flush=True)
+        return summary
+
+    def _training_seconds(self, start: float) -> float:
+        """Seconds since `start` spent training (validation sampling excluded): the images/s denominator."""
+        return time.perf_counter() - start - (self.validator.seconds if self.validator else 0.0)
 
     def validate(self, logger: MetricsLogger | None = None) -> Path | None:
         """The validation grid of the current policy (every rank samples, the main rank writes); the training RNG
@@ -340,8 +421,13 @@ class Trainer:
 
     def optimizer_step(self, batches) -> tuple[dict, int]:
         """grad_accumulation micro-batches, then one optimizer step, skipped on every rank when any rank's loss
-        or gradient is not finite."""
+        or gradient is not finite.
+
+        The logged grad_norm is this step's global gradient norm before clipping. DeepSpeed ZeRO computes, checks and
+        clips it inside engine.step (and skips the update when it is not finite): the loop reads it after the step.
+        """
         cfg, parallel = self.cfg, self.parallel
+        zero = parallel.strategy.startswith("zero")
         parallel.zero_grad()
         totals: dict[str, float] = {}
         images, finite, counted = 0, True, 0
@@ -362,31 +448,57 @@ class Trainer:
                     for key, value in {"loss": out.loss, **out.metrics}.items():
                         totals[key] = totals.get(key, 0.0) + float(value.detach())
                 parallel.backward(loss / cfg.grad_accumulation)
-        if finite:
-            grad_norm = parallel.clip_grad_norm(cfg.max_grad_norm)
-            finite = parallel.all_true(bool(torch.isfinite(grad_norm)) or parallel.strategy.startswith("zero"))
-            totals["grad_norm"] = float(grad_norm) * max(counted, 1)
+        grad_norm = None
+        if finite and not zero:
+            grad_norm = float(parallel.clip_grad_norm(cfg.max_grad_norm))
+            finite = parallel.all_true(math.isfinite(grad_norm))
         if not finite:
-            self.nonfinite_total += 1
             parallel.skip_step()
             # an fp16 overflow that made the loss scaler back off is the scale finding its range, not a diverging
             # run: logged as skipped, but not counted towards max_nonfinite_in_a_row
-            if not parallel.scaler_backed_off:
-                self.nonfinite_in_a_row += 1
-            if self.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
-                raise FloatingPointError(
-                    f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (step {self.step}); "
-                    "lower the learning rate or beta, or check the data (max_nonfinite_in_a_row)")
-            return {"loss": math.nan, "skipped": 1.0}, images
-        self.nonfinite_in_a_row = 0
+            return self._nonfinite_step(counts_in_a_row=not parallel.scaler_backed_off), images
         if parallel.all_true(counted == 0):
+            self.nonfinite_in_a_row = 0
             parallel.skip_step()  # no group of the batch carried a preference: nothing to learn, not even momentum
             return {"loss": math.nan, "skipped": 1.0}, images
+        schedule = self.scheduler.last_epoch
         parallel.step()
-        if parallel.last_step_skipped:  # DeepSpeed fp16: its loss scaler found an overflow inside engine.step
+        if zero:
+            norm = parallel.engine.get_global_grad_norm()  # this step's: engine.step computed it just now
+            grad_norm = None if norm is None else float(norm)
+        if parallel.last_step_skipped:
+            if self.scheduler.last_epoch == schedule:
+                # DeepSpeed skips its LR step with the update: every step advances the schedule once, skipped or not
+                parallel._advance_schedule()
+            if zero and not parallel.fp16:
+                # bf16 / fp32 ZeRO: DeepSpeed found the global gradient norm non-finite (a NaN / inf gradient behind
+                # a finite loss) and skipped the update on every rank; a diverging run, unlike an fp16 overflow
+                return self._nonfinite_step(counts_in_a_row=True), images
+            # fp16 (DeepSpeed's loss scaler or torch's GradScaler) found an overflow inside the step
+            self.nonfinite_in_a_row = 0
             self.nonfinite_total += 1
             return {"loss": math.nan, "skipped": 1.0}, images
-        return {key: value / max(counted, 1) for key, value in totals.items()}, images
+        if zero and grad_norm is not None and not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"DeepSpeed applied step {self.step + 1} with a non-finite gradient norm ({grad_norm}): the weights "
+                "may hold NaN / inf now; its overflow check is off (bf16.check_grad_overflow: false, or a DeepSpeed "
+                "without it). Resume from the last checkpoint with a DeepSpeed that checks")
+        self.nonfinite_in_a_row = 0
+        result = {key: value / max(counted, 1) for key, value in totals.items()}
+        if grad_norm is not None:
+            result["grad_norm"] = grad_norm
+        return result, images
+
+    def _nonfinite_step(self, counts_in_a_row: bool) -> dict[str, float]:
+        """Count a step skipped for a non-finite loss or gradient; abort after max_nonfinite_in_a_row in a row."""
+        self.nonfinite_total += 1
+        if counts_in_a_row:
+            self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_in_a_row:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (step {self.step}); "
+                "lower the learning rate or beta, or check the data (max_nonfinite_in_a_row)")
+        return {"loss": math.nan, "skipped": 1.0}
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:

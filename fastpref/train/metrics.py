@@ -1,10 +1,26 @@
-"""Training metrics: one JSON line per step (the loss log that resume tests compare), TensorBoard, and W&B if asked;
-images (validation grids) go to TensorBoard / W&B only."""
+"""What a training run reports: metrics.jsonl, TensorBoard, W&B, the progress bar and the final summary.
+
+metrics.jsonl: one JSON line per logged step, what the run computed (loss, implicit_accuracy, margin, e_pol, e_ref,
+grad_norm, lr, nonfinite_total, loss_scale under fp16; `skipped` on a skipped step) and images_per_s. Apart from
+images_per_s it is reproducible from the config, so resume tests compare it.
+
+Memory peaks differ between two runs of the same config, so they go to TensorBoard / W&B, the progress bar and
+summary.json only (`memory_usage`):
+    max_rss_gb     every device: the process's peak resident set size (host RAM), getrusage's ru_maxrss, GiB;
+    max_memory_gb  CUDA devices: torch.cuda.max_memory_allocated, GiB: the peak of the tensors torch allocated on
+                   the GPU (not the caching allocator's reserve, nor other processes); what bounds the batch size.
+On a CPU run the tensors live in host RAM: max_rss_gb is then the training's memory (plus Python, libraries, data).
+
+summary.json (written atomically at the end, next to metrics.jsonl) and the printed summary: steps, final and mean
+loss / implicit accuracy / margin over the steps this process ran, steps skipped, wall time, images/s, memory.
+Images (validation grids) go to TensorBoard / W&B only.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +56,13 @@ class MetricsLogger:
 
             self._wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), config=config, resume="allow")
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], measurements: dict[str, float] | None = None) -> None:
+        """`metrics` to every sink; `measurements` (memory peaks: they differ between identical runs) to
+        TensorBoard / W&B only, not to metrics.jsonl."""
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
         self._file.write(json.dumps({"step": step, **clean}, allow_nan=True) + "\n")
         self._file.flush()
+        clean.update({k: float(v) for k, v in (measurements or {}).items()})
         if self._tb is not None:
             for key, value in clean.items():
                 if isinstance(value, float) and math.isfinite(value):
@@ -72,3 +91,113 @@ class MetricsLogger:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def memory_usage(device) -> dict[str, float]:
+    """Peak memory so far, in GiB: max_rss_gb (host, every device) and max_memory_gb (CUDA); see the module doc."""
+    import torch
+
+    usage = {}
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        pass
+    else:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        usage["max_rss_gb"] = rss / (2**30 if sys.platform == "darwin" else 2**20)
+    if getattr(device, "type", None) == "cuda":
+        usage["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return usage
+
+
+def progress_postfix(metrics: dict[str, float], images_per_s: float, memory: dict[str, float]) -> dict[str, str]:
+    """The progress bar's loss, implicit accuracy, margin, lr (when logged), images/s and memory (GPU peak on CUDA,
+    else the process's peak RSS)."""
+    postfix = {"loss": f"{metrics.get('loss', math.nan):.4f}"}
+    if "implicit_accuracy" in metrics:
+        postfix["acc"] = f"{metrics['implicit_accuracy']:.2f}"
+    if "margin" in metrics:
+        postfix["margin"] = f"{metrics['margin']:.3g}"
+    if "lr" in metrics:
+        postfix["lr"] = f"{metrics['lr']:.2e}"
+    postfix["img/s"] = f"{images_per_s:.3g}"
+    memory_gb = memory.get("max_memory_gb", memory.get("max_rss_gb"))
+    if memory_gb is not None:
+        postfix["mem"] = f"{memory_gb:.2f}G"
+    return postfix
+
+
+class RunHistory:
+    """The per-step metrics of this process's steps, for the final summary."""
+
+    KEYS = ("loss", "implicit_accuracy", "margin")
+
+    def __init__(self):
+        self.steps = 0
+        self.skipped = 0
+        self.values: dict[str, list[float]] = {key: [] for key in self.KEYS}
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self.steps += 1
+        if metrics.get("skipped") or not math.isfinite(metrics.get("loss", math.nan)):
+            self.skipped += 1
+            return
+        for key in self.KEYS:
+            if key in metrics:
+                self.values[key].append(float(metrics[key]))
+
+    def summary(self) -> dict[str, float]:
+        """final_<key> (the last step that updated) and mean_<key> (over the updating steps) for loss, implicit
+        accuracy and margin, where the objective reports them."""
+        out = {}
+        for key, values in self.values.items():
+            if values:
+                out[f"final_{key}"] = values[-1]
+                out[f"mean_{key}"] = math.fsum(values) / len(values)
+        return out
+
+
+def write_summary(path: str | Path, summary: dict[str, Any]) -> None:
+    """summary.json, atomically (a reader sees the previous file or this one); NaN / inf become null."""
+    from fastpref.utils.atomic import atomic_file
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    with atomic_file(path, "w") as handle:
+        json.dump(clean(summary), handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human-readable end-of-training summary (summary.json holds the same numbers)."""
+    def number(key, fmt):
+        value = summary.get(key)
+        return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
+
+    resumed = f", resumed from step {summary['resumed_from']}" if summary.get("resumed_from") is not None else ""
+    lines = [f"[fastpref train] summary: {summary['steps']} steps ({summary.get('steps_this_run', 0)} in this run"
+             f"{resumed}) in {number('wall_time_s', '.1f')} s (+ {number('setup_time_s', '.1f')} s loading), "
+             f"{number('images_per_s', '.3g')} images/s"]
+    parts = []
+    for key, name, fmt in (("loss", "loss", ".4f"), ("implicit_accuracy", "implicit accuracy", ".3f"),
+                           ("margin", "margin", ".4g")):
+        if f"final_{key}" in summary:
+            parts.append(f"{name}: final {number(f'final_{key}', fmt)}, mean {number(f'mean_{key}', fmt)}")
+    if parts:
+        lines.append("  " + " | ".join(parts) + " (mean over this run's updating steps)")
+    lines.append(f"  non-finite steps skipped: {summary.get('nonfinite_total', 0)} in the run; "
+                 f"{summary.get('skipped_this_run', 0)} steps of this run made no update")
+    memory = [f"peak RSS {number('max_rss_gb', '.2f')} GiB"] if "max_rss_gb" in summary else []
+    if "max_memory_gb" in summary:
+        memory.insert(0, f"peak GPU memory {number('max_memory_gb', '.2f')} GiB")
+    if memory:
+        lines.append("  memory: " + ", ".join(memory))
+    lines.append(f"  output: {summary.get('output_dir')} (metrics.jsonl, summary.json, checkpoints/)")
+    return "\n".join(lines)

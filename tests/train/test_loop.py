@@ -185,3 +185,139 @@ def test_cached_reference_must_cover_the_whole_run(cached_dataset, tmp_path):
     assert trainer.reference_mode == "adapters_off"
     with pytest.raises(ConfigError, match="needs 3"):
         Trainer(make_config(cached_dataset, tmp_path / "c", max_steps=9, reference="cached"))
+
+
+@pytest.mark.parametrize("case", ["too_few_epochs", "no_cached_errors"])
+def test_a_cached_reference_the_dataset_cannot_serve_fails_before_the_model_loads(cached_dataset, tmp_path,
+                                                                                  monkeypatch, case):
+    import fastpref.models
+    from fastpref.data.dataset import CachedDataset
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the config error was raised")
+
+    monkeypatch.setattr(fastpref.models, "load", no_loading)
+    if case == "no_cached_errors":
+        init = CachedDataset.__init__
+
+        def without_e_ref(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            self.e_ref = None
+
+        monkeypatch.setattr(CachedDataset, "__init__", without_e_ref)
+    max_steps, needle = (9, "needs 3") if case == "too_few_epochs" else (4, "holds no reference errors")
+    with pytest.raises(ConfigError, match=needle):
+        Trainer(make_config(cached_dataset, tmp_path, max_steps=max_steps, reference="cached"))
+
+
+def trainable_grad_norm(trainer) -> float:
+    grads = [p.grad.detach().flatten() for p in trainer.parallel.trainable_parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.cat(grads)))
+
+
+def test_the_logged_grad_norm_is_that_steps_norm_before_clipping(cached_dataset, tmp_path):
+    """Step 1's gradients computed by hand (a trainer built alike sees the same batch, noise and LoRA init) against
+    the grad_norm a 1-step run logs; max_grad_norm 1e-3 clips hard, so a clipped norm would show."""
+    probe = Trainer(make_config(cached_dataset, tmp_path / "probe", max_steps=1, max_grad_norm=1e-3))
+    epoch, batch = next(probe.batches())
+    probe.step_fn.forward(batch, epoch).loss.backward()
+    expected = trainable_grad_norm(probe)
+    assert expected > 1e-2
+    train(make_config(cached_dataset, tmp_path / "run", max_steps=1, max_grad_norm=1e-3))
+    assert read_metrics(tmp_path / "run")[0]["grad_norm"] == pytest.approx(expected, rel=1e-5)
+
+
+ZERO_WORKER = '''
+import json, math, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[1])
+from test_loop import make_config
+from fastpref.train.loop import Trainer
+
+
+class NaNGradient(torch.autograd.Function):
+    """The loss as it is, a NaN gradient behind it: the case a finite-loss check cannot see."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+dataset, out = json.loads(sys.argv[2]), sys.argv[3]
+result = {}
+plain = Trainer(make_config(dataset, out + "/none", parallel="none"))
+result["none_grad_norm"] = plain.optimizer_step(plain.batches())[0]["grad_norm"]
+zero = Trainer(make_config(dataset, out + "/zero", parallel="zero2", lr_warmup_steps=4, max_nonfinite_in_a_row=2))
+batches = zero.batches()
+result["step1"] = zero.optimizer_step(batches)[0]
+real_forward = zero.step_fn.forward
+
+
+def nan_gradient(batch, epoch):
+    step = real_forward(batch, epoch)
+    step.loss = NaNGradient.apply(step.loss)
+    return step
+
+
+zero.step_fn.forward = nan_gradient
+before = {k: v.detach().clone() for k, v in zero.bundle.denoiser.named_parameters() if v.requires_grad}
+result["step2"] = zero.optimizer_step(batches)[0]
+after = dict(zero.bundle.denoiser.named_parameters())
+result["unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+result["schedule"] = [zero.scheduler.last_epoch, zero.scheduler.get_last_lr()[0]]
+result["counts"] = [zero.nonfinite_total, zero.nonfinite_in_a_row]
+try:
+    zero.optimizer_step(batches)
+    result["aborted"] = None
+except FloatingPointError as err:
+    result["aborted"] = str(err)
+print("RESULT " + json.dumps(result))
+'''
+
+
+@pytest.mark.slow
+def test_zero_logs_this_steps_grad_norm_and_skips_a_nan_gradient_behind_a_finite_loss(cached_dataset, tmp_path):
+    """1-process ZeRO-2 (fp32): DeepSpeed computes the norm inside engine.step, so the loop reads it after the step
+    (it used to log the previous step's: NaN at step 1). A NaN gradient behind a finite loss: DeepSpeed skips the
+    update (its overflow check), and the loop counts it like any non-finite step: the schedule advances, it counts
+    towards max_nonfinite_in_a_row and aborts there."""
+    import socket
+
+    pytest.importorskip("deepspeed", reason="the 'distributed' extra (deepspeed) is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(ZERO_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parent), json.dumps(cached_dataset),
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert math.isfinite(result["step1"]["grad_norm"]) and not result["step1"].get("skipped")
+    assert result["step1"]["grad_norm"] == pytest.approx(result["none_grad_norm"], rel=1e-4)
+    assert result["step2"]["skipped"] == 1 and math.isnan(result["step2"]["loss"])
+    assert result["unchanged"]
+    assert result["schedule"] == [2, pytest.approx(0.75e-3)]  # warmup 4: (2 + 1) / 4 after 2 steps, one skipped
+    assert result["counts"] == [1, 1]
+    assert result["aborted"] is not None and "2 steps in a row" in result["aborted"]
+
+
+def test_an_update_deepspeed_applied_with_a_non_finite_norm_stops_the_run(cached_dataset, tmp_path):
+    """A DeepSpeed without the overflow check (bf16.check_grad_overflow: false, or an older release) would apply a
+    NaN gradient: the loop, reading the step's norm after engine.step, stops instead of training on. Stubbed: the
+    one-process strategy dressed as ZeRO, its engine reporting an inf norm for an applied step."""
+    from types import SimpleNamespace
+
+    trainer = Trainer(make_config(cached_dataset, tmp_path, max_steps=2))
+    parallel = trainer.parallel
+    parallel.strategy, parallel.fp16 = "zero2", False
+    parallel.engine = SimpleNamespace(get_global_grad_norm=lambda: torch.tensor(float("inf")))
+    with pytest.raises(FloatingPointError, match=r"DeepSpeed applied step 1 with a non-finite gradient norm \(inf\)"):
+        trainer.optimizer_step(trainer.batches())
