@@ -36,7 +36,7 @@ def single_process_losses(cached_dataset, tmp_path_factory):
     return [r["loss"] for r in read_metrics(out / "run")]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero1", "zero2", "zero3"])
 def test_two_processes_match_one(cached_dataset, tmp_path, single_process_losses, strategy):
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed", reason="the 'distributed' extra (deepspeed) is not installed")
