@@ -110,6 +110,8 @@ def build_stages(cfg: RunConfig) -> Stages:
         data = copy.deepcopy(cfg.train)
         data.setdefault("data", {})["root"] = root
         data.setdefault("model", {}).setdefault("path", cache.model)
+        if cfg.cache.get("flow_timesteps") is not None:  # training must draw t as the cached e_ref were drawn
+            data.setdefault("flow_timesteps", copy.deepcopy(cfg.cache["flow_timesteps"]))
         data["output_dir"] = str(Path(cfg.output_dir) / "train" / name)
         data["progress"] = cfg.progress
         apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in overrides.items()])

@@ -148,3 +148,12 @@ def test_toy_rankdpo_draws_validation_grids():
         assert train.validation.enabled and train.validation.prompts == "toy"
         assert train.max_steps % train.validation.every == 0
     assert not stages_of("toy-dpo").trains["dpo"].validation.enabled  # off unless a recipe asks
+
+
+def test_a_run_trains_with_the_flow_timesteps_its_cache_drew_with():
+    """The cached e_ref were drawn at the cache section's flow_timesteps; every variant's training draws the same."""
+    stages = stages_of("sd3-rankdpo", ["cache.flow_timesteps.logit_mean=0.8"])
+    assert stages.cache.flow_timesteps.logit_mean == 0.8
+    assert all(train.flow_timesteps == stages.cache.flow_timesteps for train in stages.trains.values())
+    default = stages_of("sd3-rankdpo")
+    assert all(train.flow_timesteps == default.cache.flow_timesteps for train in default.trains.values())

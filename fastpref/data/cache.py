@@ -14,6 +14,15 @@ shards. Big per-group tensors are one .npy per group (what DALI's numpy reader s
 
 e_ref is computed from the stored (rounded) latents and conditioning, so it is what the trainer's reference
 forward would give on the streamed batch, up to the rounding of the compute dtype and batch size.
+
+Flow-matching families (sd3) draw e_ref's timesteps through the model scheduler's shift and the `flow_timesteps`
+section (fastpref.models.bundle.FlowTimestepsConfig). The plan (and so the manifest) records what those draws were
+made with under config["flow_timesteps_drawn"], e.g. {"shift": 3.0, "weighting": "logit_normal", "logit_mean": 0.0,
+"logit_std": 1.0} (fastpref.models.bundle.flow_timestep_record), which the trainer compares with its own before it
+uses the cached e_ref. The record is left out where it equals LEGACY_FLOW_TIMESTEPS (shift 1.0, logit-normal(0, 1)):
+the draws every flow cache was made with before the record existed, so a flow manifest without one reads as
+that, and the plans (hashes) of such caches (toy-sd3's included) are those they always had. Families without flow
+matching record nothing (uniform DDPM steps) and refuse a non-default flow_timesteps section.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from fastpref.config import ConfigError
 from fastpref.data.noise import draw_flips, draw_timesteps_and_noise
 from fastpref.data.shards import Manifest, ShardError, StageDir, run_worker_stage, stage_config
 from fastpref.data.synth import image_seed, load_bundle, resolve_device
+from fastpref.models.bundle import (FLOW_FAMILIES, LEGACY_FLOW_TIMESTEPS, FlowTimestepsConfig, flow_timestep_record,
+                                    scheduler_timestep_shift)
 from fastpref.utils.imports import require
 
 
@@ -53,13 +64,35 @@ class CacheConfig:
     num_workers: int | None = None
     overwrite: bool = False
     progress: bool = True
+    # flow (sd3) families: how e_ref's training timesteps are drawn (the shift is the model scheduler's); the trainer
+    # must be given the same section to use the cached e_ref. sd / sdxl: must stay at the defaults
+    flow_timesteps: FlowTimestepsConfig = dataclasses.field(default_factory=FlowTimestepsConfig)
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.reference_errors.epochs < 0:
             raise ConfigError("batch_size must be >= 1 and reference_errors.epochs >= 0")
+        self.flow_timesteps.check_family(self.family)
 
 
 RUNTIME_FIELDS = ("input", "output", "device", "shard_index", "num_workers", "overwrite", "progress", "batch_size")
+# in the plan as its effect, the flow_timesteps_drawn record (see the module docstring), not as the section
+PLAN_RECORDED_FIELDS = ("flow_timesteps",)
+
+
+def planned_flow_timesteps(config: CacheConfig, bundle=None) -> dict | None:
+    """The flow_timestep_record the cache's e_ref will be drawn with (None: not a flow model), known before the model
+    loads: the shift from `bundle` when given, else from config.model's scheduler config."""
+    from fastpref.models import resolve_path
+
+    if bundle is not None:
+        if bundle.prediction_type != "flow":
+            return None
+        shift = bundle.timestep_shift
+    elif config.family in FLOW_FAMILIES:
+        shift = scheduler_timestep_shift(resolve_path(config.model))
+    else:
+        return None
+    return flow_timestep_record(shift, config.flow_timesteps.sampling())
 
 
 def group_file(field: str, group_id: int) -> str:
@@ -157,12 +190,20 @@ class _Encoder:
 
 
 def run_cache(config: CacheConfig, bundle=None) -> Manifest | None:
-    """Cache this worker's shards into <output>/cache; `bundle` overrides loading config.model (tests, notebooks)."""
+    """Cache this worker's shards into <output>/cache; `bundle` overrides loading config.model (tests, notebooks).
+
+    config.flow_timesteps applies to a given bundle too (to a shallow copy of it: the caller's is not changed)."""
     synth, label = open_inputs(config.input)
     fingerprint = synth.fingerprint + (f"+{label.fingerprint}" if label is not None else "")
 
+    drawn = planned_flow_timesteps(config, bundle)
+
     def load() -> _Encoder:
         model = bundle or load_bundle(config.family, config.model, config.dtype, resolve_device(config.device))
+        model = model.with_flow_timesteps(config.flow_timesteps.sampling())  # a copy: a given bundle is left as is
+        if model.flow_timestep_record != drawn:
+            raise ShardError(f"{config.model}: the loaded model draws flow timesteps with {model.flow_timestep_record}"
+                             f", its scheduler config said {drawn}; the cache plan would record the wrong one")
         return _Encoder(model, config)
 
     def write(index: int, writer, encoder: _Encoder) -> None:
@@ -185,7 +226,9 @@ def run_cache(config: CacheConfig, bundle=None) -> Manifest | None:
             writer.save_array("e_ref.npy", encoder.reference_errors(latents, latents_flip, cond, group_ids))
 
     stage = StageDir(config.output or config.input, "cache")
-    plan = stage_config(config, RUNTIME_FIELDS)
+    plan = stage_config(config, RUNTIME_FIELDS + PLAN_RECORDED_FIELDS)
+    if drawn is not None and drawn != LEGACY_FLOW_TIMESTEPS:
+        plan["flow_timesteps_drawn"] = drawn
     shard_groups = [shard["num_groups"] for shard in synth.shards]
     return run_worker_stage(stage, config, plan, fingerprint, shard_groups, load, write)
 

@@ -19,18 +19,22 @@ sdxl.py, sd3.py) says how to build its pipeline and how its denoiser takes the c
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
+from fastpref.config import ConfigError
 from fastpref.utils.imports import require
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 Conditioning = dict[str, torch.Tensor]
 FLOW_WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform")
+FLOW_FAMILIES = ("sd3",)  # the families whose bundles are flow-matching (prediction_type "flow")
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -57,6 +61,8 @@ class FlowTimestepSampling:
     u larger, i.e. sigma *smaller* (cleaner inputs). logit_normal draws the unshifted sigma as
     sigmoid(logit_std * w - logit_mean), w ~ N(0, 1), which is 1 - u for u ~ sigmoid(N(logit_mean, logit_std)) and,
     at the defaults, bit for bit sigmoid(w): the sampling every flow bundle used before the shift was applied.
+
+    Configs set it with the `flow_timesteps` section of the cache and train configs (FlowTimestepsConfig).
     """
 
     weighting_scheme: str = "logit_normal"
@@ -81,6 +87,87 @@ class FlowTimestepSampling:
         else:
             u = r
         return 1.0 - u
+
+
+# the parameters of FlowTimestepSampling each weighting scheme reads (the others do not change its draws)
+FLOW_SCHEME_PARAMETERS = {"logit_normal": ("logit_mean", "logit_std"), "mode": ("mode_scale",), "uniform": ()}
+
+
+@dataclass
+class FlowTimestepsConfig:
+    """The `flow_timesteps` section of the cache and train configs: the FlowTimestepSampling of flow-matching
+    (SD3) bundles, e.g. `flow_timesteps: {weighting: logit_normal, logit_mean: 0.0, logit_std: 1.0}`.
+
+    The cache (its reference errors) and the trainer must use the same section, or `reference: auto` runs the
+    reference live and `reference: cached` is refused. Parameters the chosen weighting does not read must stay at
+    their defaults, and families without flow matching (sd, sdxl: uniform DDPM steps) refuse a non-default section
+    (`check_family`). The shift is not set here: it is the model's (its scheduler config's `shift`).
+    """
+
+    weighting: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0  # logit_normal: diffusers' sign (positive: smaller sigmas, cleaner inputs)
+    logit_std: float = 1.0  # logit_normal; > 0
+    mode_scale: float = 1.29  # mode
+
+    def validate(self) -> None:
+        for name in ("logit_mean", "logit_std", "mode_scale"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name}: must be a finite number, got {getattr(self, name)}")
+        if not self.logit_std > 0:
+            raise ConfigError(f"logit_std: must be > 0, got {self.logit_std}")
+        default = FlowTimestepsConfig()
+        for scheme, names in FLOW_SCHEME_PARAMETERS.items():
+            for name in names:
+                if scheme != self.weighting and getattr(self, name) != getattr(default, name):
+                    raise ConfigError(f"{name}: {getattr(self, name)} is read by weighting: {scheme} only, and this "
+                                      f"section has weighting: {self.weighting} (allowed values of weighting: "
+                                      f"{list(FLOW_WEIGHTING_SCHEMES)}); set weighting: {scheme} or leave {name} "
+                                      f"at its default {getattr(default, name)}")
+
+    def is_default(self) -> bool:
+        return self == FlowTimestepsConfig()
+
+    def sampling(self) -> FlowTimestepSampling:
+        return FlowTimestepSampling(weighting_scheme=self.weighting, logit_mean=self.logit_mean,
+                                    logit_std=self.logit_std, mode_scale=self.mode_scale)
+
+    def check_family(self, family: str, key: str = "flow_timesteps") -> None:
+        """ConfigError naming `key` when a non-default section is set for a family without flow matching."""
+        if family not in FLOW_FAMILIES and not self.is_default():
+            raise ConfigError(f"{key}: set to {dataclasses.asdict(self)}, but family {family!r} trains on uniform "
+                              f"DDPM timesteps; the section is for the flow-matching families {list(FLOW_FAMILIES)} "
+                              "only (remove it, or leave it at its defaults)")
+
+
+def flow_timestep_record(shift: float, sampling: FlowTimestepSampling) -> dict[str, Any]:
+    """What decides a flow bundle's timestep draws, as the cache manifest records it: the scheduler's shift, the
+    weighting scheme and the parameters that scheme reads, e.g. {"shift": 3.0, "weighting": "logit_normal",
+    "logit_mean": 0.0, "logit_std": 1.0}. Equal records draw the same t from the same generator."""
+    record: dict[str, Any] = {"shift": float(shift), "weighting": sampling.weighting_scheme}
+    for name in FLOW_SCHEME_PARAMETERS[sampling.weighting_scheme]:
+        record[name] = float(getattr(sampling, name))
+    return record
+
+
+# The draws of every flow bundle before the shift and the sampling settings existed (and of toy-sd3, shift 1.0):
+# what a flow cache without a record was computed at.
+LEGACY_FLOW_TIMESTEPS = flow_timestep_record(1.0, FlowTimestepSampling())
+
+
+def static_timestep_shift(scheduler_config, flow: bool) -> float:
+    """The training grid's static shift for a scheduler config (a dict or a diffusers FrozenDict): its `shift` for
+    flow schedulers, 1.0 for DDPM ones and under use_dynamic_shifting (diffusers leaves that grid unshifted)."""
+    if not flow or scheduler_config.get("use_dynamic_shifting", False):
+        return 1.0
+    return float(scheduler_config.get("shift", 1.0))
+
+
+def scheduler_timestep_shift(path: str | Path) -> float:
+    """The ModelBundle.timestep_shift a model folder (or hub id) will load with, from its scheduler config alone
+    (no weights read): lets the cache plan and the trainer's cached-reference checks know it before loading."""
+    diffusers = require("diffusers", "reading a scheduler config")
+    config = diffusers.DDPMScheduler.load_config(str(path), subfolder="scheduler")
+    return static_timestep_shift(config, str(config.get("_class_name", "")).startswith("FlowMatch"))
 
 
 @dataclass(eq=False)
@@ -153,10 +240,23 @@ class ModelBundle:
     def timestep_shift(self) -> float:
         """The flow scheduler's static shift (1.0 for DDPM schedulers and for use_dynamic_shifting, whose training
         grid diffusers leaves unshifted)."""
-        config = self.noise_scheduler.config
-        if self.prediction_type != "flow" or config.get("use_dynamic_shifting", False):
-            return 1.0
-        return float(config.get("shift", 1.0))
+        return static_timestep_shift(self.noise_scheduler.config, self.prediction_type == "flow")
+
+    @property
+    def flow_timestep_record(self) -> dict[str, Any] | None:
+        """flow_timestep_record(timestep_shift, flow_timestep_sampling) for flow bundles; None for DDPM ones."""
+        if self.prediction_type != "flow":
+            return None
+        return flow_timestep_record(self.timestep_shift, self.flow_timestep_sampling)
+
+    def with_flow_timesteps(self, sampling: FlowTimestepSampling) -> "ModelBundle":
+        """A shallow copy (the same modules) drawing flow training timesteps with `sampling`; self for DDPM
+        bundles, whose draws it would not change."""
+        if self.prediction_type != "flow" or sampling == self.flow_timestep_sampling:
+            return self
+        bundle = copy.copy(self)
+        bundle.flow_timestep_sampling = sampling
+        return bundle
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training timesteps: uniform integers (DDPM); for flow models shifted sigmas * T with sigmas drawn as

@@ -7,6 +7,7 @@ objective (fastpref.train.objectives) in LoRA or full mode, checkpoints atomical
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import signal
@@ -19,6 +20,8 @@ from typing import Literal
 import torch
 
 from fastpref.config import ConfigError, load_config, save_config, to_dict
+from fastpref.models.bundle import (FLOW_FAMILIES, LEGACY_FLOW_TIMESTEPS, FlowTimestepsConfig, flow_timestep_record,
+                                    scheduler_timestep_shift)
 from fastpref.train.checkpoint import CheckpointManager, rng_state, save_trainable, set_rng_state
 from fastpref.train.metrics import (MetricsLogger, RunHistory, format_summary, memory_usage,
                                     progress_postfix, write_summary)
@@ -97,6 +100,9 @@ class TrainConfig:
     parallel: Strategy = "none"  # launched with torchrun when not "none"
     # image grids of the policy on fixed prompts / seeds at step 0 and every N steps (off by default)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # flow (sd3) families: how training timesteps are drawn (the shift is the model scheduler's); must equal the cache's
+    # flow_timesteps for the cached e_ref to be used. sd / sdxl: must stay at the defaults
+    flow_timesteps: FlowTimestepsConfig = field(default_factory=FlowTimestepsConfig)
 
     def validate(self):
         if not self.data.root:
@@ -118,6 +124,8 @@ class TrainConfig:
         if self.objective.feature_space == "ncp" and self.reference == "cached":
             raise ConfigError("reference: 'cached' cannot serve objective.feature_space: ncp (it runs the frozen "
                               "initial model live); use auto, adapters_off (lora) or frozen_copy (full)")
+        if self.model.family is not None:  # else the dataset's family, checked by the Trainer before loading
+            self.flow_timesteps.check_family(self.model.family)
         if not self.speed.fused_loss and self.loss_backend != "reference":
             self.loss_backend = "reference"
 
@@ -154,6 +162,31 @@ def reference_precision_gap(reference_dtype: torch.dtype, weight_dtype: torch.dt
     return None
 
 
+def cached_flow_timesteps(cache_config: dict) -> dict | None:
+    """The flow_timestep_record a cache's e_ref was drawn with (fastpref/data/cache.py): its manifest's
+    flow_timesteps_drawn; a flow cache without one was made before the record existed (or at the legacy draws,
+    which are not recorded): shift 1.0, logit-normal(0, 1). None for families without flow matching."""
+    if "flow_timesteps_drawn" in cache_config:
+        return cache_config["flow_timesteps_drawn"]
+    return dict(LEGACY_FLOW_TIMESTEPS) if cache_config.get("family") in FLOW_FAMILIES else None
+
+
+def flow_timesteps_gap(cached: dict | None, training: dict | None) -> str | None:
+    """What differs between the flow timestep draws of a cache and of training (None: they draw the same t)."""
+    if cached == training:
+        return None
+    if cached is None or training is None:
+        return (f"the cached reference errors were drawn at {'DDPM' if cached is None else 'flow'} timesteps and "
+                f"training draws {'DDPM' if training is None else 'flow'} timesteps")
+    names = {"shift": "the model scheduler's timestep shift"}
+    diffs = []
+    for key in dict.fromkeys(["shift", "weighting", *sorted({*cached, *training})]):
+        if cached.get(key) != training.get(key):
+            what = names.get(key, f"flow_timesteps.{key}")
+            diffs.append(f"{what}: cache {cached.get(key, 'unused')!r}, training {training.get(key, 'unused')!r}")
+    return "the cached reference errors were drawn at other timesteps than training draws (" + "; ".join(diffs) + ")"
+
+
 def add_lora(denoiser: torch.nn.Module, cfg: LoraConfig) -> None:
     peft = require("peft", "mode: lora")
     denoiser.requires_grad_(False)
@@ -187,11 +220,18 @@ class Trainer:
         self.parallel = build_parallel(cfg.parallel, self.device, cfg.max_grad_norm, cfg.speed.mixed_precision)
         torch.manual_seed(cfg.seed)
         self.dataset = CachedDataset(cfg.data.root, verify=cfg.data.verify)
+        self.family = cfg.model.family or self.dataset.family
+        cfg.flow_timesteps.check_family(self.family)
         # before minutes of model loading: `reference: cached` on a dataset that cannot serve it fails now
         self.reference_mode = self._reference_mode()
         self.reference_dtype = self._reference_dtype() if self.reference_mode == "frozen_copy" else None
-        self.bundle = load(cfg.model.path, family=cfg.model.family or self.dataset.family,
-                           dtype=DTYPES[cfg.model.dtype], device=self.device)
+        self.bundle = load(cfg.model.path, family=self.family, dtype=DTYPES[cfg.model.dtype], device=self.device)
+        if self.bundle.prediction_type == "flow":  # before any draw
+            self.bundle.flow_timestep_sampling = cfg.flow_timesteps.sampling()
+        if self.reference_mode == "cached" and self.bundle.flow_timestep_record != self._training_flow_timesteps:
+            raise RuntimeError(f"{cfg.model.path}: the loaded model draws flow timesteps with "
+                               f"{self.bundle.flow_timestep_record}, its scheduler config said "
+                               f"{self._training_flow_timesteps} (what the cached e_ref was checked against)")
         self.out = Path(cfg.output_dir)
         self.validator = None
         if cfg.validation.enabled:  # encodes its prompts now and keeps the VAE (grids need pixels)
@@ -242,11 +282,19 @@ class Trainer:
                                       "(run `fastpref cache` with reference_errors.epochs > 0)")
                 if too_short := self._cached_reference_too_short():
                     raise ConfigError(f"reference: cached, but {too_short}")
+                if timesteps := self._cached_timesteps_mismatch():
+                    raise ConfigError(f"reference: cached, but {timesteps}; recache with the training's flow_timesteps "
+                                      "and model, set flow_timesteps to the cache's, or use reference: auto (runs the "
+                                      "reference live)")
                 if mismatch := self._cached_reference_mismatch():
                     warnings.warn(f"reference: cached, but {mismatch}; the margins start biased", stacklevel=2)
             return cfg.reference
         live = "adapters_off" if cfg.mode == "lora" else "frozen_copy"
         if self.dataset.e_ref is None or cfg.objective.feature_space == "ncp":
+            return live
+        if timesteps := self._cached_timesteps_mismatch():
+            warnings.warn(f"{timesteps}: running the reference live ({live}) instead; cache the reference errors "
+                          "with the training's flow_timesteps and model to skip it", stacklevel=2)
             return live
         mismatch = self._cached_reference_mismatch() or self._cached_reference_too_short()
         if mismatch:
@@ -276,6 +324,27 @@ class Trainer:
             return (f"the cache holds reference errors for {self.dataset.reference_epochs} epochs and training "
                     f"needs {epochs} (max_steps={cfg.max_steps} at {per_epoch} batches per epoch)")
         return None
+
+    @functools.cached_property
+    def _training_flow_timesteps(self) -> dict | None:
+        """The flow_timestep_record training will draw with (None: not a flow family), known before the model loads:
+        the shift from cfg.model.path's scheduler config, the sampling from cfg.flow_timesteps."""
+        if self.family not in FLOW_FAMILIES:
+            return None
+        from fastpref.models import resolve_path
+
+        shift = scheduler_timestep_shift(resolve_path(self.cfg.model.path))
+        return flow_timestep_record(shift, self.cfg.flow_timesteps.sampling())
+
+    def _cached_timesteps_mismatch(self) -> str | None:
+        """Why the cached e_ref was drawn at other timesteps than training draws (None: the same). A flow cache
+        whose manifest records no flow_timesteps_drawn counts as shift 1.0 with the default flow_timesteps."""
+        cache_config = self.dataset.manifest.config
+        gap = flow_timesteps_gap(cached_flow_timesteps(cache_config), self._training_flow_timesteps)
+        if gap and "flow_timesteps_drawn" not in cache_config and cache_config.get("family") in FLOW_FAMILIES:
+            gap += (" (the cache records no flow timesteps: it was made before they were recorded, or at the legacy "
+                    "shift 1.0 / default flow_timesteps, and is read as that)")
+        return gap
 
     def _cached_reference_mismatch(self) -> str | None:
         """Why the cached e_ref would not equal the live reference's (None: it would).
@@ -346,6 +415,8 @@ class Trainer:
         wall_start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         resumed_from = None
+        if not resume:
+            refuse_to_start_over(self.checkpoints)
         if resume and (latest := self.checkpoints.latest()) is not None:
             self.load_checkpoint(latest)
             resumed_from = self.step
@@ -469,7 +540,7 @@ class Trainer:
         if parallel.last_step_skipped:
             if self.scheduler.last_epoch == schedule:
                 # DeepSpeed skips its LR step with the update: every step advances the schedule once, skipped or not
-                parallel._advance_schedule()
+                parallel.advance_schedule()
             if zero and not parallel.fp16:
                 # bf16 / fp32 ZeRO: DeepSpeed found the global gradient norm non-finite (a NaN / inf gradient behind
                 # a finite loss) and skipped the update on every rank; a diverging run, unlike an fp16 overflow
@@ -501,7 +572,18 @@ class Trainer:
         return {"loss": math.nan, "skipped": 1.0}
 
 
+def refuse_to_start_over(checkpoints: CheckpointManager) -> None:
+    """A fresh run in a directory holding checkpoints would have its own first checkpoints pruned at once (the
+    older run's steps are higher) and a later --resume would continue the older run: refuse, before any work."""
+    if (latest := checkpoints.latest()) is not None:
+        raise ConfigError(f"output_dir: {checkpoints.directory} already holds checkpoints of a run (latest "
+                          f"{latest.name}); pass --resume to continue it, or choose another output_dir (or delete "
+                          "this one) to start over")
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    if not resume:
+        refuse_to_start_over(CheckpointManager(Path(cfg.output_dir) / "checkpoints"))
     return Trainer(cfg).train(resume=resume)
 
 

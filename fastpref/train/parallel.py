@@ -129,7 +129,7 @@ class Parallel:
         self.scaler.update()
         self.last_step_skipped = self.scaler.get_scale() < scale  # it backs off exactly when it skipped
         self._unscaled = self._grads_overflowed = False
-        self._advance_schedule()
+        self.advance_schedule()
 
     def skip_step(self) -> None:
         """A skipped step still advances the schedule, so that all ranks and resumed runs stay in lockstep.
@@ -147,9 +147,9 @@ class Parallel:
         self._unscaled = self._grads_overflowed = False
         self.last_step_skipped = True
         self.zero_grad()
-        self._advance_schedule()
+        self.advance_schedule()
 
-    def _advance_schedule(self) -> None:
+    def advance_schedule(self) -> None:
         with warnings.catch_warnings():  # a skip before the first update is intended, not a misordered call
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
             self.scheduler.step()
@@ -338,7 +338,7 @@ class DeepSpeedZero(Parallel):
             "gradient_accumulation_steps": 1,
             "gradient_clipping": max_grad_norm,
             "zero_optimization": {"stage": stage},
-            "bf16": {"enabled": mixed_precision == "bf16"},
+            "bf16": {"enabled": mixed_precision == "bf16", "check_grad_overflow": True},  # skip NaN / inf updates
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
@@ -379,15 +379,15 @@ class DeepSpeedZero(Parallel):
     def step(self):
         self.engine.step()
         self.last_step_skipped = not self.engine.was_step_applied()
-        if self.fp16 and self.last_step_skipped:
-            # the fp16 loss scaler found an overflow (the same on every rank) and DeepSpeed skipped the update and
-            # its LR step; advance the schedule like every skipped step does
-            self._advance_schedule()
+        if self.last_step_skipped:
+            # an fp16 overflow or a non-finite gradient norm (the same on every rank): DeepSpeed skipped the update
+            # and its LR step; advance the schedule like every skipped step does
+            self.advance_schedule()
 
     def skip_step(self):
         self.last_step_skipped = True
         self.engine.zero_grad()
-        self._advance_schedule()
+        self.advance_schedule()
 
     @contextlib.contextmanager
     def gathered(self):

@@ -95,6 +95,9 @@ def test_other_families_cache_their_conditioning_and_e_ref(family, tiny_family_p
     run_cache(cache_config(str(reference), path, family=family, output=str(tmp_path), flip=False,
                            reference_errors={"epochs": 1, "seed": 5}))
     dataset = CachedDataset(tmp_path)
+    # shift 1.0 / default flow_timesteps (sd3) and DDPM (sdxl) draws are not recorded: the plans are those caches
+    # always had, and the trainer reads a flow cache without a record as these draws
+    assert "flow_timesteps_drawn" not in dataset.manifest.config and "flow_timesteps" not in dataset.manifest.config
     expected_keys = {"sdxl": ["encoder_hidden_states", "text_embeds", "time_ids"],
                      "sd3": ["encoder_hidden_states", "pooled_projections"]}[family]
     assert dataset.cond_keys == expected_keys

@@ -298,3 +298,25 @@ def test_flow_timestep_sampling_rejects_unknown_schemes():
         FlowTimestepSampling(weighting_scheme="cosmap")
     with pytest.raises(ValueError, match="logit_std"):
         FlowTimestepSampling(logit_std=0.0)
+
+
+def test_flow_timesteps_config_section_reaches_the_draws_and_the_shift_is_read_before_loading(shifted_sd3, tokenizer):
+    """The config section draws what FlowTimestepSampling given directly draws; with_flow_timesteps leaves the
+    bundle it copies as it was; the shift read from the folder's scheduler config alone is the loaded bundle's."""
+    from fastpref.models.bundle import (FlowTimestepSampling, FlowTimestepsConfig, flow_timestep_record,
+                                        scheduler_timestep_shift, shift_sigmas)
+
+    section = FlowTimestepsConfig(weighting="mode", mode_scale=0.8)
+    bundle = shifted_sd3.with_flow_timesteps(section.sampling())
+    assert bundle is not shifted_sd3 and bundle.denoiser is shifted_sd3.denoiser
+    assert shifted_sd3.flow_timestep_sampling == FlowTimestepSampling()  # the original is untouched
+    direct = FlowTimestepSampling(weighting_scheme="mode", mode_scale=0.8)
+    assert torch.equal(bundle.sample_timesteps(64, torch.Generator().manual_seed(0)),
+                       shift_sigmas(direct.unshifted_sigmas(64, torch.Generator().manual_seed(0)),
+                                    SD3_MEDIUM_SHIFT) * 1000)
+    assert bundle.flow_timestep_record == {"shift": SD3_MEDIUM_SHIFT, "weighting": "mode", "mode_scale": 0.8}
+    assert flow_timestep_record(1.0, FlowTimestepSampling()) == {"shift": 1.0, "weighting": "logit_normal",
+                                                                 "logit_mean": 0.0, "logit_std": 1.0}
+    assert scheduler_timestep_shift(shifted_sd3.source) == shifted_sd3.timestep_shift == SD3_MEDIUM_SHIFT
+    ddpm = sd.build_random(sd.tiny_config("tiny"), tokenizer, seed=0)
+    assert ddpm.flow_timestep_record is None and ddpm.with_flow_timesteps(direct) is ddpm

@@ -269,14 +269,25 @@ def test_crash_while_replacing_an_existing_step_keeps_it_visible(tmp_path, monke
     assert manager.latest() == tmp_path / "step-000004"
 
 
-@pytest.mark.xfail(strict=True, reason="a run started without --resume in an output_dir holding another run's "
-                                       "later checkpoints: keep_last prunes by step number, so its own fresh "
-                                       "checkpoint is deleted at once, and a later --resume silently continues "
-                                       "the other run's step")
-def test_a_fresh_run_does_not_lose_its_checkpoints_to_an_older_runs_later_ones(tmp_path):
-    old_run = CheckpointManager(tmp_path, keep_last=2)
-    for step in (6, 8):
-        old_run.save(step, lambda d: (d / "x").write_text("old run"), meta={"config": {"seed": 0}})
-    new_run = CheckpointManager(tmp_path, keep_last=2)
-    new_run.save(2, lambda d: (d / "x").write_text("new run"), meta={"config": {"seed": 1}})
-    assert (new_run.latest() / "x").read_text() == "new run"
+def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_before_the_model_loads(cached_dataset, tmp_path,
+                                                                                      monkeypatch):
+    """keep_last prunes by step number: a fresh run among an older run's later checkpoints would lose its own at
+    once, and a later --resume would continue the older run. Such a start is refused; --resume continues."""
+    import fastpref.models
+    from fastpref.config import ConfigError
+    from fastpref.train.loop import train
+
+    cfg = make_config(cached_dataset, tmp_path / "run", "lora", max_steps=2)
+    train(cfg)
+    before = (tmp_path / "run/checkpoints/step-000002/trainable.safetensors").read_bytes()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load before the refusal")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fastpref.models, "load", no_model)
+        with pytest.raises(ConfigError, match=r"output_dir: .* already holds checkpoints of a run \(latest "
+                                              r"step-000002\); pass --resume"):
+            train(cfg)
+    assert (tmp_path / "run/checkpoints/step-000002/trainable.safetensors").read_bytes() == before
+    assert train(cfg, resume=True)["resumed_from"] == 2
