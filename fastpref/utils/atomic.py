@@ -38,11 +38,13 @@ def atomic_file(path: str | Path, mode: str = "wb"):
 
 
 def commit_dir(tmp: Path, path: Path) -> None:
-    """Make the finished directory `tmp` appear as `path` in one rename (fsynced first)."""
-    for root, _, files in os.walk(tmp):
+    """Make the finished directory `tmp` appear as `path` in one rename (files and directories fsynced first, so
+    after a power loss the renamed directory holds every entry)."""
+    for root, _, files in os.walk(tmp, topdown=False):
         for name in files:
             with open(os.path.join(root, name), "rb") as handle:
                 os.fsync(handle.fileno())
+        fsync_dir(Path(root))
     if path.exists():
         # Move the old version aside first: rename() cannot replace a non-empty directory.
         old = path.with_name(f".{path.name}.old")

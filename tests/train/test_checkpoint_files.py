@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 import fastpref.train.checkpoint as checkpoint_module
 import fastpref.train.loop as loop
-from fastpref.config import from_dict
 from fastpref.train.checkpoint import CheckpointManager
 from fastpref.train.loop import TrainConfig, Trainer
 from fastpref.train.metrics import read_metrics
+from test_loop import make_config as train_config
 
 
 class SimulatedCrash(RuntimeError):
@@ -31,20 +31,7 @@ class SimulatedCrash(RuntimeError):
 
 
 def make_config(ds, out, mode, **overrides):
-    data = {
-        "model": {"path": ds["model"]},
-        "data": {"root": ds["root"], "batch_groups": 2},
-        "mode": mode,
-        "output_dir": str(out),
-        "max_steps": 4,
-        "checkpoint_every": 2,
-        "progress": False,
-        "tensorboard": False,
-        "lr": 1e-3,
-        "loss_backend": "reference",
-        **overrides,
-    }
-    return from_dict(TrainConfig, data)
+    return train_config(ds, out, mode=mode, **overrides)
 
 
 @pytest.fixture(scope="module")

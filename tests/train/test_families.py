@@ -16,11 +16,11 @@ import math
 import pytest
 import torch
 
-from fastpref.config import from_dict
 from fastpref.data.noise import group_generator
 from fastpref.train.checkpoint import CheckpointManager
-from fastpref.train.loop import TrainConfig, Trainer
+from fastpref.train.loop import Trainer
 from fastpref.train.metrics import read_metrics
+from test_loop import make_config as train_config
 
 # case -> (family, tiny_config kwargs, scheduler overrides)
 CASES = {
@@ -61,18 +61,7 @@ def family_dataset(cached_dataset, tmp_path_factory):
 
 
 def make_config(ds, out, mode):
-    return from_dict(TrainConfig, {
-        "model": {"path": ds["model"]},
-        "data": {"root": ds["root"], "batch_groups": 2},
-        "mode": mode,
-        "output_dir": str(out),
-        "max_steps": 2,
-        "checkpoint_every": 2,
-        "progress": False,
-        "tensorboard": False,
-        "lr": 1e-3,
-        "loss_backend": "reference",
-    })
+    return train_config(ds, out, mode=mode, max_steps=2)
 
 
 def expected_draw(bundle, seed, epoch, group_id, shape):

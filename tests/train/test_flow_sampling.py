@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastpref.config import ConfigError, from_dict
+from fastpref.config import ConfigError
 from fastpref.data.dataset import CachedDataset
 from fastpref.data.noise import draw_timesteps_and_noise
 from fastpref.models.bundle import FlowTimestepSampling
-from fastpref.train.loop import TrainConfig, Trainer
+from fastpref.train.loop import Trainer
+from test_loop import make_config as train_config
 
 SHIFT = 3.0
 MEAN = 0.8  # logit_normal's logit_mean: draws clearly other t than the default's 0.0
@@ -62,20 +63,8 @@ def sd3_caches(cached_dataset, sd3_model, tmp_path_factory):
 
 
 def make_config(root, model_path, out, family=None, **extra):
-    data = {
-        "model": {"path": model_path, "family": family},
-        "data": {"root": root, "batch_groups": 2},
-        "mode": "lora",
-        "output_dir": str(out),
-        "max_steps": 2,
-        "checkpoint_every": 2,
-        "progress": False,
-        "tensorboard": False,
-        "lr": 1e-3,
-        "loss_backend": "reference",
-    }
-    data.update(extra)
-    return from_dict(TrainConfig, data)
+    return train_config({"root": root, "model": model_path}, out, mode="lora", max_steps=2,
+                        **{"model.family": family}, **extra)
 
 
 def no_model_load(monkeypatch):
