@@ -338,7 +338,7 @@ def test_deepspeed_bf16_config_is_unchanged(deepspeed_cpu):
     parallel = build_parallel("zero2", CPU, 1.0, "bf16")
     parallel._setup_loss_scaling(Probe())
     assert parallel.scaler is None and not parallel.fp16
-    assert "fp16" not in parallel.config and parallel.config["bf16"] == {"enabled": True}
+    assert "fp16" not in parallel.config and parallel.config["bf16"] == {"enabled": True, "check_grad_overflow": True}
 
 
 def test_deepspeed_fp16_is_refused_where_its_accelerator_has_no_fp16(deepspeed_cpu, monkeypatch):
