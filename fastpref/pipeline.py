@@ -200,6 +200,8 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
             seeds = ", ".join(f"{100 * x:.1f}" for x in r.get("seed_scores", []))
             lines.append(f"| {name} | **{100 * r['overall']:.1f}** | {seeds} | {cells} |")
         lines += ["", *improvement_lines(report["eval"]), "", "![before/after](grid.png)", ""]
+    if (out / "training.png").exists():
+        lines += ["![training curves: loss, implicit accuracy, margin](training.png)", ""]
     lines += ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
@@ -232,6 +234,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     timed("cache", run_cache, stages.cache)
     for name, train_cfg in stages.trains.items():
         report["train"][name] = timed(f"train {name}", train, train_cfg, resume=True)
+    if stages.trains:
+        from fastpref.train.metrics import plot_training_curves
+
+        plot_training_curves({name: t.output_dir for name, t in stages.trains.items()}, out / "training.png")
     if cfg.eval is not None:
         report["eval"] = timed("eval", run_eval, stages, cfg, out)
     write_report(out, report)

@@ -48,6 +48,6 @@ def test_shortened_demo_runs_the_real_recipe_and_reports_base_rankdpo_and_dpo(tm
         assert 0.0 <= report["eval"][name]["overall"] <= 1.0 and report["eval"][name]["num_images"] > 0
         assert f"| {name} | **" in printed  # the report table is printed at the end
     assert "Seed-to-seed spread of the base" in printed and "![before/after](grid.png)" in printed
-    assert (out / "grid.png").stat().st_size > 0
+    assert (out / "grid.png").stat().st_size > 0 and (out / "training.png").stat().st_size > 0
     grids = sorted(p.name for p in (out / "train/rankdpo/validation").glob("step-*.png"))
     assert grids == ["step-000000.png", "step-000002.png"]

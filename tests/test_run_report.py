@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from fastpref.pipeline import improvement_lines, write_report
 
@@ -29,3 +30,27 @@ def test_gain_is_compared_with_the_base_seed_spread(tmp_path):
 def test_no_base_or_no_seed_scores_gives_no_verdict():
     assert improvement_lines({"rankdpo": _result(0.6, [0.6])}) == []
     assert improvement_lines({"base": {"overall": 0.5, "per_category": {}}}) == []
+
+
+def test_training_curves_plot_every_run_and_the_report_links_them(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot needs the 'bench' extra (matplotlib)")
+    from PIL import Image
+
+    from fastpref.train.metrics import plot_training_curves
+
+    runs = {}
+    for name, slope in (("rankdpo", 0.01), ("dpo", 0.02)):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": s, "loss": 0.69 - slope * s, "implicit_accuracy": 0.5 + slope * s, "margin": slope * s}
+                for s in range(1, 11)]
+        rows[4]["loss"] = float("nan")  # a skipped step is a gap, not an error
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        runs[name] = run
+    path = plot_training_curves(runs, tmp_path / "training.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 2 * image.height  # three panels side by side
+        pixels = np.asarray(image.convert("RGB"))
+    assert (pixels.std(axis=(0, 1)) > 10).all()  # drawn, not blank
+    write_report(tmp_path, {"seconds": {"train": 1.0}})
+    assert "![training curves: loss, implicit accuracy, margin](training.png)" in (tmp_path / "report.md").read_text()

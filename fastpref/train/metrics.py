@@ -201,3 +201,39 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("  memory: " + ", ".join(memory))
     lines.append(f"  output: {summary.get('output_dir')} (metrics.jsonl, summary.json, checkpoints/)")
     return "\n".join(lines)
+
+
+CURVES = (("loss", "loss"), ("implicit_accuracy", "implicit accuracy"), ("margin", "margin"))
+
+
+def plot_training_curves(runs: dict[str, str | Path], path: str | Path) -> Path | None:
+    """One PNG with loss, implicit accuracy and margin against the step for each run's metrics.jsonl (skipped
+    steps are gaps). Returns None, saying why, when matplotlib (the `bench` extra) is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("[fastpref] training curves skipped: matplotlib is not installed (pip install 'fastpref[bench]')")
+        return None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    from fastpref.utils.atomic import atomic_file
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.2), squeeze=False)
+    for name, run_dir in runs.items():
+        rows = read_metrics(run_dir)
+        for ax, (key, _) in zip(axes[0], CURVES):
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), label=name, linewidth=1.2)
+    for ax, (_, title) in zip(axes[0], CURVES):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+    return path
