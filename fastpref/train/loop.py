@@ -496,15 +496,27 @@ class Trainer:
 
         The logged grad_norm is this step's global gradient norm before clipping. DeepSpeed ZeRO computes, checks and
         clips it inside engine.step (and skips the update when it is not finite): the loop reads it after the step.
+
+        Each micro-batch's loss is a mean over the groups it keeps (pairwise objectives drop groups whose images all
+        tie in psi; rankdpo means over the groups with an ordered pair), so the step draws its micro-batches first,
+        counts their kept groups (step_fn.preference_groups) and weighs micro-batch i by kept_i / sum(kept): the
+        gradient, and the logged metrics, are means over the step's kept groups, as one batch of grad_accumulation x
+        data.batch_groups groups gives. A step skipped for a non-finite loss still consumes all its micro-batches.
         """
         cfg, parallel = self.cfg, self.parallel
         zero = parallel.strategy.startswith("zero")
         parallel.zero_grad()
+        micro_batches = [next(batches) for _ in range(cfg.grad_accumulation)]
+        # a step function without preference_groups (test probes) weighs its micro-batches equally
+        count = getattr(self.step_fn, "preference_groups", None)
+        kept = [count(batch) if count is not None else 1 for _, batch in micro_batches]
+        # Per rank only: DDP / FSDP2 / ZeRO average the ranks' gradients equally whatever their kept counts (weighing
+        # ranks by them would need an all-reduce of the counts), so across ranks the same imbalance remains.
+        total = sum(kept)
         totals: dict[str, float] = {}
-        images, finite, counted = 0, True, 0
+        images, finite, counted = 0, True, 0  # counted: the kept groups of the micro-batches that gave a loss
         with self.attention:
-            for _ in range(cfg.grad_accumulation):
-                epoch, batch = next(batches)
+            for (epoch, batch), groups in zip(micro_batches, kept):
                 out = self.step_fn.forward(batch, epoch)
                 loss = out.loss if out is not None else None
                 # all ranks agree before any backward, or DDP / ZeRO collectives would wait forever
@@ -515,10 +527,16 @@ class Trainer:
                     loss = sum(p.sum() * 0.0 for p in parallel.trainable_parameters())  # keeps collectives in step
                 else:
                     images += out.num_images
-                    counted += 1
-                    for key, value in {"loss": out.loss, **out.metrics}.items():
-                        totals[key] = totals.get(key, 0.0) + float(value.detach())
-                parallel.backward(loss / cfg.grad_accumulation)
+                    if groups == 0:  # rankdpo with every group tied: a loss without gradient, weighed 0
+                        loss = loss * 0.0
+                    else:
+                        counted += groups
+                        for key, value in {"loss": out.loss, **out.metrics}.items():
+                            totals[key] = totals.get(key, 0.0) + float(value.detach()) * groups
+                        # loss * groups / total, written so that it is loss / grad_accumulation to the last bit when
+                        # every micro-batch keeps as many groups (loss itself at grad_accumulation 1)
+                        loss = loss / (total / groups)
+                parallel.backward(loss)
         grad_norm = None
         if finite and not zero:
             grad_norm = float(parallel.clip_grad_norm(cfg.max_grad_norm))
@@ -555,7 +573,7 @@ class Trainer:
                 "may hold NaN / inf now; its overflow check is off (bf16.check_grad_overflow: false, or a DeepSpeed "
                 "without it). Resume from the last checkpoint with a DeepSpeed that checks")
         self.nonfinite_in_a_row = 0
-        result = {key: value / max(counted, 1) for key, value in totals.items()}
+        result = {key: value / counted for key, value in totals.items()}  # means over the step's kept groups
         if grad_norm is not None:
             result["grad_norm"] = grad_norm
         return result, images

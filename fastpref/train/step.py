@@ -160,6 +160,17 @@ class TrainStep:
         if objective.feature_space == "ncp":
             ncp.check_supported(bundle, reference.mode)
 
+    def preference_groups(self, batch: dict[str, Any]) -> int:
+        """How many groups of `batch` its loss is a mean over, by the selection `forward` makes: the groups
+        `select_images` keeps (pairwise objectives drop those whose images all tie in psi) and, for rankdpo, of
+        those the ones with an ordered pair (rank_dpo_loss means over them). 0: `forward` returns None, or (rankdpo)
+        a loss without gradient. The loop weighs the micro-batches of an accumulated step by it."""
+        psi = batch.get("psi")
+        kept, _ = select_images(self.objective, psi, batch["latents"].shape[1])
+        if self.objective.name == "rankdpo":
+            return int((psi.amax(dim=1) > psi.amin(dim=1)).sum())  # select_images keeps every group
+        return int(kept.numel())
+
     def forward(self, batch: dict[str, Any], epoch: int) -> StepOutput | None:
         """Loss of one batch (no backward). None when no group of the batch carries a preference."""
         latents = batch["latents"]

@@ -14,6 +14,11 @@ beta 100).
 
 The step counter, the lr schedule (warmup) and the optimizer's own step count advance once per optimizer step,
 not per micro-batch.
+
+With ties the same holds: dpo drops the groups whose images all tie in psi (rankdpo means over the groups with an
+ordered pair), so micro-batches keep different numbers of groups; each is weighed by its share of the step's kept
+groups, not by 1 / grad_accumulation (which counted a kept group of a half-dropped micro-batch twice, and halved the
+gradient of a step one of whose micro-batches kept none).
 """
 
 from __future__ import annotations
@@ -33,12 +38,23 @@ WARMUP = 8  # longer than the run: the lr differs at every step, and counting mi
 BETA = 100.0  # see the module doc
 
 
-def run(cached_dataset, out, batch_groups, accumulation, **overrides):
+def run(cached_dataset, out, batch_groups, accumulation, tied=(), **overrides):
+    """A short run; the groups whose ids are in `tied` get all-equal scores psi in every batch."""
     cfg = make_config(cached_dataset, out, **{"data.batch_groups": batch_groups, "grad_accumulation": accumulation,
                                               "max_steps": MAX_STEPS, "checkpoint_every": MAX_STEPS,
                                               "lr_warmup_steps": WARMUP, **overrides})
     trainer = Trainer(cfg)
     initial = trainable_vector(trainer)
+    if tied:
+        batches = trainer.batches
+
+        def tying():  # the trainer's own stream (position, epochs, resume state), psi edited on the way
+            for epoch, batch in batches():
+                psi = batch["psi"].clone()
+                psi[torch.isin(batch["group_ids"], torch.tensor(tied))] = 0.5
+                yield epoch, {**batch, "psi": psi}
+
+        trainer.batches = tying
     forward, seen = trainer.step_fn.forward, []
 
     def recording(batch, epoch):
@@ -80,6 +96,11 @@ def test_accumulating_two_half_batches_equals_one_full_batch(cached_dataset, tmp
     overrides = {"objective.name": objective, "objective.beta": BETA, "mode": mode, "reference": reference, "lr": lr}
     whole = run(cached_dataset, tmp_path / "whole", 4, 1, **overrides)
     split = run(cached_dataset, tmp_path / "split", 2, 2, **overrides)
+    assert_same_training(whole, split, reference, lr, weight_rtol)
+
+
+def assert_same_training(whole, split, reference, lr, weight_rtol):
+    """`run` at 4 groups x 1 and at 2 groups x 2 micro-batches trained alike (see the module doc)."""
     t_whole, s_whole, seen_whole, m_whole, g_whole, w0_whole = whole
     t_split, s_split, seen_split, m_split, g_split, w0_split = split
 
@@ -125,6 +146,33 @@ def test_accumulating_two_half_batches_equals_one_full_batch(cached_dataset, tmp
                                                                    ("split", t_split, w0_split))}
     assert float(update["whole"].abs().max()) > 0.1 * lr
     assert relative(update["whole"], update["split"]) < weight_rtol
+
+
+def epoch_order(cached_dataset, batch_groups: int) -> list[list[int]]:
+    """The group ids of epoch 0's batches, as the trainer's stream (seed 0, one process) yields them."""
+    from fastpref.data.dataset import CachedDataset
+
+    stream = CachedDataset(cached_dataset["root"]).stream(batch_groups, seed=0, rank=0, world_size=1)
+    return [batch["group_ids"].tolist() for batch in stream]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "rankdpo"])
+def test_accumulation_equals_one_full_batch_when_groups_are_dropped(cached_dataset, tmp_path, objective):
+    """3 of the 8 groups tie in psi: dpo drops them (rankdpo keeps them, without an ordered pair, out of its mean).
+    Epoch 0 of the split run: step 1's first micro-batch keeps no group (the old 1 / grad_accumulation halved the
+    step's gradient), step 2's first keeps 1 and its second 2 (the lone group weighed 1/2 instead of 1/3)."""
+    order = epoch_order(cached_dataset, 2)
+    assert len(order) == 4 and all(len(ids) == 2 for ids in order)
+    tied = (*order[0], order[2][0])
+    lr, weight_rtol = 1e-3, 1e-4  # as the LoRA case above
+    overrides = {"objective.name": objective, "objective.beta": BETA, "mode": "lora", "reference": "auto", "lr": lr}
+    whole = run(cached_dataset, tmp_path / "whole", 4, 1, tied=tied, **overrides)
+    split = run(cached_dataset, tmp_path / "split", 2, 2, tied=tied, **overrides)
+
+    # the ties are in the batches the step saw: the split run's first micro-batch is all tied
+    seen_split = split[2]
+    assert seen_split[0] == (0, order[0]) and seen_split[2] == (0, order[2])
+    assert_same_training(whole, split, "auto", lr, weight_rtol)
 
 
 def test_cached_reference_epochs_count_micro_batches(cached_dataset, tmp_path):
