@@ -5,34 +5,17 @@ import pytest
 import torch
 from PIL import Image
 
-from fastpref.config import ConfigError, from_dict, load_config
+from fastpref.config import ConfigError, load_config
 from fastpref.train.loop import TrainConfig, Trainer
 from fastpref.train.metrics import read_metrics
+from test_loop import make_config as train_config
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
 
 
 def make_config(ds, out, validation=None, **overrides):
-    data = {
-        "model": {"path": ds["model"]},
-        "data": {"root": ds["root"], "batch_groups": 2},
-        "output_dir": str(out),
-        "max_steps": 3,
-        "checkpoint_every": 3,
-        "progress": False,
-        "tensorboard": False,
-        "lr": 1e-3,
-        "loss_backend": "reference",
-        "validation": {"every": 2, "prompts": PROMPTS, "seeds": [0, 1], "num_inference_steps": 3,
-                       **(validation or {})},
-    }
-    for key, value in overrides.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return from_dict(TrainConfig, data)
+    grids = {"every": 2, "prompts": PROMPTS, "seeds": [0, 1], "num_inference_steps": 3, **(validation or {})}
+    return train_config(ds, out, **{"max_steps": 3, "checkpoint_every": 3, "validation": grids, **overrides})
 
 
 def read_png(path) -> np.ndarray:
