@@ -83,10 +83,16 @@ def test_group_kernel_matches_closed_form_reference(gen, helpers, sizes, loss_ty
     got = group_loss.ranked_pair_loss_forward(
         s, scores.to(dtype), offsets, 50.0, R.LOSS_TYPES[loss_type], R.PAIR_WEIGHTINGS[weighting], max(sizes)
     )
-    want = R.ranked_pair_loss_with_grad_reference(s.double(), scores, offsets, 50.0, loss_type, weighting)
+    # the reference gets the very inputs the kernel got (scores rounded to dtype as well)
+    want = R.ranked_pair_loss_with_grad_reference(s.double(), scores.to(dtype).double(), offsets, 50.0, loss_type,
+                                                  weighting)
     rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-12, 1e-14)
     for name, g, w in zip(("loss", "grad_s", "stats"), got, want):
-        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+        # an element summed from pair terms of opposite sign (grad_s: +-41 cancelling to 0.14 at beta 50) carries
+        # their rounding, not its own: the absolute tolerance scales with the largest element of the same output
+        scaled_atol = max(atol, rtol * float(w.abs().max())) if w.numel() else atol
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=scaled_atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("loss_type", sorted(R.LOSS_TYPES))
