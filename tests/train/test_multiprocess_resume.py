@@ -1,0 +1,61 @@
+"""A 2-process run killed mid-way and resumed equals the uninterrupted 1-process run, for every sharding strategy.
+
+test_parallel.py resumes a finished run (no step left to take), so a resume that loaded no weights or optimizer state
+would pass there; here the 2 ranks SIGKILL themselves right after the step-2 checkpoint and the resumed run must take
+steps 3 and 4 from exactly the saved weights, optimizer moments, data position and RNG.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from fastpref.config import to_dict
+from fastpref.train.metrics import read_metrics
+
+from test_loop import make_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+
+def launch(cfg, path, nproc, resume=False, kill_after=None):
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env.pop("FASTPREF_KILL_AFTER_STEP", None)
+    if kill_after is not None:
+        env["FASTPREF_KILL_AFTER_STEP"] = str(kill_after)
+    args = ["-m", "fastpref.cli", "train", "--config", str(path)] + (["--resume"] if resume else [])
+    if nproc > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_losses(cached_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one-process")
+    cfg = make_config(cached_dataset, out / "run", max_steps=4, checkpoint_every=2, **{"data.batch_groups": 4})
+    proc = launch(cfg, out / "cfg.yaml", 1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [r["loss"] for r in read_metrics(out / "run")]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero2", "zero3"])
+def test_two_processes_killed_after_step_2_resume_to_the_one_process_run(cached_dataset, tmp_path,
+                                                                        uninterrupted_losses, strategy):
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="the 'distributed' extra (deepspeed) is not installed")
+    cfg = make_config(cached_dataset, tmp_path / "run", max_steps=4, checkpoint_every=2, parallel=strategy,
+                      **{"data.batch_groups": 2})
+    killed = launch(cfg, tmp_path / "cfg.yaml", 2, kill_after=2)
+    assert killed.returncode != 0, "the ranks were to kill themselves after step 2"
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2], killed.stderr[-4000:]
+    resumed = launch(cfg, tmp_path / "cfg.yaml", 2, resume=True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    assert "resumed_from': 2" in resumed.stdout, resumed.stdout[-3000:]
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
+    assert len(losses) == 4
+    # the tolerance of test_two_processes_match_one: 2 ranks sum gradients in another order than 1 process
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(uninterrupted_losses), rtol=2e-3, atol=1e-5)
