@@ -1,0 +1,402 @@
+"""`fastpref study <study.yaml>`: a grid of `fastpref run` variants x training seeds, with one report.
+
+A study names a run recipe (`recipe`), overrides applied to all of it (`overrides`: e.g. smaller sizes), variants
+(name -> overrides of the recipe in dotted keys over the whole recipe: `label.rewards`, `synth.generators`,
+`train.objective.name`, ...), training seeds (each seed is written into every key of `seed_keys`) and claims
+("A > B"). Each (variant, seed) is one training; every stage whose inputs are identical is run once:
+
+    study/synth/<h>/synth           one per synth section
+    study/data/<h>/{synth,label}    one per (synth, label) section; synth/ is a link to the shared one
+    study/runs/<h>/                 one `fastpref run` per (synth, label, cache) section: its cache, and the
+                                    trainings of every variant and seed that use that cache
+    study/eval/base.json            the base model, evaluated once
+    study/eval/<variant>-seed<s>.json
+
+Every stage skips finished work (the stages of `fastpref run` do; evaluations are files), so running the same
+command again after a kill resumes, and the same seeds give the same table. The report (report.md / .json /
+scores.png) gives MiniGenEval overall and per category per variant as mean ± std over training seeds, the
+base's seed-to-seed spread, the per-stage seconds and a verdict per claim (fastpref.eval.verdicts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastpref.config import ConfigError, apply_overrides, from_dict, load_config
+
+SEED_KEYS = ["train.seed", "cache.reference_errors.seed"]
+
+
+@dataclass
+class ClaimConfig:
+    better: str  # variant (or "base") claimed to score higher
+    than: str
+    name: str | None = None  # how the report names it (default "better > than")
+
+
+@dataclass
+class StudyConfig:
+    recipe: str  # a `fastpref run` recipe (e.g. configs/toy-rankdpo.yaml); its own `variants` are ignored
+    output_dir: str
+    variants: dict[str, dict[str, Any]]  # name -> dotted-key overrides of the recipe ({} = the recipe as it is)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seed_keys: list[str] = field(default_factory=lambda: list(SEED_KEYS))
+    overrides: dict[str, Any] = field(default_factory=dict)  # applied to every variant before its own
+    claims: list[ClaimConfig] = field(default_factory=list)
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.variants:
+            raise ConfigError("variants: at least one variant is required")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: a non-empty list of distinct training seeds, got {self.seeds}")
+        for name, overrides in self.variants.items():
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ConfigError(f"variants.{name}: names are letters, digits, '-' and '_' (they name folders)")
+            for key in overrides or {}:
+                if key.split(".")[0] in ("eval", "output_dir", "variants", "main_variant", "data_root"):
+                    raise ConfigError(f"variants.{name}.{key}: the study sets {key.split('.')[0]} for every "
+                                      "variant (all variants are evaluated on the same prompts and seeds)")
+                if key in self.seed_keys:
+                    raise ConfigError(f"variants.{name}.{key}: set by the study's seeds (seed_keys)")
+        for i, claim in enumerate(self.claims):
+            for side in ("better", "than"):
+                value = getattr(claim, side)
+                if value != "base" and value not in self.variants:
+                    raise ConfigError(f"claims[{i}].{side}: {value!r} is not a variant "
+                                      f"(variants: {', '.join(self.variants)}, or base)")
+
+
+@dataclass
+class Training:
+    variant: str
+    seed: int
+    run: str  # key of the `fastpref run` that trains it
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-seed{self.seed}"
+
+
+@dataclass
+class Plan:
+    """What the study runs, each shared stage once (keys are content hashes of the stage's sections)."""
+
+    synth: dict[str, dict]  # synth key -> synth section
+    data: dict[str, str]  # data (synth + label) key -> its synth key
+    runs: dict[str, dict]  # run key -> the run recipe (data_root/output_dir unset; variants = its trainings)
+    run_data: dict[str, str]  # run key -> data key
+    trainings: list[Training]
+    eval: dict | None  # the eval section shared by all
+
+    def counts(self) -> dict[str, int]:
+        return {"synth": len(self.synth), "label": len(self.data), "cache": len(self.runs),
+                "train": len(self.trainings), "eval": len(self.trainings) + 1}
+
+
+def content_key(*sections: Any) -> str:
+    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    recipe = Path(path)
+    if not recipe.is_file():
+        raise ConfigError(f"recipe: {path!r} is not a file")
+    data = yaml.safe_load(recipe.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe: {path}: expected a mapping at the top level")
+    return data
+
+
+def with_overrides(data: dict[str, Any], overrides: dict[str, Any], section: str) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    try:
+        apply_overrides(out, [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()])
+    except ConfigError as err:
+        raise ConfigError(f"{section}.{err}") from None
+    return out
+
+
+def variant_recipe(cfg: StudyConfig, recipe: dict[str, Any], variant: str, seed: int) -> dict[str, Any]:
+    """The full run recipe of one (variant, seed): recipe + study overrides + variant overrides + seed keys."""
+    data = with_overrides(recipe, cfg.overrides, "overrides")
+    data = with_overrides(data, cfg.variants[variant], f"variants.{variant}")
+    data = with_overrides(data, {key: seed for key in cfg.seed_keys}, "seed_keys")
+    for key in ("variants", "main_variant", "data_root", "output_dir", "eval"):
+        data.pop(key, None)
+    return data
+
+
+def plan_study(cfg: StudyConfig, recipe: dict[str, Any]) -> Plan:
+    from fastpref.pipeline import RunConfig, build_stages
+
+    shared = with_overrides(recipe, cfg.overrides, "overrides")
+    if shared.get("importer") is not None:
+        raise ConfigError("recipe: a study runs Syn-Pic recipes (synth + label); this one has an importer: section")
+    plan = Plan({}, {}, {}, {}, [], shared.get("eval", {}))
+    for variant in cfg.variants:
+        for seed in cfg.seeds:
+            data = variant_recipe(cfg, recipe, variant, seed)
+            # validate every section up front, naming the variant (as `fastpref run` does for its own)
+            try:
+                run = from_dict(RunConfig, {**data, "output_dir": "-", "eval": None})
+                run.validate()
+                build_stages(run)
+            except ConfigError as err:
+                raise ConfigError(f"variants.{variant} (seed {seed}): {err}") from None
+            synth_key = content_key(data["synth"])
+            data_key = content_key(data["synth"], data["label"])
+            run_key = content_key(data["synth"], data["label"], data["cache"])
+            plan.synth[synth_key] = data["synth"]
+            plan.data[data_key] = synth_key
+            plan.run_data[run_key] = data_key
+            training = Training(variant, seed, run_key)
+            run = plan.runs.setdefault(run_key, {**{k: v for k, v in data.items() if k != "train"}, "trainings": {}})
+            run["trainings"][training.name] = data["train"]
+            plan.trainings.append(training)
+    return plan
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.recipe = read_recipe(cfg.recipe)
+        self.plan = plan_study(cfg, self.recipe)
+        self.out = Path(cfg.output_dir)
+
+    # -- paths ---------------------------------------------------------------------------------------------
+    def synth_root(self, synth_key: str) -> Path:
+        return self.out / "synth" / synth_key
+
+    def data_root(self, data_key: str) -> Path:
+        return self.out / "data" / data_key
+
+    def run_dir(self, run_key: str) -> Path:
+        return self.out / "runs" / run_key
+
+    def eval_path(self, name: str) -> Path:
+        return self.out / "eval" / f"{name}.json"
+
+    # -- stages --------------------------------------------------------------------------------------------
+    def run_config(self, run_key: str):
+        """The `fastpref run` of one cache: every training that reads it, as that run's variants; no eval (the
+        study evaluates each model once, the base once for all)."""
+        from fastpref.pipeline import RunConfig
+
+        run = copy.deepcopy(self.plan.runs[run_key])
+        trainings = run.pop("trainings")
+        names = list(trainings)
+        data = {**run, "train": trainings[names[0]], "main_variant": names[0], "eval": None,
+                "data_root": str(self.data_root(self.plan.run_data[run_key])),
+                "output_dir": str(self.run_dir(run_key)), "progress": self.cfg.progress}
+        # each further training as overrides of the first: only the keys that differ
+        data["variants"] = {name: flat_differences(trainings[names[0]], trainings[name]) for name in names[1:]}
+        return from_dict(RunConfig, data)
+
+    def link_synth(self, data_key: str) -> None:
+        """data/<h>/synth -> synth/<h>/synth, so that label variants of one synth section share its images."""
+        target = self.synth_root(self.plan.data[data_key]) / "synth"
+        target.mkdir(parents=True, exist_ok=True)
+        link = self.data_root(data_key) / "synth"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            if link.resolve() != target.resolve():
+                raise ConfigError(f"{link}: exists and is not the study's shared synth folder {target}")
+            return
+        os.symlink(os.path.relpath(target, link.parent), link)
+
+    def run(self) -> dict[str, Any]:
+        from fastpref.pipeline import run as run_pipeline
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "plan.json").write_text(json.dumps(
+            {"counts": self.plan.counts(), "trainings": [t.__dict__ for t in self.plan.trainings]}, indent=2) + "\n")
+        seconds: dict[str, float] = {}
+        for i, run_key in enumerate(self.plan.runs):
+            print(f"[fastpref study] run {i + 1}/{len(self.plan.runs)}: {self.run_dir(run_key)}", flush=True)
+            self.link_synth(self.plan.run_data[run_key])
+            report = run_pipeline(self.run_config(run_key))
+            for stage, value in report["seconds"].items():
+                kind = stage.split(" ")[0]
+                seconds[kind] = seconds.get(kind, 0.0) + value
+        start = time.perf_counter()
+        results = self.evaluate()
+        seconds["eval"] = time.perf_counter() - start
+        report = build_report(self.cfg, results, seconds, self.plan.counts())
+        write_study_report(self.out, report)
+        print(f"[fastpref study] report: {self.out / 'report.md'}")
+        return report
+
+    def evaluate(self) -> dict[str, dict[str, Any]]:
+        """MiniGenEval of the base (once) and of every trained model; a finished evaluation is read back."""
+        from fastpref.pipeline import EvalConfig
+
+        ev = from_dict(EvalConfig, self.plan.eval or {})
+        results = {"base": self._evaluated("base", lambda: self._base_pipeline(), ev)}
+        for training in self.plan.trainings:
+            run = self.run_config(training.run)
+            stages_train = _train_config(run, training.name)
+            results[training.name] = self._evaluated(training.name, lambda: _trained(stages_train), ev)
+        return results
+
+    def _base_pipeline(self):
+        from fastpref.models import load
+
+        first = self.run_config(next(iter(self.plan.runs)))
+        train = _train_config(first, first.main_variant)
+        return load(train.model.path, family=train.model.family).pipeline
+
+    def _evaluated(self, name: str, make_pipeline, ev) -> dict[str, Any]:
+        path = self.eval_path(name)
+        if not path.exists():
+            from fastpref.pipeline import evaluate_pipeline
+
+            result = evaluate_pipeline(make_pipeline(), ev, self._call_kwargs(), progress=self.cfg.progress)
+            tmp = path.with_suffix(".json.tmp")
+            result.save(tmp)
+            os.replace(tmp, path)  # a killed evaluation leaves no file that looks finished
+            print(f"[fastpref study] MiniGenEval {name}: {100 * result.overall:.1f}%", flush=True)
+        return json.loads(path.read_text())
+
+    def _call_kwargs(self) -> dict:
+        from fastpref.models import resolve_path
+        from fastpref.models.bundle import pipeline_call_kwargs
+
+        first = self.run_config(next(iter(self.plan.runs)))
+        return pipeline_call_kwargs(resolve_path(_train_config(first, first.main_variant).model.path))
+
+
+def _train_config(run_cfg, name: str):
+    from fastpref.pipeline import build_stages
+
+    return build_stages(run_cfg).trains[name]
+
+
+def _trained(train_cfg):
+    from fastpref.pipeline import trained_pipeline
+
+    return trained_pipeline(train_cfg)
+
+
+def flat_differences(base: dict[str, Any], other: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys whose value in `other` differs from `base` (nested dicts compared key by key)."""
+    out: dict[str, Any] = {}
+    for key in sorted(set(base) | set(other)):
+        a, b = base.get(key), other.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(flat_differences(a, b, f"{prefix}{key}."))
+        elif a != b or key not in other:
+            out[f"{prefix}{key}"] = b
+    return out
+
+
+# -- the report ------------------------------------------------------------------------------------------------
+
+
+def variant_statistics(cfg: StudyConfig, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per variant: overall and per-category mean and std over its training seeds (each seed's model evaluated on
+    the same prompts and evaluation seeds)."""
+    import numpy as np
+
+    base = results["base"]
+    stats: dict[str, dict[str, Any]] = {"base": {
+        "seeds": 1, "overall": base["overall"], "overall_std": 0.0, "per_category": dict(base["per_category"]),
+        "per_category_std": {c: 0.0 for c in base["per_category"]}, "eval_seed_spread": base["seed_spread"]}}
+    for variant in cfg.variants:
+        runs = [results[f"{variant}-seed{seed}"] for seed in cfg.seeds]
+        overall = np.array([r["overall"] for r in runs])
+        categories = list(runs[0]["per_category"])
+        per_category = {c: np.array([r["per_category"][c] for r in runs]) for c in categories}
+        std = (lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
+        stats[variant] = {"seeds": len(runs), "overall": float(overall.mean()), "overall_std": std(overall),
+                          "per_seed": [float(x) for x in overall],
+                          "per_category": {c: float(v.mean()) for c, v in per_category.items()},
+                          "per_category_std": {c: std(v) for c, v in per_category.items()}}
+    return stats
+
+
+def build_report(cfg: StudyConfig, results: dict[str, dict[str, Any]], seconds: dict[str, float],
+                 counts: dict[str, int]) -> dict[str, Any]:
+    from fastpref.eval.verdicts import judge_claim
+
+    stats = variant_statistics(cfg, results)
+    eval_spread = results["base"]["seed_spread"]
+    claims = []
+    for claim in cfg.claims:
+        a, b = stats[claim.better], stats[claim.than]
+        verdict = judge_claim(a["overall"], a["overall_std"], b["overall"], b["overall_std"], eval_spread)
+        claims.append({"name": claim.name or f"{claim.better} > {claim.than}", "better": claim.better,
+                       "than": claim.than, **verdict})
+    return {"recipe": cfg.recipe, "seeds": cfg.seeds, "counts": counts, "variants": stats, "claims": claims,
+            "base_eval_seed_spread": eval_spread, "seconds": seconds}
+
+
+def write_study_report(out: Path, report: dict[str, Any]) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    stats = report["variants"]
+    categories = list(stats["base"]["per_category"])
+    pct = (lambda m, s: f"{100 * m:.1f} ± {100 * s:.1f}")
+    lines = [f"# fastpref study: {out}", "",
+             f"Recipe `{report['recipe']}`, training seeds {report['seeds']}; MiniGenEval as mean ± std over the "
+             f"training seeds (the base: one model). Seed-to-seed spread of the base's evaluation: "
+             f"{100 * report['base_eval_seed_spread']:.1f} points.", "",
+             "| model | seeds | overall | " + " | ".join(categories) + " |", "|---|---|---|" + "---|" * len(categories)]
+    for name, s in stats.items():
+        cells = " | ".join(pct(s["per_category"][c], s["per_category_std"][c]) for c in categories)
+        lines.append(f"| {name} | {s['seeds']} | **{pct(s['overall'], s['overall_std'])}** | {cells} |")
+    lines += ["", "## Claims", ""]
+    for c in report["claims"]:
+        lines.append(f"- **{c['name']}**: {c['text']}")
+    lines += ["", "![MiniGenEval per variant](scores.png)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
+    lines += ["", "Stages run: " + ", ".join(f"{k} {v}" for k, v in report["counts"].items()), ""]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    plot_scores(stats, out / "scores.png")
+
+
+def plot_scores(stats: dict[str, dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(stats)
+    means = [100 * stats[n]["overall"] for n in names]
+    errors = [100 * stats[n]["overall_std"] for n in names]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    ax.bar(names, means, yerr=errors, capsize=4, color=["#999999"] + ["#4c72b0"] * (len(names) - 1))
+    spread = 100 * stats["base"].get("eval_seed_spread", 0.0)
+    ax.axhspan(means[0] - spread, means[0] + spread, color="#999999", alpha=0.2, label="base ± eval-seed spread")
+    ax.set_ylabel("MiniGenEval overall (%)")
+    ax.legend(loc="lower right", fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fastpref study", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="study YAML, e.g. configs/studies/rankdpo-ablations.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the study, e.g. seeds=[0]")
+    parser.add_argument("--plan", action="store_true", help="print the stages the study would run, then stop")
+    args = parser.parse_args(argv)
+    study = Study(load_config(StudyConfig, args.config, args.overrides))
+    if args.plan:
+        print(json.dumps({"counts": study.plan.counts(),
+                          "trainings": [f"{t.name} -> runs/{t.run}" for t in study.plan.trainings]}, indent=2))
+        return 0
+    study.run()
+    return 0

@@ -1,0 +1,144 @@
+"""fastpref study: the planner shares identical stages, the report's verdicts, the random-label control, and a tiny
+study end to end (runs, reruns to the same table, resumes after losing work)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastpref.config import ConfigError, from_dict, load_config
+from fastpref.eval.verdicts import combined_spread, judge_claim
+from fastpref.study import Study, StudyConfig, flat_differences
+
+ROOT = Path(__file__).resolve().parents[2]
+ABLATIONS = ROOT / "configs/studies/rankdpo-ablations.yaml"
+
+
+def study_of(tmp_path, **changes) -> StudyConfig:
+    cfg = load_config(StudyConfig, ABLATIONS, [f"output_dir={tmp_path}"])
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def test_ablation_study_plans_each_shared_stage_once(tmp_path):
+    study = Study(study_of(tmp_path))
+    # 6 variants x 3 seeds: K=4 and K=2 images -> 2 synth; ensemble / shapeclip / random labels of K=4 and the
+    # ensemble of K=2 -> 4 label; the seed changes the cached reference's noise -> 4 datasets x 3 seeds caches
+    assert study.plan.counts() == {"synth": 2, "label": 4, "cache": 12, "train": 18, "eval": 19}
+    by_run: dict[str, set[str]] = {}
+    for t in study.plan.trainings:
+        by_run.setdefault(t.run, set()).add(t.variant)
+    # rankdpo, dpo and the uniform weighting train on the very same cache for each seed
+    assert {"rankdpo", "dpo", "rankdpo-uniform"} in by_run.values()
+
+
+def test_seed_only_in_training_shares_the_cache_across_seeds(tmp_path):
+    study = Study(study_of(tmp_path, seed_keys=["train.seed"]))
+    assert study.plan.counts()["cache"] == 4 and study.plan.counts()["train"] == 18
+
+
+def test_run_config_gives_each_training_its_own_seed_and_objective(tmp_path):
+    study = Study(study_of(tmp_path))
+    run_key = next(t.run for t in study.plan.trainings if t.name == "dpo-seed1")
+    from fastpref.pipeline import build_stages
+
+    trains = build_stages(study.run_config(run_key)).trains
+    assert set(trains) == {"rankdpo-seed1", "dpo-seed1", "rankdpo-uniform-seed1"}
+    assert trains["dpo-seed1"].objective.name == "dpo" and trains["dpo-seed1"].seed == 1
+    assert trains["rankdpo-uniform-seed1"].objective.weighting == "uniform"
+    assert trains["rankdpo-seed1"].objective.weighting == "dcg"
+    assert len({t.output_dir for t in trains.values()}) == 3
+
+
+def test_flat_differences():
+    assert flat_differences({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 1, "c": 5}, "d": 3}) == {"a.c": 5}
+    assert flat_differences({"x": [1]}, {"x": [1, 2]}) == {"x": [1, 2]}
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"claims": [{"better": "rankdpo", "than": "nope"}]}, "claims[0].than"),
+    ({"variants": {"a": {"eval.steps": 2}}}, "variants.a.eval.steps"),
+    ({"variants": {"a": {"train.seed": 3}}}, "variants.a.train.seed"),
+    ({"seeds": []}, "seeds"),
+    ({"variants": {"a": {"train.objective.name": "nonsense"}}}, "variants.a"),
+])
+def test_bad_study_config_names_the_key(tmp_path, changes, key):
+    data = {"recipe": str(ROOT / "configs/toy-rankdpo.yaml"), "output_dir": str(tmp_path),
+            "variants": {"rankdpo": {}}, **changes}
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        Study(from_dict(StudyConfig, data))
+
+
+def test_verdicts_on_hand_made_numbers():
+    assert combined_spread(0.03, 0.04, 0.0) == pytest.approx(0.05)
+    shown = judge_claim(0.70, 0.01, 0.60, 0.02, 0.03, names=("RankDPO", "DPO"))
+    assert shown["verdict"] == "shown" and "RankDPO > DPO by +10.0 points" in shown["text"]
+    within = judge_claim(0.64, 0.03, 0.60, 0.02, 0.03)
+    assert within["verdict"] == "not shown" and "within the combined spread" in within["text"]
+    assert judge_claim(0.50, 0.0, 0.60, 0.0, 0.03)["verdict"] == "reversed"
+    # above the spread but a paired interval that includes zero: not shown
+    assert judge_claim(0.70, 0.0, 0.60, 0.0, 0.03, interval=(-0.01, 0.2))["verdict"] == "not shown"
+    assert judge_claim(0.70, 0.0, 0.60, 0.0, 0.03, interval=(0.02, 0.2))["verdict"] == "shown"
+
+
+def test_random_reward_is_a_reproducible_function_of_seed_image_and_prompt():
+    from fastpref.rewards import build_reward
+
+    pixels = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = [f"prompt {i % 2}" for i in range(6)]
+    reward = build_reward("random", seed=3)
+    scores = reward(pixels, prompts)
+    assert torch.equal(scores, build_reward("random", seed=3)(pixels, prompts, batch_size=2))
+    order = torch.tensor([5, 2, 0, 1, 4, 3])
+    assert torch.equal(reward(pixels[order], [prompts[i] for i in order]), scores[order])
+    assert not torch.equal(build_reward("random", seed=4)(pixels, prompts), scores)
+    assert ((scores >= 0) & (scores < 1)).all() and len(set(scores.tolist())) == 6
+
+
+TINY = {
+    "synth.prompts.limit": 12, "synth.groups_per_shard": 6,
+    "synth.generators": [{"name": "toy-sd", "model": "toy-sd", "images_per_prompt": 2, "steps": 4,
+                          "batch_size": 24},
+                         {"name": "toy-sdxl", "model": "toy-sdxl", "images_per_prompt": 1, "steps": 4,
+                          "batch_size": 24}],
+    "cache.reference_errors.epochs": 2, "train.max_steps": 2, "train.data.batch_groups": 4,
+    "train.checkpoint_every": 2, "train.validation.every": 0,
+    "eval.seeds_per_prompt": 1, "eval.max_prompts_per_category": 1, "eval.min_images_per_category": 1,
+    "eval.steps": 2,
+}
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_shares_and_reproduces(tmp_path):
+    cfg = from_dict(StudyConfig, {
+        "recipe": str(ROOT / "configs/toy-rankdpo.yaml"), "output_dir": str(tmp_path / "study"),
+        "seeds": [0, 1], "overrides": TINY, "progress": False,
+        "variants": {"rankdpo": {}, "dpo": {"train.objective.name": "dpo"},
+                     "random": {"label.rewards": [{"name": "random", "kwargs": {"seed": 0}}]}},
+        "claims": [{"better": "rankdpo", "than": "dpo"}, {"better": "rankdpo", "than": "base"}]})
+    report = Study(cfg).run()
+    out = tmp_path / "study"
+    assert report["counts"] == {"synth": 1, "label": 2, "cache": 4, "train": 6, "eval": 7}
+    # the two label variants read the one synth folder
+    links = sorted(p for p in (out / "data").glob("*/synth"))
+    assert len(links) == 2 and all(p.is_symlink() for p in links)
+    assert len({p.resolve() for p in links}) == 1
+    assert sorted(p.name for p in (out / "eval").glob("*.json")) == sorted(
+        ["base.json"] + [f"{v}-seed{s}.json" for v in ("rankdpo", "dpo", "random") for s in (0, 1)])
+    assert (out / "scores.png").stat().st_size > 0 and "## Claims" in (out / "report.md").read_text()
+    assert [c["verdict"] in ("shown", "not shown", "reversed") for c in report["claims"]] == [True, True]
+    stats = report["variants"]["rankdpo"]
+    per_seed = [json.loads((out / f"eval/rankdpo-seed{s}.json").read_text())["overall"] for s in (0, 1)]
+    assert stats["overall"] == pytest.approx(np.mean(per_seed))
+    assert stats["overall_std"] == pytest.approx(np.std(per_seed, ddof=1))
+
+    # lose an evaluation and the last checkpoint of one training: the rerun redoes just that, to the same table
+    (out / "eval/dpo-seed1.json").unlink()
+    again = Study(cfg).run()
+    assert again["variants"] == report["variants"]
+    assert again["claims"] == report["claims"]
