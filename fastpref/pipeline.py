@@ -139,6 +139,18 @@ def trained_pipeline(train_cfg, device: str = "cpu"):
     return pipeline
 
 
+def evaluate_pipeline(pipeline, ev: EvalConfig, call_kwargs: dict | None = None, progress: bool = True):
+    """MiniGenEval of one diffusers pipeline with a run's eval settings (shared by `fastpref run` and `study`)."""
+    from fastpref.eval.minigeneval import DiffusersGenerate, evaluate
+
+    generate = DiffusersGenerate(pipeline, num_inference_steps=ev.steps, guidance_scale=ev.guidance_scale,
+                                 pipeline_kwargs=call_kwargs or {})
+    return evaluate(generate, seeds_per_prompt=ev.seeds_per_prompt,
+                    max_prompts_per_category=ev.max_prompts_per_category, batch_size=ev.batch_size,
+                    seed_offset=ev.seed_offset, progress=progress,
+                    min_images_per_category=ev.min_images_per_category)
+
+
 def run_eval(stages: Stages, cfg: RunConfig, out: Path) -> dict[str, Any]:
     from fastpref.eval.minigeneval import DiffusersGenerate, evaluate, save_comparison_grid
     from fastpref.models import load, resolve_path

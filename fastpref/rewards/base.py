@@ -35,6 +35,7 @@ LAZY_MODULES: dict[str, str] = {
     "verifier": "fastpref.rewards.toy",
     "shapeclip": "fastpref.rewards.toy",
     "quality": "fastpref.rewards.toy",
+    "random": "fastpref.rewards.random_label",
     "clipscore": "fastpref.rewards.pretrained",
     "pickscore": "fastpref.rewards.pretrained",
     "aesthetic": "fastpref.rewards.pretrained",
