@@ -173,30 +173,59 @@ def run_eval(stages: Stages, cfg: RunConfig, out: Path) -> dict[str, Any]:
         results[name] = result
         print(f"[fastpref run] MiniGenEval {name}: {100 * result.overall:.1f}%")
     save_comparison_grid(results, out / "grid.png")
-    return {name: {"overall": r.overall, "per_category": r.per_category, "num_images": r.num_images,
-                   "seed_scores": r.seed_scores(), "seed_spread": r.seed_spread()}
-            for name, r in results.items()}
+    return eval_summary(results, cfg.main_variant)
+
+
+def eval_summary(results: dict[str, Any], main_variant: str = "main") -> dict[str, dict[str, Any]]:
+    """The report's per-model numbers, with paired bootstrap intervals (same prompts and seeds): every
+    model against the base, and the main variant against every other variant."""
+    from fastpref.eval.minigeneval import STATISTICS, paired_bootstrap
+
+    summary = {name: {"overall": r.overall, "prompt_mean": r.prompt_mean(), "per_category": r.per_category,
+                      "num_images": r.num_images, "seed_scores": r.seed_scores(), "seed_spread": r.seed_spread(),
+                      "paired": {}}
+               for name, r in results.items()}
+    pairs = [(name, "base") for name in results if name != "base"]
+    pairs += [(main_variant, name) for name in results if name not in ("base", main_variant)]
+    for name, other in pairs:
+        if name in results and other in results:
+            summary[name]["paired"][other] = {
+                statistic: paired_bootstrap(results[name], results[other], statistic).to_json()
+                for statistic in STATISTICS}
+    return summary
 
 
 def improvement_lines(results: dict[str, dict[str, Any]]) -> list[str]:
-    """Each trained model against the base: the gain, and whether it is better, worse or within the base's
-    seed-to-seed spread (the sample standard deviation of MiniGenEval computed on each evaluation seed alone)."""
+    """The verdicts: each paired comparison's gain with its bootstrap 95% interval, "better than X: interval
+    above zero" or "not shown", beside the base's seed-to-seed spread (the sample standard deviation of
+    MiniGenEval computed on each evaluation seed alone)."""
+    from fastpref.eval.minigeneval import verdict
+
     base = results.get("base")
     if base is None or not base.get("seed_scores"):
         return []
-    spread = base["seed_spread"]
-    lines = [f"Seed-to-seed spread of the base: {100 * spread:.1f} points (std over its per-seed scores)."]
+    lines = [f"Seed-to-seed spread of the base: {100 * base['seed_spread']:.1f} points (std over its per-seed scores)."]
+    compared = [(name, other, intervals) for name, r in results.items()
+                for other, intervals in r.get("paired", {}).items() if other in results]
+    first = next((intervals["prompt_mean"] for _, _, intervals in compared), None)
+    if first is not None:
+        lines.append(f"Verdicts from the paired bootstrap {100 * first['level']:.0f}% interval of the difference in "
+                     f"the prompt-weighted mean ({first['n_boot']} draws of the {first['num_prompts']} prompts, "
+                     f"seeds redrawn within each, bootstrap seed {first['seed']}); a gain whose interval "
+                     "contains zero is not shown.")
+
+    def points(interval: dict[str, Any]) -> str:
+        return (f"{100 * interval['difference']:+.1f} [{100 * interval['low']:+.1f}, "
+                f"{100 * interval['high']:+.1f}]")
+
+    for name, other, intervals in compared:
+        against = "the base" if other == "base" else other
+        lines.append(f"- {name} vs {other}: prompt-weighted {points(intervals['prompt_mean'])} points, category "
+                     f"mean {points(intervals['category_mean'])}: {verdict(intervals['prompt_mean'], against)}")
     for name, r in results.items():
-        if name == "base":
-            continue
-        gain = r["overall"] - base["overall"]
-        if gain > spread:
-            verdict = "better than the base by more than the seed spread"
-        elif gain < -spread:
-            verdict = "worse than the base by more than the seed spread"
-        else:
-            verdict = "within the seed spread"
-        lines.append(f"- {name}: {100 * gain:+.1f} points over the base ({verdict})")
+        if name != "base" and "base" not in r.get("paired", {}):
+            gain = r["overall"] - base["overall"]
+            lines.append(f"- {name} vs base: {100 * gain:+.1f} points (no paired interval: not shown)")
     return lines
 
 
@@ -205,12 +234,13 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     lines = [f"# fastpref run: {out}", ""]
     if "eval" in report:
         categories = list(next(iter(report["eval"].values()))["per_category"])
-        lines += ["| model | overall | per-seed scores | " + " | ".join(categories) + " |",
-                  "|---|---|---|" + "---|" * len(categories)]
+        lines += ["| model | category mean | prompt-weighted | per-seed scores | " + " | ".join(categories) + " |",
+                  "|---|---|---|---|" + "---|" * len(categories)]
         for name, r in report["eval"].items():
             cells = " | ".join(f"{100 * r['per_category'][c]:.1f}" for c in categories)
             seeds = ", ".join(f"{100 * x:.1f}" for x in r.get("seed_scores", []))
-            lines.append(f"| {name} | **{100 * r['overall']:.1f}** | {seeds} | {cells} |")
+            weighted = f"{100 * r['prompt_mean']:.1f}" if "prompt_mean" in r else "-"
+            lines.append(f"| {name} | **{100 * r['overall']:.1f}** | {weighted} | {seeds} | {cells} |")
         lines += ["", *improvement_lines(report["eval"]), "", "![before/after](grid.png)", ""]
     if (out / "training.png").exists():
         lines += ["![training curves: loss, implicit accuracy, margin](training.png)", ""]

@@ -1,35 +1,67 @@
-"""fastpref run's report: per-seed scores and the gain over the base against its seed-to-seed spread."""
+"""fastpref run's report: both MiniGenEval means, the per-seed scores, and verdicts from paired bootstrap
+intervals beside the base's seed-to-seed spread."""
 
 import json
 
 import numpy as np
 import pytest
 
-from fastpref.pipeline import improvement_lines, write_report
+from fastpref.eval.minigeneval import MiniGenEvalResult, Sample
+from fastpref.pipeline import eval_summary, improvement_lines, write_report
 
 
-def _result(overall, seeds):
-    return {"overall": overall, "per_category": {"colors": overall}, "num_images": 8, "seed_scores": seeds,
-            "seed_spread": float(np.std(seeds, ddof=1))}
+def _evaluated(outcomes):
+    """A MiniGenEval result from hand-made outcomes[p][s] (prompt p, seed s): prompt 0 alone in
+    single_object, the others in position, so the category mean and the prompt-weighted mean differ."""
+    samples = [Sample(f"prompt {p}", "single_object" if p == 0 else "position", s, bool(x), {})
+               for p, row in enumerate(outcomes) for s, x in enumerate(row)]
+    per_category = {c: float(np.mean([x.passed for x in samples if x.category == c]))
+                    for c in ("single_object", "position")}
+    return MiniGenEvalResult(float(np.mean(list(per_category.values()))), per_category, len(samples),
+                             {"seeds_per_prompt": 2, "seed_offset": 0}, samples)
 
 
-def test_gain_is_compared_with_the_base_seed_spread(tmp_path):
-    results = {"base": _result(0.50, [0.45, 0.55]), "rankdpo": _result(0.60, [0.58, 0.62]),
-               "dpo": _result(0.52, [0.50, 0.54]), "sft": _result(0.40, [0.38, 0.42])}
-    lines = improvement_lines(results)
-    assert lines[0].startswith("Seed-to-seed spread of the base: 7.1 points")
-    assert "- rankdpo: +10.0 points over the base (better than the base by more than the seed spread)" in lines
-    assert "- dpo: +2.0 points over the base (within the seed spread)" in lines
-    assert "- sft: -10.0 points over the base (worse than the base by more than the seed spread)" in lines
-    write_report(tmp_path, {"eval": results, "seconds": {"train": 1.0}})
+def test_verdicts_use_the_paired_interval_beside_the_seed_spread(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2, (20, 2))
+    base[:, 0] = 0
+    better = base.copy()
+    better[:, 0] = 1  # right on every prompt where the base fails its first seed
+    worse = np.zeros_like(base)  # fails wherever the base passes
+    one_prompt = base.copy()
+    one_prompt[5, 0] = 1  # better on one prompt of 20: a gain, but one the prompts do not support
+    results = {"base": _evaluated(base), "main": _evaluated(better), "dpo": _evaluated(base), "sft": _evaluated(worse),
+               "ipo": _evaluated(one_prompt)}
+    summary = eval_summary(results, main_variant="main")
+    assert set(summary["main"]["paired"]) == {"base", "dpo", "sft", "ipo"} and set(summary["dpo"]["paired"]) == {"base"}
+    assert summary["main"]["prompt_mean"] == pytest.approx(better.mean())
+    lines = improvement_lines(summary)
+    assert lines[0].startswith("Seed-to-seed spread of the base: ")
+    assert "paired bootstrap 95% interval" in lines[1] and "10000 draws of the 20 prompts" in lines[1]
+    main_line = next(line for line in lines if line.startswith("- main vs base:"))
+    assert main_line.endswith("better than the base: interval above zero")
+    assert "- dpo vs base: prompt-weighted +0.0 [+0.0, +0.0] points, category mean +0.0 [+0.0, +0.0]: " \
+           "not shown: interval contains zero" in lines
+    ipo = next(line for line in lines if line.startswith("- ipo vs base:"))
+    assert ipo.startswith("- ipo vs base: prompt-weighted +2.5 [+0.0, ") and ipo.endswith("not shown: interval contains zero")
+    assert next(line for line in lines if line.startswith("- main vs dpo:")).endswith("better than dpo: interval above zero")
+    assert next(line for line in lines if line.startswith("- sft vs base:")).endswith("worse than the base: interval below zero")
+    write_report(tmp_path, {"eval": summary, "seconds": {"train": 1.0}})
     text = (tmp_path / "report.md").read_text()
-    assert "| rankdpo | **60.0** | 58.0, 62.0 | 60.0 |" in text and "better than the base by more" in text
-    assert json.loads((tmp_path / "report.json").read_text())["eval"]["base"]["seed_scores"] == [0.45, 0.55]
+    row = next(line for line in text.splitlines() if line.startswith("| main |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"**{100 * results['main'].overall:.1f}**" and cells[2] == f"{100 * better.mean():.1f}"
+    assert main_line in text
+    saved = json.loads((tmp_path / "report.json").read_text())["eval"]
+    assert saved["main"]["paired"]["base"]["prompt_mean"]["low"] > 0
 
 
-def test_no_base_or_no_seed_scores_gives_no_verdict():
-    assert improvement_lines({"rankdpo": _result(0.6, [0.6])}) == []
+def test_no_base_or_no_seed_scores_gives_no_verdict_and_no_interval_is_not_shown():
+    one = {"overall": 0.6, "per_category": {"colors": 0.6}, "seed_scores": [0.6], "seed_spread": 0.0}
+    assert improvement_lines({"rankdpo": one}) == []
     assert improvement_lines({"base": {"overall": 0.5, "per_category": {}}}) == []
+    lines = improvement_lines({"base": {**one, "overall": 0.5}, "rankdpo": one})  # a report without samples
+    assert lines[-1] == "- rankdpo vs base: +10.0 points (no paired interval: not shown)"
 
 
 def test_training_curves_plot_every_run_and_the_report_links_them(tmp_path):

@@ -8,7 +8,13 @@
 callable; image i must depend only on (captions[i], seeds[i]) so that results do not depend on
 batching. Scores follow GenEval: an image is correct if the verifier accepts it, a category's
 accuracy is the mean over its images, and `overall` is the unweighted mean of the six category
-accuracies (categories have very different prompt counts).
+accuracies (the "category mean"; v1's categories hold 1 to 240 held-out prompts, so one prompt can
+carry a sixth of it). `prompt_mean()` weighs every prompt equally (each prompt's mean over its seeds).
+
+Two models evaluated on the same prompts and seeds are compared with `paired_bootstrap`: a 95%
+interval of the difference, resampling prompts and, within each drawn prompt, its seeds, with a fixed
+bootstrap seed so that it reproduces. `verdict` turns it into "better than X: interval above zero" or
+"not shown" -- the rule `fastpref run`'s report and the demo use.
 
 Prompts: world.eval_prompts() (held out from pretraining captions), at most
 `max_prompts_per_category` per category picked evenly through each category's list (fixed, so
@@ -67,7 +73,19 @@ class MiniGenEvalResult:
         data.pop("images")
         data["seed_scores"] = self.seed_scores()
         data["seed_spread"] = self.seed_spread()
+        data["prompt_mean"] = self.prompt_mean()
         return data
+
+    def prompt_outcomes(self) -> dict[str, dict[int, bool]]:
+        """caption -> {seed: passed}, prompts in evaluation order."""
+        outcomes: dict[str, dict[int, bool]] = {}
+        for sample in self.samples:
+            outcomes.setdefault(sample.caption, {})[sample.seed] = sample.passed
+        return outcomes
+
+    def prompt_mean(self) -> float:
+        """Every prompt weighted equally: the mean over prompts of each prompt's accuracy over its seeds."""
+        return float(np.mean([np.mean(list(seeds.values())) for seeds in self.prompt_outcomes().values()]))
 
     def seed_scores(self) -> list[float]:
         """`overall` recomputed on each seed alone (seed s = the s-th seed of every prompt).
@@ -103,6 +121,132 @@ class MiniGenEvalResult:
                     raise ValueError("MiniGenEvalResult: images were not kept (keep_images=False)")
                 return self.images[i]
         raise KeyError(f"MiniGenEvalResult: no sample for caption {caption!r} with seed {seed}")
+
+
+@dataclass(frozen=True)
+class PairedInterval:
+    """A paired bootstrap interval of `statistic`(model a) - `statistic`(model b), in [-1, 1] units."""
+
+    statistic: str  # "prompt_mean" or "category_mean"
+    difference: float  # on the evaluated prompts and seeds themselves
+    low: float
+    high: float
+    level: float
+    n_boot: int
+    seed: int
+    num_prompts: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+STATISTICS = ("prompt_mean", "category_mean")
+
+
+def bootstrap_difference(
+    a: Sequence[Sequence[float]],
+    b: Sequence[Sequence[float]],
+    categories: Sequence[str] | None = None,
+    n_boot: int = 10000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PairedInterval:
+    """Paired bootstrap interval of the difference of two models' mean accuracy on the same prompts.
+
+    a[p][s] and b[p][s] are the outcomes (0/1 or scores) of prompt p at its s-th seed, the same seeds
+    for both models; prompts may have different numbers of seeds. Each bootstrap draw resamples the
+    prompts with replacement and then, within each drawn prompt, its seeds with replacement (a
+    two-stage bootstrap: prompts are the population a claim is about, seeds the noise within a prompt),
+    and takes the same draws for both models, so what is resampled is the per-image difference.
+    Statistic: the mean over prompts of each prompt's mean (categories None), or with `categories`
+    (one per prompt) the unweighted mean over categories of that within each category, prompts then
+    resampled within their category. Percentile interval at `level`; fixed `seed` so it reproduces."""
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f"bootstrap_difference: a and b need the same, non-zero number of prompts, "
+                         f"got {len(a)} and {len(b)}")
+    if n_boot < 1:
+        raise ValueError(f"bootstrap_difference: n_boot={n_boot} must be >= 1")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"bootstrap_difference: level={level} must be in (0, 1)")
+    seeds = np.array([len(x) for x in a])
+    for p, (x, y) in enumerate(zip(a, b)):
+        if len(x) != len(y) or not len(x):
+            raise ValueError(f"bootstrap_difference: prompt {p} has {len(x)} and {len(y)} outcomes; paired "
+                             "outcomes need the same, non-zero number of seeds")
+    width = int(seeds.max())
+    diff = np.zeros((len(a), width))
+    for p, (x, y) in enumerate(zip(a, b)):
+        diff[p, : seeds[p]] = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    if categories is None:
+        strata = [np.arange(len(a))]
+        statistic = "prompt_mean"
+    else:
+        if len(categories) != len(a):
+            raise ValueError(f"bootstrap_difference: {len(categories)} categories for {len(a)} prompts")
+        names = list(dict.fromkeys(categories))
+        strata = [np.flatnonzero(np.asarray(categories, dtype=object) == name) for name in names]
+        statistic = "category_mean"
+    order = np.concatenate(strata)
+
+    def stat(prompt_means: np.ndarray) -> np.ndarray:  # (..., P) in `order`'s layout -> (...)
+        bounds = np.cumsum([0] + [len(s) for s in strata])
+        return np.mean([prompt_means[..., lo:hi].mean(-1) for lo, hi in zip(bounds[:-1], bounds[1:])], axis=0)
+
+    observed = float(stat((diff.sum(1) / seeds)[order]))
+    rng = np.random.default_rng(seed)
+    draws = np.empty(n_boot)
+    chunk = max(1, 4_000_000 // (len(a) * width))  # bounds the (chunk, P, seeds) temporaries
+    columns = np.arange(width)
+    for start in range(0, n_boot, chunk):
+        count = min(chunk, n_boot - start)
+        prompts = np.concatenate([s[rng.integers(0, len(s), (count, len(s)))] for s in strata], axis=1)
+        n = seeds[prompts][..., None]  # (count, P, 1)
+        picks = np.minimum((rng.random((count, len(a), width)) * n).astype(np.int64), n - 1)
+        values = np.where(columns < n, diff[prompts[..., None], picks], 0.0)
+        draws[start : start + count] = stat(values.sum(-1) / n[..., 0])
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(draws, [tail, 1.0 - tail])
+    return PairedInterval(statistic, observed, float(low), float(high), level, n_boot, seed, len(a))
+
+
+def paired_bootstrap(
+    a: MiniGenEvalResult,
+    b: MiniGenEvalResult,
+    statistic: str = "prompt_mean",
+    n_boot: int = 10000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PairedInterval:
+    """bootstrap_difference of model a minus model b, evaluated on the same (prompt, seed) images;
+    `statistic` "prompt_mean" (prompt_mean()) or "category_mean" (`overall`)."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"paired_bootstrap: statistic={statistic!r} is not one of {STATISTICS}")
+    ours, theirs = a.prompt_outcomes(), b.prompt_outcomes()
+    keys_a = {(c, s) for c, seeds in ours.items() for s in seeds}
+    keys_b = {(c, s) for c, seeds in theirs.items() for s in seeds}
+    if keys_a != keys_b:
+        only = sorted(keys_a - keys_b)[:1] or sorted(keys_b - keys_a)[:1]
+        side = "first" if keys_a - keys_b else "second"
+        raise ValueError(f"paired_bootstrap: the two results were not evaluated on the same prompts and seeds "
+                         f"({len(keys_a ^ keys_b)} (caption, seed) pairs differ, e.g. {only[0]} only in the {side})")
+    captions = list(ours)
+    category = {s.caption: s.category for s in a.samples}
+    return bootstrap_difference(
+        [[ours[c][s] for s in sorted(ours[c])] for c in captions],
+        [[theirs[c][s] for s in sorted(ours[c])] for c in captions],
+        categories=[category[c] for c in captions] if statistic == "category_mean" else None,
+        n_boot=n_boot, seed=seed, level=level,
+    )
+
+
+def verdict(interval: PairedInterval | dict[str, Any], other: str = "the base") -> str:
+    """The claim an interval supports: better / worse than `other`, or "not shown" if it contains zero."""
+    low, high = (interval["low"], interval["high"]) if isinstance(interval, dict) else (interval.low, interval.high)
+    if low > 0.0:
+        return f"better than {other}: interval above zero"
+    if high < 0.0:
+        return f"worse than {other}: interval below zero"
+    return "not shown: interval contains zero"
 
 
 def select_prompts(max_prompts_per_category: int | None = 12) -> list[world.PromptSpec]:
@@ -331,8 +475,17 @@ def cli(argv: list[str] | None = None) -> int:
         result.save(args.out / f"{name}.json")
         results[name] = result
         scores = ", ".join(f"{c} {100 * a:.1f}" for c, a in result.per_category.items())
-        print(f"{name}: overall {100 * result.overall:.1f}% ({scores}); {result.num_images} images, {result.seconds:.1f} s")
-    summary = {name: {"overall": r.overall, "per_category": r.per_category} for name, r in results.items()}
+        print(f"{name}: overall {100 * result.overall:.1f}%, prompt-weighted {100 * result.prompt_mean():.1f}% "
+              f"({scores}); {result.num_images} images, {result.seconds:.1f} s")
+    summary = {name: {"overall": r.overall, "prompt_mean": r.prompt_mean(), "per_category": r.per_category}
+               for name, r in results.items()}
+    first = next(iter(results))
+    for name, result in list(results.items())[1:]:  # same prompts and seeds: paired against the first model
+        intervals = {statistic: paired_bootstrap(result, results[first], statistic) for statistic in STATISTICS}
+        summary[name]["paired"] = {first: {k: v.to_json() for k, v in intervals.items()}}
+        iv = intervals["prompt_mean"]
+        print(f"{name} - {first}: prompt-weighted {100 * iv.difference:+.1f} [{100 * iv.low:+.1f}, "
+              f"{100 * iv.high:+.1f}] (paired bootstrap {100 * iv.level:.0f}%): {verdict(iv, first)}")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     grid = save_comparison_grid(results, args.out / "grid.png", per_category=args.grid_per_category)
     print(f"wrote {args.out / 'summary.json'} and {grid}")

@@ -132,6 +132,7 @@ def test_cli_writes_json_and_grid(tmp_path):
     assert data["settings"]["prompts_per_category"]["position"] == 3
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world"]["overall"] == pytest.approx(1.0)
+    assert summary["world"]["prompt_mean"] == pytest.approx(1.0)
     from PIL import Image
 
     grid = Image.open(out / "grid.png")
@@ -194,3 +195,119 @@ def test_seed_scores_split_by_seed_and_give_the_spread():
     assert saved["seed_scores"] == scores and saved["seed_spread"] == result.seed_spread()
     single = minigeneval.evaluate(minigeneval.world_generate, seeds_per_prompt=1, min_images_per_category=0)
     assert single.seed_spread() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics: prompt-weighted mean and the paired bootstrap
+
+
+def _result_of(outcomes, categories=None, seed_offset=0):
+    """A MiniGenEvalResult from hand-made outcomes: outcomes[p][s] for prompt p at seed s."""
+    samples = [minigeneval.Sample(f"prompt {p}", categories[p] if categories else "colors", seed_offset + s, bool(x), {})
+               for p, row in enumerate(outcomes) for s, x in enumerate(row)]
+    per_category = {}
+    for sample in samples:
+        per_category.setdefault(sample.category, []).append(sample.passed)
+    per_category = {c: float(np.mean(v)) for c, v in per_category.items()}
+    return minigeneval.MiniGenEvalResult(float(np.mean(list(per_category.values()))), per_category, len(samples),
+                                         {"seeds_per_prompt": 1, "seed_offset": seed_offset}, samples)
+
+
+def test_prompt_mean_weighs_every_prompt_equally():
+    # one prompt in "single_object" (all pass), three in "position" (all fail), two seeds each
+    result = _result_of([[1, 1], [0, 0], [0, 0], [0, 0]], ["single_object"] + ["position"] * 3)
+    assert result.overall == pytest.approx(0.5)  # category mean: (1 + 0) / 2
+    assert result.prompt_mean() == pytest.approx(0.25)  # 1 of 4 prompts
+    assert result.to_json()["prompt_mean"] == pytest.approx(0.25)
+
+
+def test_identical_models_give_an_interval_of_exactly_zero():
+    rng = np.random.default_rng(0)
+    outcomes = rng.integers(0, 2, (40, 3))
+    interval = minigeneval.bootstrap_difference(outcomes, outcomes)
+    assert (interval.difference, interval.low, interval.high) == (0.0, 0.0, 0.0)
+    assert minigeneval.verdict(interval) == "not shown: interval contains zero"
+
+
+def test_a_model_right_where_the_other_is_wrong_everywhere_gives_exactly_one():
+    interval = minigeneval.bootstrap_difference(np.ones((12, 2)), np.zeros((12, 2)))
+    assert (interval.difference, interval.low, interval.high) == (1.0, 1.0, 1.0)
+    assert minigeneval.verdict(interval, "dpo") == "better than dpo: interval above zero"
+    worse = minigeneval.bootstrap_difference(np.zeros((12, 2)), np.ones((12, 2)))
+    assert minigeneval.verdict(worse) == "worse than the base: interval below zero"
+
+
+def test_better_on_every_prompt_but_noisy_is_above_zero_and_a_coin_flip_is_not():
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2, (30, 4))
+    base[:, 0] = 0  # every prompt fails at least once ...
+    better = base.copy()
+    for p in range(30):  # ... and the better model turns exactly one failure of each prompt into a pass
+        better[p, rng.choice(np.flatnonzero(base[p] == 0))] = 1
+    assert (better.mean(1) > base.mean(1)).all()
+    assert minigeneval.bootstrap_difference(better, base).low > 0.0
+    coin = rng.integers(0, 2, (30, 4))
+    interval = minigeneval.bootstrap_difference(coin, rng.integers(0, 2, (30, 4)))
+    assert interval.low < 0.0 < interval.high
+
+
+def test_prompt_resampling_matches_the_normal_standard_error():
+    """One seed per prompt: the bootstrap of a mean is close to +-1.96 standard errors (known answer)."""
+    rng = np.random.default_rng(2)
+    d = rng.normal(0.1, 1.0, 900)
+    interval = minigeneval.bootstrap_difference(d[:, None], np.zeros((900, 1)))
+    se = d.std() / np.sqrt(len(d))
+    assert interval.difference == pytest.approx(d.mean())
+    assert interval.low == pytest.approx(d.mean() - 1.96 * se, abs=0.1 * se)
+    assert interval.high == pytest.approx(d.mean() + 1.96 * se, abs=0.1 * se)
+
+
+def test_seeds_are_redrawn_within_each_prompt():
+    # every prompt's mean difference is 0.5 (one of two seeds flips): resampling prompts alone would
+    # give [0.5, 0.5]; redrawing the seeds within each prompt spreads it (binomial: sd 0.5 / sqrt(2 P))
+    a, b = np.tile([1, 0], (50, 1)), np.zeros((50, 2))
+    interval = minigeneval.bootstrap_difference(a, b)
+    sd = 0.5 / np.sqrt(2 * 50)
+    assert interval.difference == 0.5
+    assert interval.low == pytest.approx(0.5 - 1.96 * sd, abs=0.15 * sd)
+    assert interval.high == pytest.approx(0.5 + 1.96 * sd, abs=0.15 * sd)
+
+
+def test_bootstrap_reproduces_with_its_seed_and_handles_ragged_seed_counts():
+    rng = np.random.default_rng(3)
+    a = [rng.integers(0, 2, n) for n in (12, 2, 2, 3, 2, 2)]
+    b = [rng.integers(0, 2, n) for n in (12, 2, 2, 3, 2, 2)]
+    first, again = minigeneval.bootstrap_difference(a, b, seed=5), minigeneval.bootstrap_difference(a, b, seed=5)
+    assert first == again
+    assert minigeneval.bootstrap_difference(a, b, seed=6) != first
+    assert first.difference == pytest.approx(np.mean([x.mean() - y.mean() for x, y in zip(a, b)]))
+    with pytest.raises(ValueError, match="prompt 1"):
+        minigeneval.bootstrap_difference(a, [b[0], b[1][:1], *b[2:]])
+
+
+def test_paired_bootstrap_of_results_matches_their_means_and_checks_pairing():
+    rng = np.random.default_rng(4)
+    categories = ["single_object"] + ["colors"] * 4 + ["position"] * 10
+    a = _result_of(rng.integers(0, 2, (15, 3)), categories)
+    b = _result_of(rng.integers(0, 2, (15, 3)), categories)
+    by_prompt = minigeneval.paired_bootstrap(a, b, "prompt_mean")
+    by_category = minigeneval.paired_bootstrap(a, b, "category_mean")
+    assert by_prompt.difference == pytest.approx(a.prompt_mean() - b.prompt_mean())
+    assert by_category.difference == pytest.approx(a.overall - b.overall)
+    assert by_category.low <= by_category.difference <= by_category.high
+    with pytest.raises(ValueError, match="statistic"):
+        minigeneval.paired_bootstrap(a, b, "overall")
+    shifted = _result_of(rng.integers(0, 2, (15, 3)), categories, seed_offset=1)
+    with pytest.raises(ValueError, match=r"same prompts and seeds .*prompt 0"):
+        minigeneval.paired_bootstrap(a, shifted)
+
+
+def test_cli_pairs_every_model_with_the_first(tmp_path, monkeypatch):
+    out = tmp_path / "mge"
+    wrong = minigeneval.DiffusersGenerate  # "--model x" is loaded with from_pretrained: make it the wrong renderer
+    monkeypatch.setattr(wrong, "from_pretrained", classmethod(lambda cls, *a, **k: _wrong_spec_generate))
+    args = ["--model", "world", "--model", "wrong", "--out", str(out), "--seeds", "1", "--max-prompts-per-category", "2"]
+    assert minigeneval.cli(args) == 0
+    paired = json.loads((out / "summary.json").read_text())["wrong"]["paired"]["world"]
+    assert paired["prompt_mean"]["difference"] == pytest.approx(-1.0) and paired["prompt_mean"]["high"] < 0
+    assert paired["category_mean"]["difference"] == pytest.approx(-1.0)
