@@ -12,8 +12,22 @@ shards. Big per-group tensors are one .npy per group (what DALI's numpy reader s
                   sample_errors_reference, unweighted: a trainer's per-sample weight w_i multiplies it) at the
                   (t, eps) of fastpref.data.noise for epochs 0..E-1 (on the mirrored latents where draw_flips says so)
 
-e_ref is computed from the stored (rounded) latents and conditioning, so it is what the trainer's reference
-forward would give on the streamed batch, up to the rounding of the compute dtype and batch size.
+    empty_cond.<key>.npy          caption_dropout > 0: the empty caption's conditioning (same in every shard)
+    image_cond.time_ids/gNNNNNNNN.npy  (K, 6) float32, SDXL with recorded image sizes (the importer's original_size /
+                                 crop_top_left): per-image time_ids, replacing the prompt's cond.time_ids
+
+e_ref is computed from the stored (rounded) latents and conditioning exactly as the training step computes the
+policy's error: the denoiser's weights in `dtype` (= train.model.dtype), under the autocast of `mixed_precision` (=
+train.speed.mixed_precision), float32 latents / noise / targets, the conditioning cast to the weights' dtype, the
+empty caption where the group's caption-dropout draw says so (fastpref.data.noise.draw_caption_dropout). The plan
+records that recipe as reference_recipe (reference_recipe()), which the trainer compares with its own before it uses
+the cached e_ref (a cache made before the record, or with mixed_precision: no, reads as the legacy recipe: weights
+and inputs in `dtype`, no autocast). What is left between cached and live e_ref is the batch composition's rounding.
+
+VAE precision: the images are encoded by `vae` (an AutoencoderKL folder or hub id, e.g. the fp16-fix SDXL VAE)
+when set, else the model's; a VAE whose config sets force_upcast (SDXL's, SD3's) encodes in float32 whatever
+`dtype` is, as diffusers does (the cache runs once). A shard whose latents (or conditioning, or e_ref) hold a NaN /
+inf, after rounding to store_dtype, is refused, naming it.
 
 Flow-matching families (sd3) draw e_ref's timesteps through the model scheduler's shift and the `flow_timesteps`
 section (fastpref.models.bundle.FlowTimestepsConfig). The plan (and so the manifest) records what those draws were
@@ -27,13 +41,14 @@ matching record nothing (uniform DDPM steps) and refuse a non-default flow_times
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from fastpref.config import ConfigError
-from fastpref.data.noise import draw_flips, draw_timesteps_and_noise
+from fastpref.data.noise import draw_caption_dropout, draw_flips, draw_timesteps_and_noise
 from fastpref.data.shards import Manifest, ShardError, StageDir, run_worker_stage, stage_config
 from fastpref.data.synth import image_seed, load_bundle, resolve_device
 from fastpref.models.bundle import (FLOW_FAMILIES, LEGACY_FLOW_TIMESTEPS, FlowTimestepsConfig, flow_timestep_record,
@@ -53,7 +68,15 @@ class CacheConfig:
     family: Literal["sd", "sdxl", "sd3"]
     model: str  # the reference model (= the policy's starting point): local folder, hub id or toy name
     output: str | None = None  # dataset root to write cache/ into; default: input
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # compute dtype
+    # dtype of the weights (denoiser, text encoders; the VAE too unless force_upcast): e_ref's denoiser must hold the
+    # trained denoiser's weights dtype (train.model.dtype) for the trainer to use the cached e_ref
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # autocast of e_ref's denoiser forward (= train.speed.mixed_precision)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    vae: str | None = None  # encode with this AutoencoderKL (folder or hub id) instead of the model's
+    # probability that a group trains on the empty caption in an epoch (Diffusion-DPO: 0.2); drawn per (seed, epoch,
+    # group) by fastpref.data.noise, applied by the dataset's stream and by e_ref alike
+    caption_dropout: float = 0.0
     store_dtype: Literal["float32", "float16"] = "float16"  # on-disk dtype of latents and conditioning
     flip: bool = False  # also cache latents of the horizontally flipped images
     seed: int = 0  # seeds the VAE posterior samples (per image)
@@ -71,12 +94,54 @@ class CacheConfig:
     def validate(self) -> None:
         if self.batch_size < 1 or self.reference_errors.epochs < 0:
             raise ConfigError("batch_size must be >= 1 and reference_errors.epochs >= 0")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"caption_dropout: must be in [0, 1), got {self.caption_dropout}")
         self.flow_timesteps.check_family(self.family)
 
 
 RUNTIME_FIELDS = ("input", "output", "device", "shard_index", "num_workers", "overwrite", "progress", "batch_size")
 # in the plan as its effect, the flow_timesteps_drawn record (see the module docstring), not as the section
 PLAN_RECORDED_FIELDS = ("flow_timesteps",)
+# in the plan only when set away from their defaults, so that caches made before they existed keep their plans
+PLAN_FIELDS_AT_DEFAULT_OMITTED = {"mixed_precision": "no", "vae": None, "caption_dropout": 0.0}
+FLOAT_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+AUTOCAST_NAMES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def reference_recipe(weights: str, mixed_precision: str = "no", fp8: bool = False) -> dict[str, Any]:
+    """How a per-sample error is computed, as the cache manifest records it and the trainer compares it: the
+    denoiser's weights dtype, the autocast, the dtype of the latents / noise / target fed to it (the training step
+    feeds float32; the legacy cache rounded them to its weights' dtype when it ran without autocast)."""
+    inputs = "float32" if weights == "float32" or mixed_precision != "no" else weights
+    recipe: dict[str, Any] = {"weights": weights, "autocast": mixed_precision, "inputs": inputs}
+    if fp8:
+        recipe["fp8"] = True
+    return recipe
+
+
+def cached_reference_recipe(cache_config: dict) -> dict[str, Any]:
+    """The reference_recipe a cache's e_ref was computed with: its manifest's record, else (caches made before it,
+    and every cache without autocast) its dtype's legacy recipe."""
+    if "reference_recipe" in cache_config:
+        return dict(cache_config["reference_recipe"])
+    return reference_recipe(cache_config.get("dtype", "float32"))
+
+
+def describe_recipe(recipe: dict[str, Any]) -> str:
+    compute = "fp8" if recipe.get("fp8") else AUTOCAST_NAMES.get(recipe["autocast"], recipe["weights"])
+    details = []
+    if recipe["autocast"] != "no":
+        details.append(f"{recipe['weights']} weights under {recipe['autocast']} autocast")
+    if recipe["inputs"] != "float32":
+        details.append(f"latents, noise and targets rounded to {recipe['inputs']}")
+    return f"in {compute}" + (f" ({'; '.join(details)})" if details else "")
+
+
+def reference_recipe_gap(cached: dict[str, Any], training: dict[str, Any]) -> str | None:
+    """Why cached e_ref would not equal the training step's reference errors (None: same recipe)."""
+    if cached == training:
+        return None
+    return f"cached reference errors were computed {describe_recipe(cached)}, training runs {describe_recipe(training)}"
 
 
 def planned_flow_timesteps(config: CacheConfig, bundle=None) -> dict | None:
@@ -115,10 +180,30 @@ class _Encoder:
     """Runs the bundle in no-grad batches and rounds outputs to the storage dtype."""
 
     def __init__(self, bundle, config: CacheConfig):
+        from fastpref.train.speed import autocast
+
         self.torch = require("torch")
         self.bundle = bundle
         self.config = config
         self.store = np.float16 if config.store_dtype == "float16" else np.float32
+        self.recipe = reference_recipe(config.dtype, config.mixed_precision)
+        self.autocast = lambda: autocast(bundle.device, config.mixed_precision)  # a fresh context per use
+        self.vae = self._vae()
+
+    def _vae(self):
+        """The VAE that encodes: the override when set, upcast to float32 when its config says force_upcast (the
+        bundle's own is copied first, so a given bundle is left as it was)."""
+        torch, bundle, config = self.torch, self.bundle, self.config
+        if config.vae:
+            from fastpref.models import resolve_path
+            from fastpref.models.bundle import load_vae
+
+            vae = load_vae(resolve_path(config.vae), getattr(torch, config.dtype)).to(bundle.device).eval()
+        else:
+            vae = bundle.vae
+        if getattr(vae.config, "force_upcast", False) and vae.dtype != torch.float32:
+            vae = (copy.deepcopy(vae) if vae is bundle.vae else vae).to(torch.float32)
+        return vae
 
     def latents(self, images: np.ndarray, group_ids: list[int], flip: bool) -> np.ndarray:
         """(G, K, S, S, 3) uint8 -> (G, K, C, h, w) stored latents; each image has its own posterior seed."""
@@ -134,7 +219,7 @@ class _Encoder:
                 pixels = pixels.flip(-1)
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + len(pixels)]]
             with torch.no_grad():
-                out.append(bundle.encode_images(pixels, generator=generators).float().cpu().numpy())
+                out.append(bundle.encode_images(pixels, generator=generators, vae=self.vae).float().cpu().numpy())
         latents = np.concatenate(out).astype(self.store)
         return latents.reshape(groups, k, *latents.shape[1:])
 
@@ -147,10 +232,21 @@ class _Encoder:
                 chunks.setdefault(key, []).append(value.float().cpu().numpy())
         return {key: np.concatenate(parts).astype(self.store) for key, parts in chunks.items()}
 
+    def image_conditioning(self, groups: list[dict], image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+        """{"time_ids": (G, K, 6) float32} for SDXL when every image records its source size and crop (imported
+        data), else {} (the prompt's full-resolution time_ids stay)."""
+        images = [image for group in groups for image in group["images"]]
+        if self.bundle.family != "sdxl" or not images or not all("original_size" in im for im in images):
+            return {}
+        ids = self.bundle.image_time_ids([im["original_size"] for im in images],
+                                         [im.get("crop_top_left", (0, 0)) for im in images], image_size)
+        return {"time_ids": ids.float().cpu().numpy().reshape(len(groups), -1, ids.shape[-1])}
+
     def reference_errors(
-        self, latents: np.ndarray, latents_flip: np.ndarray | None, cond: dict[str, np.ndarray], group_ids: list[int]
+        self, latents: np.ndarray, latents_flip: np.ndarray | None, cond: dict[str, np.ndarray], group_ids: list[int],
+        image_cond: dict[str, np.ndarray] | None = None, empty_cond: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray:
-        """(G, E, K) e_ref at the training draws of fastpref.data.noise."""
+        """(G, E, K) e_ref at the training draws of fastpref.data.noise (flip, caption dropout, t, eps)."""
         torch, bundle, cfg = self.torch, self.bundle, self.config
         groups, k = latents.shape[:2]
         errors = np.zeros((groups, cfg.reference_errors.epochs, k), dtype=np.float32)
@@ -165,28 +261,67 @@ class _Encoder:
                     mirrored = torch.from_numpy(latents_flip[rows].astype(np.float32))
                     x0 = torch.where(flips[:, None, None, None, None], mirrored, x0)
                 draw = draw_timesteps_and_noise(cfg.reference_errors.seed, epoch, ids, tuple(x0.shape[2:]), bundle)
-                e = self.errors_at(x0, draw.timesteps, draw.noise, {key: value[rows] for key, value in cond.items()})
+                batch_cond = {key: value[rows] for key, value in cond.items()}
+                if cfg.caption_dropout > 0:
+                    dropped = draw_caption_dropout(cfg.reference_errors.seed, epoch, ids, cfg.caption_dropout).numpy()
+                    batch_cond = {key: np.where(dropped.reshape(-1, *[1] * (value.ndim - 1)), empty_cond[key][None],
+                                                value) for key, value in batch_cond.items()}
+                batch_images = {key: value[rows] for key, value in (image_cond or {}).items()}
+                e = self.errors_at(x0, draw.timesteps, draw.noise, batch_cond, batch_images)
                 errors[rows, epoch] = e.reshape(len(ids), k).numpy()
         return errors
 
-    def errors_at(self, x0, timesteps, noise, cond: dict[str, np.ndarray]):
-        """Per-sample reference errors (G*K,) for groups of latents x0 (G, K, ...) under per-group (t, eps)."""
+    def errors_at(self, x0, timesteps, noise, cond: dict[str, np.ndarray], image_cond: dict[str, np.ndarray] = None):
+        """Per-sample reference errors (G*K,) for groups of latents x0 (G, K, ...) under per-group (t, eps), computed
+        as fastpref.train.step.TrainStep computes the policy's: float32 latents, noise and target (rounded to the
+        weights' dtype only by the legacy no-autocast 16-bit recipe), conditioning in the weights' dtype, the
+        denoiser under the recipe's autocast, the error accumulated in float32."""
         from fastpref.ops.reference import sample_errors_reference
 
         torch, bundle = self.torch, self.bundle
         groups, k = x0.shape[:2]
         dtype, device = bundle.dtype, bundle.device
-        x0 = x0.reshape(groups * k, *x0.shape[2:]).to(device, dtype)
-        eps = noise.repeat_interleave(k, dim=0).to(device, dtype)
+        inputs = getattr(torch, self.recipe["inputs"])
+        x0 = x0.reshape(groups * k, *x0.shape[2:]).to(device, inputs)
+        eps = noise.repeat_interleave(k, dim=0).to(device, inputs)
         t = timesteps.repeat_interleave(k, dim=0).to(device)
-        cond_rows = {
-            key: torch.from_numpy(value.astype(np.float32)).repeat_interleave(k, 0).to(device, dtype)
-            for key, value in cond.items()
-        }
+        cond_rows = {key: torch.from_numpy(np.ascontiguousarray(value)).repeat_interleave(k, 0).to(device, dtype)
+                     for key, value in cond.items()}
+        for key, value in (image_cond or {}).items():
+            cond_rows[key] = torch.from_numpy(np.ascontiguousarray(value)).flatten(0, 1).to(device, dtype)
         with torch.no_grad():
-            pred = bundle.denoise(bundle.add_noise(x0, eps, t), t, cond_rows)
-            errors, _ = sample_errors_reference(pred, bundle.target(x0, eps, t))
+            noisy, target = bundle.add_noise(x0, eps, t), bundle.target(x0, eps, t)
+            with self.autocast():
+                pred = bundle.denoise(noisy, t, cond_rows)
+            errors, _ = sample_errors_reference(pred, target)
         return errors.float().cpu()
+
+
+def check_finite(arrays: dict[str, np.ndarray], group_ids: list[int], where: str) -> None:
+    """ShardError naming the shard, the field and the first groups when a stored array holds a NaN / inf."""
+    for name, array in arrays.items():
+        bad = ~np.isfinite(np.asarray(array, dtype=np.float32).reshape(len(group_ids), -1)).all(axis=1)
+        if bad.any():
+            groups = [group_ids[i] for i in np.flatnonzero(bad)[:5]]
+            raise ShardError(
+                f"{where}: non-finite {name} (NaN / inf after rounding to the stored dtype) in {int(bad.sum())} "
+                f"group(s), e.g. group ids {groups}; nothing of this shard was written. An SDXL VAE in float16 "
+                "overflows: leave its force_upcast on (float32 encoding) or set cache.vae to an fp16-safe VAE "
+                "(madebyollin/sdxl-vae-fp16-fix)")
+
+
+def plan_of(config: CacheConfig, drawn: dict | None) -> dict:
+    """What the cache's output depends on (its manifest's config): see the module docstring for the records."""
+    plan = stage_config(config, RUNTIME_FIELDS + PLAN_RECORDED_FIELDS)
+    for name, default in PLAN_FIELDS_AT_DEFAULT_OMITTED.items():
+        if plan.get(name) == default:
+            del plan[name]
+    if drawn is not None and drawn != LEGACY_FLOW_TIMESTEPS:
+        plan["flow_timesteps_drawn"] = drawn
+    recipe = reference_recipe(config.dtype, config.mixed_precision)
+    if config.reference_errors.epochs > 0 and recipe != reference_recipe(config.dtype):
+        plan["reference_recipe"] = recipe
+    return plan
 
 
 def run_cache(config: CacheConfig, bundle=None) -> Manifest | None:
@@ -197,6 +332,7 @@ def run_cache(config: CacheConfig, bundle=None) -> Manifest | None:
     fingerprint = synth.fingerprint + (f"+{label.fingerprint}" if label is not None else "")
 
     drawn = planned_flow_timesteps(config, bundle)
+    stage = StageDir(config.output or config.input, "cache")
 
     def load() -> _Encoder:
         model = bundle or load_bundle(config.family, config.model, config.dtype, resolve_device(config.device))
@@ -210,25 +346,39 @@ def run_cache(config: CacheConfig, bundle=None) -> Manifest | None:
         groups = synth.load_json(index, "groups.json")
         group_ids = [g["index"] for g in groups]
         images = synth.load(index, "images.npy")
+        where = f"cache shard {index} ({stage.shard_dir(index)})"
         latents = encoder.latents(images, group_ids, flip=False)
         latents_flip = encoder.latents(images, group_ids, flip=True) if config.flip else None
         cond = encoder.conditioning([g["prompt"] for g in groups])
+        image_cond = encoder.image_conditioning(groups, tuple(images.shape[2:4]))
+        for key in image_cond:
+            cond.pop(key, None)  # per-image values replace the prompt's
+        empty_cond = None
+        if config.caption_dropout > 0:
+            empty_cond = {key: value[0] for key, value in encoder.conditioning([""]).items() if key in cond}
+        check_finite({"latents": latents, **({"latents_flip": latents_flip} if latents_flip is not None else {}),
+                      **{f"cond.{key}": value for key, value in cond.items()}}, group_ids, where)
+        e_ref = None
+        if config.reference_errors.epochs > 0:
+            e_ref = encoder.reference_errors(latents, latents_flip, cond, group_ids, image_cond, empty_cond)
+            check_finite({"e_ref": e_ref}, group_ids, where)
         for row, group_id in enumerate(group_ids):
             writer.save_array(group_file("latents", group_id), latents[row])
             if latents_flip is not None:
                 writer.save_array(group_file("latents_flip", group_id), latents_flip[row])
             for key, value in cond.items():
                 writer.save_array(group_file(f"cond.{key}", group_id), value[row])
+            for key, value in image_cond.items():
+                writer.save_array(group_file(f"image_cond.{key}", group_id), value[row])
+        for key, value in (empty_cond or {}).items():
+            writer.save_array(f"empty_cond.{key}.npy", value)
         writer.save_array("group_ids.npy", np.asarray(group_ids, dtype=np.int64))
         if label is not None:
             writer.save_array("psi.npy", label.load(index, "psi.npy").astype(np.float32))
-        if config.reference_errors.epochs > 0:
-            writer.save_array("e_ref.npy", encoder.reference_errors(latents, latents_flip, cond, group_ids))
+        if e_ref is not None:
+            writer.save_array("e_ref.npy", e_ref)
 
-    stage = StageDir(config.output or config.input, "cache")
-    plan = stage_config(config, RUNTIME_FIELDS + PLAN_RECORDED_FIELDS)
-    if drawn is not None and drawn != LEGACY_FLOW_TIMESTEPS:
-        plan["flow_timesteps_drawn"] = drawn
+    plan = plan_of(config, drawn)
     shard_groups = [shard["num_groups"] for shard in synth.shards]
     return run_worker_stage(stage, config, plan, fingerprint, shard_groups, load, write)
 

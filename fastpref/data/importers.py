@@ -6,7 +6,9 @@ jsonl:    a .jsonl file (or a folder holding metadata.jsonl), one group per line
           {"prompt": "...", "images": ["a.png", "b.png", ...], "scores": [0.1, 0.7, ...]}
           paths relative to the file's folder; scores optional, either a list (one scorer) or {scorer: list};
           every line must have the same number of images.
-Images are center-cropped and resized to image_size. Human labels / given scores are kept in each image's
+Images are center-cropped and resized to image_size; each image's source (height, width) and the top-left of its
+crop (in the frame resized to image_size, as diffusers' SDXL DPO script computes it) are recorded as original_size /
+crop_top_left in its provenance, for SDXL's micro-conditioning (fastpref/data/cache.py). Human labels / given scores are kept in each image's
 provenance; the label stage (scores, psi, ranks, pairs) is derived from them once all synth shards exist.
 """
 
@@ -60,13 +62,26 @@ class _Group:
     origin: dict[str, Any]  # where the group came from (file, row / line)
 
 
-def decode_image(data: bytes | str | Path, size: int, where: str) -> np.ndarray:
+def decode_image(data: bytes | str | Path, size: int, where: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """(the (size, size, 3) uint8 image, its source (height, width))."""
     pil = require("PIL.Image", "importing images")
     try:
         with pil.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            return to_uint8_square(np.asarray(image.convert("RGB")), size)
+            rgb = np.asarray(image.convert("RGB"))
+            return to_uint8_square(rgb, size), (int(rgb.shape[0]), int(rgb.shape[1]))
     except (OSError, ValueError) as err:
         raise ValueError(f"{where}: cannot decode image ({err})") from None
+
+
+def center_crop_top_left(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """SDXL's crop conditioning of an image center-cropped to a square of `resolution`, as diffusers' SDXL DPO script
+    (examples/research_projects/diffusion_dpo/train_diffusion_dpo_sdxl.py) computes it: the shorter side resized to
+    `resolution` (torchvision Resize: the longer side becomes int(resolution * long / short)), then
+    y1 = max(0, round((h' - resolution) / 2)), x1 likewise. to_uint8_square crops the same central square."""
+    short = min(height, width)
+    scaled_h = resolution if height == short else int(resolution * height / short)
+    scaled_w = resolution if width == short else int(resolution * width / short)
+    return max(0, int(round((scaled_h - resolution) / 2.0))), max(0, int(round((scaled_w - resolution) / 2.0)))
 
 
 def _pickapic_index(config: ImportConfig) -> list[tuple[str, int, _Group]]:
@@ -138,21 +153,23 @@ def _jsonl_index(config: ImportConfig) -> list[tuple[str, int, _Group]]:
 
 
 def _synth_arrays(groups: list[_Group], first_index: int, config: ImportConfig):
-    images = np.stack(
-        [np.stack([decode_image(im, config.image_size, f"{g.origin} image {k}") for k, im in enumerate(g.images)])
-         for g in groups]
-    )
+    decoded = [[decode_image(im, config.image_size, f"{g.origin} image {k}") for k, im in enumerate(g.images)]
+               for g in groups]
+    images = np.stack([np.stack([image for image, _ in row]) for row in decoded])
+    # original_size / crop_top_left: SDXL's size and crop micro-conditioning of each image (the cache builds per-image
+    # time_ids from them), so an upsampled 512 px Pick-a-Pic image is not presented to the model as a 1024 px one
     meta = [
         {
             "index": first_index + i,
             "prompt_id": f"{first_index + i:08d}",
             "prompt": g.prompt,
             "images": [
-                {"source": config.format, **g.origin, "image": k, "scores": {n: v[k] for n, v in g.scores.items()}}
-                for k in range(len(g.images))
+                {"source": config.format, **g.origin, "image": k, "scores": {n: v[k] for n, v in g.scores.items()},
+                 "original_size": list(size), "crop_top_left": list(center_crop_top_left(*size, config.image_size))}
+                for k, (_, size) in enumerate(row)
             ],
         }
-        for i, g in enumerate(groups)
+        for i, (g, row) in enumerate(zip(groups, decoded))
     ]
     return images, meta
 

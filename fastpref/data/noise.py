@@ -4,7 +4,12 @@ The cache stage precomputes the reference model's error under exactly the (t, ep
 both must call these functions. Each group has its own torch.Generator, seeded from (seed, epoch, group id, what),
 which makes a group's draw independent of batch composition, rank count and device (draws are made on the CPU).
 
-Per the ops' convention, the K images of a group share one timestep and one noise tensor.
+Per the ops' convention, the K images of a group share one timestep and one noise tensor; the flip and the caption
+dropout are drawn per group too, so the K images of a prompt are always compared under the same conditioning and
+augmentation. (Diffusion-DPO's train.py flips each image of a pair independently, RandomHorizontalFlip inside its
+per-image transform; fastpref flips the whole group: a preference between an image and the mirror of its rival
+would mix the judgement with a left/right difference the labeller never saw, and the cached e_ref then needs one
+draw per group instead of one per image.)
 """
 
 from __future__ import annotations
@@ -61,3 +66,14 @@ def draw_flips(seed: int, epoch: int, group_ids) -> torch.Tensor:
     """(G,) bool: whether a group's images are used horizontally flipped this epoch (flip augmentation)."""
     flips = [bool(torch.rand((), generator=group_generator(seed, epoch, g, "flip")) < 0.5) for g in _ids(group_ids)]
     return torch.tensor(flips, dtype=torch.bool)
+
+
+def draw_caption_dropout(seed: int, epoch: int, group_ids, probability: float) -> torch.Tensor:
+    """(G,) bool: whether a group trains on the empty caption's conditioning this epoch (Diffusion-DPO's
+    proportion_empty_prompts, 0.2 in its train.py), drawn per group so that the cache's e_ref can use the same draw.
+    probability 0 draws nothing (all False)."""
+    ids = _ids(group_ids)
+    if probability <= 0:
+        return torch.zeros(len(ids), dtype=torch.bool)
+    drops = [bool(torch.rand((), generator=group_generator(seed, epoch, g, "caption")) < probability) for g in ids]
+    return torch.tensor(drops, dtype=torch.bool)

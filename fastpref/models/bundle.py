@@ -35,6 +35,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 Conditioning = dict[str, torch.Tensor]
 FLOW_WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform")
 FLOW_FAMILIES = ("sd3",)  # the families whose bundles are flow-matching (prediction_type "flow")
+# what a flow model's per-sample error is measured on (ModelBundle.error_space_weight); auto = x0 for flow models
+ERROR_SPACES = ("auto", "velocity", "x0", "eps")
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -291,12 +293,38 @@ class ModelBundle:
         # rectified flow: x_t = (1 - s) x0 + s eps, so dx_t/ds = eps - x0 (what SD3 predicts)
         return noise - latents
 
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixels in [-1, 1], (B, 3, H, W) -> the scaled latents the denoiser works on."""
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample(generator=generator)
+    def error_space_weight(self, t: torch.Tensor, error_space: str = "auto") -> torch.Tensor | None:
+        """The per-sample weight that turns the error against `target` into the error in `error_space` (None: 1).
+
+        Flow models predict the velocity v = eps - x0 at x_t = (1 - s) x0 + s eps (s = t / T). The x0 a prediction
+        v' implies is x_t - s v', the eps is x_t + (1 - s) v', so per sample
+            x0 error = s^2 * velocity error,   eps error = (1 - s)^2 * velocity error    (exactly).
+        "auto" is "x0": diffusers' SD3 training scripts (examples/dreambooth/train_dreambooth_sd3.py and
+        train_dreambooth_lora_sd3.py, `--precondition_outputs` default 1) train the preconditioned output
+        model_pred * (-sigmas) + noisy_model_input against the latents (their loss weighting is 1 under logit_normal). eps / v-prediction models have one error space, their target's: "auto" only.
+        """
+        if error_space not in ERROR_SPACES:
+            raise ValueError(f"error_space {error_space!r} is not one of {ERROR_SPACES}")
+        if self.prediction_type != "flow":
+            if error_space != "auto":
+                raise ValueError(f"error_space {error_space!r} is for flow-matching models; this "
+                                 f"{self.family or 'model'} predicts {self.prediction_type} (leave error_space: auto)")
+            return None
+        space = "x0" if error_space == "auto" else error_space
+        if space == "velocity":
+            return None
+        sigmas = t.to(torch.float32) / self.num_train_timesteps
+        return sigmas.square() if space == "x0" else (1.0 - sigmas).square()
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
+                      vae: torch.nn.Module | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1], (B, 3, H, W) -> the scaled latents the denoiser works on (with `vae` instead of the
+        bundle's when given: the cache's fp32 upcast or a recipe's VAE override)."""
+        vae = vae if vae is not None else self.vae
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator=generator)
         if self.uses_shift_factor:
-            latents = latents - self.vae.config.shift_factor
-        return latents * self.vae.config.scaling_factor
+            latents = latents - vae.config.shift_factor
+        return latents * vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Inverse of encode_images (up to the VAE's reconstruction error): pixels in about [-1, 1]."""
@@ -383,6 +411,21 @@ def load_component(cls, path: str | Path, subfolder: str, dtype: torch.dtype | N
         return cls.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as err:
         raise type(err)(f"could not load {cls.__name__} from {str(path)!r}, subfolder {subfolder!r}: {err}") from err
+
+
+def load_vae(path: str | Path, dtype: torch.dtype | None = None):
+    """An AutoencoderKL from a VAE folder or hub id (e.g. madebyollin/sdxl-vae-fp16-fix: config at its root), or from
+    the vae/ subfolder of a pipeline folder; errors name the path."""
+    diffusers = require("diffusers", "loading a VAE")
+    local = Path(path)
+    subfolder = "vae" if local.exists() and (local / "vae").is_dir() and not (local / "config.json").exists() else ""
+    if local.exists() and not subfolder and not (local / "config.json").exists():
+        raise FileNotFoundError(f"vae: {str(path)!r} holds neither a VAE (config.json) nor a vae/ subfolder")
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        return diffusers.AutoencoderKL.from_pretrained(str(path), subfolder=subfolder or None, **kwargs)
+    except (OSError, ValueError) as err:
+        raise type(err)(f"vae: could not load an AutoencoderKL from {str(path)!r}: {err}") from err
 
 
 def has_subfolder(path: str | Path, subfolder: str) -> bool:

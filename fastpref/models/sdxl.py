@@ -4,8 +4,9 @@
     bundle = fastpref.models.sdxl.load("fastpref/toy/weights/toy-sdxl")
 
 The conditioning holds what UNet2DConditionModel's `added_cond_kwargs` needs: `text_embeds` (the
-pooled projection of text_encoder_2) and `time_ids` (original size, crop top-left, target size; the
-bundle uses the uncropped full-resolution ids, as SDXL sampling does by default).
+pooled projection of text_encoder_2) and `time_ids` (original size, crop top-left, target size; encode_prompt
+gives the uncropped full-resolution ids, as SDXL sampling does by default; a cache of imported images replaces them
+by per-image ids from each image's recorded source size and crop, `image_time_ids`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ class SDXLBundle(ModelBundle):
             size, (0, 0), size, dtype=self.dtype, text_encoder_projection_dim=self.text_encoders[1].config.projection_dim
         )
         return ids.to(self.device).repeat(batch_size, 1)
+
+    def image_time_ids(self, original_sizes, crops_top_left, target_size: tuple[int, int]) -> torch.Tensor:
+        """(N, 6) float32 time_ids of N images: (original height, width, crop top, left, target height, width), as
+        diffusers' SDXL DPO script builds them per image from the source size and the crop (compute_time_ids)."""
+        projection_dim = self.text_encoders[1].config.projection_dim
+        rows = [self.pipeline._get_add_time_ids(tuple(int(v) for v in size), tuple(int(v) for v in crop),
+                                                tuple(int(v) for v in target_size), dtype=torch.float32,
+                                                text_encoder_projection_dim=projection_dim)
+                for size, crop in zip(original_sizes, crops_top_left)]
+        return torch.cat(rows) if rows else torch.zeros(0, TIME_ID_COUNT)
 
     def encode_prompt(self, captions: list[str]) -> Conditioning:
         prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
