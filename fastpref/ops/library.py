@@ -389,3 +389,95 @@ def ranked_pair_loss(
         concrete,
     )
     return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# step_errors: the fused pass of a per-step Gaussian policy (GRPO): (e_pol, e_div), grad into pred
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastpref::step_errors", mutates_args=())
+def _step_errors_op(
+    pred: torch.Tensor, target: torch.Tensor, ref_pred: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    pred, target, ref_pred = pred.contiguous(), target.contiguous(), ref_pred.contiguous()
+    if backend == "triton" and False:
+        from fastpref.ops.triton.sample_errors import step_errors_forward
+
+        return step_errors_forward(pred, target, ref_pred)
+    if backend == "native" and hasattr(_native_ops(), "step_errors_native"):
+        return _native_ops().step_errors_native(pred, target, ref_pred)
+    return reference.step_errors_reference(pred, target, ref_pred)
+
+
+@_step_errors_op.register_fake
+def _(pred, target, ref_pred, backend):
+    acc = _accumulation_dtype(pred.dtype)
+    return pred.new_empty(pred.shape[0], dtype=acc), pred.new_empty(pred.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("fastpref::step_errors_backward", mutates_args=())
+def _step_errors_backward_op(
+    grad_pol: torch.Tensor,
+    grad_div: torch.Tensor,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    ref_pred: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    acc = _accumulation_dtype(pred.dtype)
+    grad_pol, grad_div = grad_pol.to(acc).contiguous(), grad_div.to(acc).contiguous()
+    pred, target, ref_pred = pred.contiguous(), target.contiguous(), ref_pred.contiguous()
+    if backend == "triton" and False:
+        from fastpref.ops.triton.sample_errors import step_errors_backward
+
+        return step_errors_backward(grad_pol, grad_div, pred, target, ref_pred)
+    if backend == "native" and hasattr(_native_ops(), "step_errors_backward_native"):
+        return _native_ops().step_errors_backward_native(grad_pol, grad_div, pred, target, ref_pred)
+    return reference.step_errors_backward_reference(grad_pol, grad_div, pred, target, ref_pred)
+
+
+@_step_errors_backward_op.register_fake
+def _(grad_pol, grad_div, pred, target, ref_pred, backend):
+    return pred.new_empty(pred.shape)
+
+
+def _step_errors_setup_context(ctx, inputs, output):
+    pred, target, ref_pred, backend = inputs
+    ctx.save_for_backward(pred, target, ref_pred)
+    ctx.backend = backend
+
+
+def _step_errors_backward(ctx, grad_pol, grad_div):
+    pred, target, ref_pred = ctx.saved_tensors
+    if not ctx.needs_input_grad[0] or (grad_pol is None and grad_div is None):
+        return None, None, None, None
+    acc = _accumulation_dtype(pred.dtype)
+    zeros = torch.zeros(pred.shape[0], dtype=acc, device=pred.device)
+    grad_pred = _step_errors_backward_op(
+        grad_pol if grad_pol is not None else zeros,
+        grad_div if grad_div is not None else zeros,
+        pred, target, ref_pred, ctx.backend,
+    )
+    return grad_pred, None, None, None
+
+
+_step_errors_op.register_autograd(_step_errors_backward, setup_context=_step_errors_setup_context)
+
+
+def step_errors(
+    pred: torch.Tensor, target: torch.Tensor, ref_pred: torch.Tensor, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e_pol, e_div): per-sample means of (pred - target)^2 and (pred - ref_pred)^2, one pass.
+
+    For a Gaussian step x_{t-1} ~ N(mean, std^2): pred = the policy mean (gets the gradient),
+    target = the taken sample x_{t-1}, ref_pred = the reference mean (no gradient). (N,) float32
+    (float64 for float64 inputs). e_pol is sample_errors' e_pol; e_div is what a KL between the
+    policy's and the reference's Gaussians needs, read in the same pass.
+    """
+    _check_sample_inputs(pred, target, ref_pred, None)
+    concrete = resolve_backend(backend, pred.device)
+    if concrete == "native":
+        common = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), ref_pred.dtype)
+        pred, target, ref_pred = pred.to(common), target.to(common), ref_pred.to(common)
+    return _step_errors_op(pred, target, ref_pred.detach(), concrete)

@@ -21,6 +21,8 @@ Conventions (one prompt group g = K samples that share timestep t_g and noise ep
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -200,3 +202,124 @@ def sample_errors_backward_reference(
         scale = scale * weight.to(acc)
     scale = scale.reshape((-1,) + (1,) * (pred.dim() - 1))
     return (scale * (pred.to(acc) - target.to(acc))).to(pred.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Online methods: per-step Gaussian policies (SPO, GRPO). One step x_{t-1} ~ N(mean_i, std_i^2 I)
+# per row i; log-densities are averaged (not summed) over the non-batch dims, as the SPO and
+# Flow-GRPO code do, so their scale does not depend on the resolution.
+# ---------------------------------------------------------------------------------------------
+
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def row_std(std, num_rows: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """std as an (N,) vector: a number, a 0-d / 1-element tensor, (N,), or (N, 1, ..., 1)."""
+    std = torch.as_tensor(std, dtype=dtype, device=device)
+    if std.numel() == 1:
+        return std.reshape(1).expand(num_rows)
+    if std.shape[0] != num_rows or std.numel() != num_rows:
+        raise ValueError(
+            f"std must be one value per row (a number, (N,) or (N, 1, ..., 1) with N={num_rows}), "
+            f"got shape {tuple(std.shape)}"
+        )
+    return std.reshape(num_rows)
+
+
+def gaussian_log_prob_reference(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
+    """(N,) log N(x_i; mean_i, std_i^2 I) averaged over the non-batch dims (the oracle's way, elementwise)."""
+    acc = accumulation_dtype(mean.dtype)
+    sigma = row_std(std, mean.shape[0], acc, mean.device).reshape((-1,) + (1,) * (mean.dim() - 1))
+    density = -(x.to(acc) - mean.to(acc)).square() / (2.0 * sigma.square()) - torch.log(sigma) - LOG_SQRT_2PI
+    return density.flatten(1).mean(dim=1)
+
+
+def spo_loss_reference(
+    policy_mean: torch.Tensor,
+    reference_mean: torch.Tensor,
+    sample: torch.Tensor,
+    std,
+    beta: float = 10.0,
+    clip_eps: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPO's loss written as its code does (RockeyCoss/SPO train_spo.py), rows winner first:
+
+        ratio_i = clamp(exp(logp_pol_i - logp_ref_i), 1 - eps, 1 + eps)
+        loss = mean over pairs of -log sigmoid(beta * log ratio_w - beta * log ratio_l)
+
+    (with softplus in place of -log(sigmoid(.)), which underflows to inf for very negative
+    arguments). Returns (loss, unclamped log ratio (N,)); differentiable w.r.t. policy_mean.
+    """
+    log_ratio = gaussian_log_prob_reference(sample, policy_mean, std) - gaussian_log_prob_reference(
+        sample, reference_mean.detach(), std
+    )
+    ratio = torch.clamp(torch.exp(log_ratio), 1.0 - clip_eps, 1.0 + clip_eps)
+    log_clamped = torch.log(ratio)
+    loss = F.softplus(-(beta * log_clamped[0::2] - beta * log_clamped[1::2])).mean()
+    return loss, log_ratio
+
+
+def grpo_loss_reference(
+    policy_mean: torch.Tensor,
+    reference_mean: torch.Tensor | None,
+    sample: torch.Tensor,
+    std,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    kl_beta: float,
+    kl_std=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flow-GRPO's per-step loss (yifan123/flow_grpo scripts/train_sd3.py):
+
+        log_prob_i = log N(sample_i; policy_mean_i, std_i^2) averaged over dims
+        ratio_i = exp(log_prob_i - old_log_prob_i)
+        policy_loss = mean_i max(-A_i ratio_i, -A_i clamp(ratio_i, 1 - clip, 1 + clip))
+        kl = mean_i mean_dims((policy_mean_i - reference_mean_i)^2) / (2 kl_std_i^2)
+        loss = policy_loss + kl_beta * kl
+
+    kl_std defaults to std; Flow-GRPO's SD3 code divides by its std_dev_t, the SDE's sigma_t
+    *without* the sqrt(dt) factor that its log-density's std has, so pass kl_std for that.
+    Returns (loss, log_prob (N,), policy_loss, kl); differentiable w.r.t. policy_mean.
+    """
+    acc = accumulation_dtype(policy_mean.dtype)
+    log_prob = gaussian_log_prob_reference(sample, policy_mean, std)
+    ratio = torch.exp(log_prob - old_log_prob.to(acc))
+    adv = advantages.to(acc)
+    policy_loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)).mean()
+    if reference_mean is None:
+        kl = torch.zeros((), dtype=acc, device=policy_mean.device)
+    else:
+        sigma = row_std(std if kl_std is None else kl_std, policy_mean.shape[0], acc, policy_mean.device)
+        div = (policy_mean.to(acc) - reference_mean.detach().to(acc)).square().flatten(1).mean(dim=1)
+        kl = (div / (2.0 * sigma.square())).mean()
+    return policy_loss + kl_beta * kl, log_prob, policy_loss, kl
+
+
+def step_errors_reference(
+    pred: torch.Tensor, target: torch.Tensor, ref_pred: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e_pol, e_div): mean over the non-batch dims of (pred - target)^2 and of (pred - ref_pred)^2.
+
+    The fused pass of a per-step Gaussian policy: pred = policy mean, target = the taken sample,
+    ref_pred = reference mean; e_pol gives the log-density, e_div the KL between the two Gaussians.
+    """
+    acc = accumulation_dtype(pred.dtype)
+    pred_acc = pred.to(acc)
+    e_pol = (pred_acc - target.to(acc)).square().flatten(1).mean(dim=1)
+    e_div = (pred_acc - ref_pred.detach().to(acc)).square().flatten(1).mean(dim=1)
+    return e_pol, e_div
+
+
+def step_errors_backward_reference(
+    grad_pol: torch.Tensor, grad_div: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, ref_pred: torch.Tensor
+) -> torch.Tensor:
+    """d(sum_i grad_pol_i e_pol_i + grad_div_i e_div_i)/d pred, in pred's dtype."""
+    acc = accumulation_dtype(pred.dtype)
+    shape = (-1,) + (1,) * (pred.dim() - 1)
+    two_over_d = 2.0 / max(pred[0].numel() if pred.shape[0] else 1, 1)
+    pred_acc = pred.to(acc)
+    grad = (grad_pol.to(acc) * two_over_d).reshape(shape) * (pred_acc - target.to(acc)) + (
+        grad_div.to(acc) * two_over_d
+    ).reshape(shape) * (pred_acc - ref_pred.to(acc))
+    return grad.to(pred.dtype)
