@@ -16,7 +16,10 @@ import torch
 from fastpref.data.shards import StageDir
 from fastpref.train.loop import Trainer
 
-from test_loop import make_config
+try:  # the shared test helpers (tests/helpers/), else their earlier home
+    from helpers.train import make_config
+except ImportError:
+    from test_loop import make_config
 
 
 def cached_e_ref_by_group(root) -> dict[int, np.ndarray]:

@@ -48,8 +48,29 @@ def make_config(ds, out, **overrides):
     ],
 )
 def test_every_objective_trains(cached_dataset, tmp_path, objective, mode, reference):
+    """4 steps = one epoch of the fixture: the trainable weights move and the mean loss over the epoch's batches, at
+    the epoch's own (t, eps), goes down."""
     cfg = make_config(cached_dataset, tmp_path, **{"objective.name": objective, "mode": mode, "reference": reference})
-    summary = train(cfg)
+    trainer = Trainer(cfg)
+    assert len(trainer.stream) == cfg.max_steps, "the training batches must be exactly one epoch"
+    start = trainer.stream.state_dict()
+    epoch_batches = [batch for _, (_, batch) in zip(range(len(trainer.stream)), trainer.batches())]
+    trainer.stream.load_state_dict(start)
+
+    def epoch_loss():
+        with torch.no_grad():
+            losses = [out.loss for b in epoch_batches if (out := trainer.step_fn.forward(b, 0)) is not None]
+        assert losses, "no batch of the epoch carries a preference"
+        return torch.stack(losses).mean().item()
+
+    trainable = {n: p.detach().clone() for n, p in trainer.bundle.denoiser.named_parameters() if p.requires_grad}
+    loss_before = epoch_loss()
+    summary = trainer.train()
+    unchanged = [n for n, p in trainer.bundle.denoiser.named_parameters() if n in trainable
+                 and torch.equal(p.detach(), trainable[n])]
+    assert trainable and not unchanged, f"{len(unchanged)}/{len(trainable)} trainable tensors kept: {unchanged[:5]}"
+    loss_after = epoch_loss()
+    assert loss_after < loss_before, (loss_before, loss_after)
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
