@@ -401,7 +401,7 @@ def _step_errors_op(
     pred: torch.Tensor, target: torch.Tensor, ref_pred: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     pred, target, ref_pred = pred.contiguous(), target.contiguous(), ref_pred.contiguous()
-    if backend == "triton" and False:
+    if backend == "triton":
         from fastpref.ops.triton.sample_errors import step_errors_forward
 
         return step_errors_forward(pred, target, ref_pred)
@@ -428,7 +428,7 @@ def _step_errors_backward_op(
     acc = _accumulation_dtype(pred.dtype)
     grad_pol, grad_div = grad_pol.to(acc).contiguous(), grad_div.to(acc).contiguous()
     pred, target, ref_pred = pred.contiguous(), target.contiguous(), ref_pred.contiguous()
-    if backend == "triton" and False:
+    if backend == "triton":
         from fastpref.ops.triton.sample_errors import step_errors_backward
 
         return step_errors_backward(grad_pol, grad_div, pred, target, ref_pred)

@@ -219,4 +219,25 @@ def test_log_prob_agrees_with_the_online_sampler(gen, helpers):
     policy, _, sample, std = _step_inputs(gen, helpers, 4, (2, 3, 3), torch.float64, spread=0.1)
     want = sampler.gaussian_log_prob(sample, policy.detach(), std.double().reshape(4, 1, 1, 1))
     out = ops.grpo_loss(policy, None, sample, std.double(), want, torch.ones(4), clip_range=0.2, kl_beta=0.0)
-    torch.testing.assert_close(out.log_prob.detach(), want.to(out.log_prob.dtype))
+    # the sampler computes in float32 whatever the inputs
+    torch.testing.assert_close(out.log_prob.detach(), want.to(out.log_prob.dtype), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, block, chunk", [((3, 7, 5), 16, 32), ((4, 9, 9), 32, 64), ((1,), None, None)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_step_errors_triton_kernels_with_several_chunks(gen, helpers, shape, block, chunk, dtype):
+    """Small blocks / chunks force several chunks per sample and a ragged last one, as on a GPU."""
+    if "triton" not in ops.available_backends(helpers.device):
+        pytest.skip("triton unavailable (needs CUDA or TRITON_INTERPRET=1)")
+    from fastpref.ops.triton import sample_errors as kernels
+
+    n = 3
+    pred, target, ref = (helpers.randn(gen, n, *shape, dtype=dtype) for _ in range(3))
+    e_pol, e_div = kernels.step_errors_forward(pred, target, ref, block=block, chunk=chunk)
+    want_pol, want_div = R.step_errors_reference(pred.double(), target.double(), ref.double())
+    torch.testing.assert_close(e_pol.double(), want_pol, rtol=helpers.forward_rtol[dtype], atol=1e-7)
+    torch.testing.assert_close(e_div.double(), want_div, rtol=helpers.forward_rtol[dtype], atol=1e-7)
+    g_pol, g_div = helpers.randn(gen, n), helpers.randn(gen, n)
+    got = kernels.step_errors_backward(g_pol, g_div, pred, target, ref, block=block, chunk=chunk)
+    want = R.step_errors_backward_reference(g_pol.double(), g_div.double(), pred.double(), target.double(), ref.double())
+    torch.testing.assert_close(got.double(), want, rtol=helpers.grad_rtol[dtype], atol=1e-6)

@@ -49,7 +49,9 @@ def _partial_sums_kernel(
     pred_ptr, target_ptr, ref_ptr, partial_pol_ptr, partial_ref_ptr,
     sample_size, num_chunks,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_REF: tl.constexpr, ACC: tl.constexpr,
+    REF_TO_PRED: tl.constexpr = False,
 ):
+    # REF_TO_PRED: the second sum is of (pred - ref)^2 instead of (ref - target)^2 (step_errors).
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
     row = sample.to(tl.int64) * sample_size
@@ -60,10 +62,14 @@ def _partial_sums_kernel(
         cols = start + offset + tl.arange(0, BLOCK)
         inside = cols < sample_size
         target = tl.load(target_ptr + row + cols, mask=inside, other=0.0).to(ACC)
-        diff = tl.load(pred_ptr + row + cols, mask=inside, other=0.0).to(ACC) - target
+        pred = tl.load(pred_ptr + row + cols, mask=inside, other=0.0).to(ACC)
+        diff = pred - target
         sum_pol += diff * diff
         if HAS_REF:
-            diff_ref = tl.load(ref_ptr + row + cols, mask=inside, other=0.0).to(ACC) - target
+            if REF_TO_PRED:
+                diff_ref = pred - tl.load(ref_ptr + row + cols, mask=inside, other=0.0).to(ACC)
+            else:
+                diff_ref = tl.load(ref_ptr + row + cols, mask=inside, other=0.0).to(ACC) - target
             sum_ref += diff_ref * diff_ref
     slot = sample * num_chunks + chunk
     tl.store(partial_pol_ptr + slot, tl.sum(sum_pol, axis=0))
@@ -98,13 +104,17 @@ def _backward_kernel(
     grad_e_ptr, pred_ptr, target_ptr, weight_ptr, grad_pred_ptr,
     sample_size,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
+    HAS_DIV: tl.constexpr = False, grad_div_ptr=None, ref_ptr=None,
 ):
+    # HAS_DIV (step_errors): + grad_div_i * 2/D * (pred - ref), the gradient of e_div.
     sample = tl.program_id(0)
     chunk = tl.program_id(1)
     row = sample.to(tl.int64) * sample_size
     scale = tl.load(grad_e_ptr + sample).to(ACC) * 2.0 / sample_size
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + sample).to(ACC)
+    if HAS_DIV:
+        scale_div = tl.load(grad_div_ptr + sample).to(ACC) * 2.0 / sample_size
     start = chunk * CHUNK
     for offset in tl.range(0, CHUNK, BLOCK):
         cols = start + offset + tl.arange(0, BLOCK)
@@ -112,6 +122,8 @@ def _backward_kernel(
         target = tl.load(target_ptr + row + cols, mask=inside, other=0.0).to(ACC)
         pred = tl.load(pred_ptr + row + cols, mask=inside, other=0.0).to(ACC)
         grad = scale * (pred - target)
+        if HAS_DIV:
+            grad += scale_div * (pred - tl.load(ref_ptr + row + cols, mask=inside, other=0.0).to(ACC))
         tl.store(grad_pred_ptr + row + cols, grad.to(grad_pred_ptr.dtype.element_ty), mask=inside)
 
 
@@ -157,5 +169,51 @@ def sample_errors_backward(grad_e, pred, target, weight=None, *, block=None, chu
         sample_size,
         CHUNK=chunk, BLOCK=block, HAS_WEIGHT=weight is not None,
         ACC=_accumulation_tl_dtype(pred.dtype), num_warps=num_warps,
+    )
+    return grad_pred
+
+
+def step_errors_forward(pred, target, ref_pred, *, block=None, chunk=None):
+    """(e_pol, e_div) like reference.step_errors_reference: the partial-sums kernel of
+    sample_errors with its second sum taken against pred instead of target."""
+    num_samples = pred.shape[0]
+    sample_size = pred.numel() // max(num_samples, 1)
+    acc_dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    e_pol = torch.empty(num_samples, dtype=acc_dtype, device=pred.device)
+    e_div = torch.empty(num_samples, dtype=acc_dtype, device=pred.device)
+    if num_samples == 0:
+        return e_pol, e_div
+    block, chunk, num_chunks, num_warps = launch_plan(num_samples, sample_size, pred.device, block, chunk)
+    acc = _accumulation_tl_dtype(pred.dtype)
+    partial_pol = torch.empty((num_samples, num_chunks), dtype=acc_dtype, device=pred.device)
+    partial_div = torch.empty_like(partial_pol)
+    _partial_sums_kernel[(num_samples, num_chunks)](
+        pred, target, ref_pred, partial_pol, partial_div,
+        sample_size, num_chunks,
+        CHUNK=chunk, BLOCK=block, HAS_REF=True, ACC=acc, REF_TO_PRED=True, num_warps=num_warps,
+    )
+    rows = min(32, triton.next_power_of_2(num_samples))
+    _finalize_kernel[(triton.cdiv(num_samples, rows),)](
+        partial_pol, partial_div, partial_pol, e_pol, e_div,
+        num_samples, num_chunks, sample_size,
+        ROWS=rows, BLOCK_CHUNKS=max(2, triton.next_power_of_2(num_chunks)),
+        HAS_REF=True, HAS_WEIGHT=False, ACC=acc,
+    )
+    return e_pol, e_div
+
+
+def step_errors_backward(grad_pol, grad_div, pred, target, ref_pred, *, block=None, chunk=None):
+    """grad_pred = 2/D * (grad_pol_i * (pred_i - target_i) + grad_div_i * (pred_i - ref_i)), one pass."""
+    grad_pred = torch.empty_like(pred)
+    num_samples = pred.shape[0]
+    if num_samples == 0:
+        return grad_pred
+    sample_size = pred.numel() // num_samples
+    block, chunk, num_chunks, num_warps = launch_plan(num_samples, sample_size, pred.device, block, chunk)
+    _backward_kernel[(num_samples, num_chunks)](
+        grad_pol, pred, target, grad_pol, grad_pred,
+        sample_size,
+        CHUNK=chunk, BLOCK=block, HAS_WEIGHT=False, ACC=_accumulation_tl_dtype(pred.dtype),
+        HAS_DIV=True, grad_div_ptr=grad_div, ref_ptr=ref_pred, num_warps=num_warps,
     )
     return grad_pred
