@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "run": ("fastpref.pipeline", "cli", "synth -> label -> cache -> train -> eval from one recipe"),
     "study": ("fastpref.study", "cli", "a grid of run variants x training seeds, sharing identical stages"),
     "env": ("fastpref.env_report", "main", "print device, versions and optional components"),
+    "spm": ("fastpref.rewards.spm_train", "cli", "train a step-aware preference model (SPO): spm train --config"),
 }
 
 

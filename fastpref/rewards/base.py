@@ -41,6 +41,7 @@ LAZY_MODULES: dict[str, str] = {
     "aesthetic": "fastpref.rewards.pretrained",
     "hpsv2": "fastpref.rewards.pretrained",
     "imagereward": "fastpref.rewards.pretrained",
+    "spm": "fastpref.rewards.spm",
 }
 REWARDS: dict[str, type["Reward"]] = {}
 
