@@ -16,7 +16,9 @@ torch.compile) and no autograd: fastpref.ops wires that up.
 
 The native ops are optional. This module never raises on import: check `available()`, and
 `unavailable_reason()` says why they are off. FASTPREF_NO_NATIVE=1 turns them off at run time as
-well as at build time.
+well as at build time. FASTPREF_REQUIRE_NATIVE=1 (CI sets it) turns "off" into an error raised by
+`available()` / `unavailable_reason()`, so a failed build fails the suite instead of skipping every
+native test.
 """
 
 from __future__ import annotations
@@ -61,9 +63,16 @@ def load_native_library() -> str:
     return ""
 
 
+def native_required_by_env() -> bool:
+    return os.environ.get("FASTPREF_REQUIRE_NATIVE", "") not in ("", "0")
+
+
 @functools.cache
 def _load_reason() -> str:
-    return load_native_library()
+    reason = load_native_library()
+    if reason and native_required_by_env():
+        raise RuntimeError(f"FASTPREF_REQUIRE_NATIVE is set but the native C++ ops are off: {reason}")
+    return reason
 
 
 def available() -> bool:
