@@ -30,13 +30,27 @@ Held-out split (`eval_prompts`): every word appears in training captions, but
 - the bare shape `HELD_OUT_SINGLE_SHAPE` ("a triangle") is eval-only (`single_object`).
 Training images still show held-out bindings (a free-colored "a triangle and a circle" may be a
 red triangle) -- only the captions never name them, as with real compositional generalization.
+
+Worlds (`WORLDS`, `get_world`): everything above is world "v1", the module-level constants and the
+default of every function, kept bit-identical because the shipped models were trained on it. World
+"v2" is big enough for a held-out split of >= 24 prompts in every category: 8 shapes, 8 colors,
+counts 2-5 (counting captions may name a color: "three red circles"), and optional sizes
+("small" / "medium" / "large") on single objects ("a small circle", "a large red square"). Its split:
+- `held_out_color_shapes` (8 pairs, one per shape and per color) never appear in a training caption
+  (eval `colors`, and every eval `position` / `color_attr` prompt, and colored eval `counting`);
+- `held_out_count_shapes` (8 pairs, one per shape) are eval-only in `counting`, with or without color;
+- every sized bare shape ("a small circle") is eval-only (`single_object`); training captions pair
+  sizes with colors ("a small red circle") and bare shapes with no size ("a circle");
+- `two_objects`: each unordered pair is trained in one order, evaluated in the other (as in v1).
+A PromptSpec carries its world's name (`spec.world`), so rendering, variants and the verifier
+follow the spec; prompt lists, parsing and sampling take `world=` ("v1" by default).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -85,26 +99,103 @@ _RELATION_AXES: dict[str, tuple[float, float]] = {  # unit (dx, dy), y pointing 
 _RENDER_MAX_ANGLE_COS = float(np.cos(np.deg2rad(25.0)))
 
 
+@dataclass(frozen=True, eq=False)
+class World:
+    """One toy world's vocabulary, geometry and held-out split (see the module docstring).
+
+    `sizes` maps a size word to its inclusive bbox-width range; `sized_categories` may name a size;
+    `free_sizes` (by the scene's object count) are the sizes an object with no size word is drawn
+    at, so that every drawn object has a definite size class (ground truth is never borderline);
+    without sizes, `width_ranges` per shape is used (v1)."""
+
+    name: str
+    shapes: tuple[str, ...]
+    colors: dict[str, tuple[int, int, int]]
+    count_words: dict[int, str]
+    plurals: dict[str, str]
+    held_out_color_shapes: frozenset
+    held_out_count_shapes: frozenset
+    held_out_single_shapes: frozenset = frozenset()
+    width_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    aspects: dict[str, float] = field(default_factory=dict)  # bbox height / width (default 1)
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    sized_categories: tuple[str, ...] = ()
+    free_sizes: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    colored_counting: bool = False
+
+    @property
+    def max_objects(self) -> int:
+        return max(self.count_words)
+
+    def vocabulary(self) -> list[str]:
+        """Every word any caption can contain, sorted (the word-level tokenizer's vocabulary)."""
+        words = {"a", "and", *self.shapes, *self.plurals.values(), *self.colors, *self.count_words.values(),
+                 *self.sizes}
+        if any(word[0] in "aeiou" for word in (*self.shapes, *self.colors, *self.sizes)):
+            words.add("an")
+        for relation in RELATIONS:
+            words.update(relation.split())
+        return sorted(words)
+
+    def size_of_width(self, width: float) -> str | None:
+        """The size class of a bbox width: the size whose range is nearest (None in a world without sizes)."""
+        if not self.sizes:
+            return None
+        return min(self.sizes, key=lambda z: max(self.sizes[z][0] - width, width - self.sizes[z][1], 0.0))
+
+    def box_size(self, shape: str, width: int) -> tuple[int, int]:
+        """(height, width) of a shape's bounding box."""
+        if not self.aspects:
+            return _box_size(shape, width)
+        return max(3, int(round(width * self.aspects.get(shape, 1.0)))), width
+
+
+def get_world(name: "str | World") -> World:
+    """The registered world called `name` ("v1", "v2"); a World passes through."""
+    if isinstance(name, World):
+        return name
+    if name not in WORLDS:
+        raise ValueError(f"world={name!r} is not one of {tuple(WORLDS)}")
+    return WORLDS[name]
+
+
 @dataclass(frozen=True)
 class ObjectGroup:
+    """`count` objects of `shape`, of `color` and `size` if named (None: free). Checked against every
+    registered world's words here; against its own world's by the PromptSpec that holds it."""
+
     shape: str
     color: str | None
     count: int = 1
+    size: str | None = None
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
-            raise ValueError(f"ObjectGroup.shape={self.shape!r} is not one of {SHAPES}")
-        if self.color is not None and self.color not in COLORS:
-            raise ValueError(f"ObjectGroup.color={self.color!r} is not one of {tuple(COLORS)}")
-        if not 1 <= self.count <= MAX_OBJECTS:
-            raise ValueError(f"ObjectGroup.count={self.count} is not in 1..{MAX_OBJECTS}")
+        worlds = WORLDS.values()
+        shapes = tuple(dict.fromkeys(s for w in worlds for s in w.shapes))
+        if self.shape not in shapes:
+            raise ValueError(f"ObjectGroup.shape={self.shape!r} is not one of {shapes}")
+        colors = tuple(dict.fromkeys(c for w in worlds for c in w.colors))
+        if self.color is not None and self.color not in colors:
+            raise ValueError(f"ObjectGroup.color={self.color!r} is not one of {colors}")
+        most = max(w.max_objects for w in worlds)
+        if not 1 <= self.count <= most:
+            raise ValueError(f"ObjectGroup.count={self.count} is not in 1..{most}")
+        sizes = tuple(dict.fromkeys(z for w in worlds for z in w.sizes))
+        if self.size is not None and self.size not in sizes:
+            raise ValueError(f"ObjectGroup.size={self.size!r} is not one of {sizes}")
+
+    def __repr__(self) -> str:  # v1's repr, unchanged, for groups without a size
+        size = f", size={self.size!r}" if self.size is not None else ""
+        return f"ObjectGroup(shape={self.shape!r}, color={self.color!r}, count={self.count!r}{size})"
 
     @property
     def phrase(self) -> str:
+        adjectives = [w for w in (self.size, self.color) if w]
         if self.count == 1:
-            words = ["a"] + ([self.color] if self.color else []) + [self.shape]
+            first = (adjectives or [self.shape])[0]
+            words = ["an" if first[0] in "aeiou" else "a", *adjectives, self.shape]  # v1 has no vowel words
         else:
-            words = [COUNT_WORDS[self.count]] + ([self.color] if self.color else []) + [PLURALS[self.shape]]
+            words = [_ALL_COUNT_WORDS[self.count], *adjectives, _ALL_PLURALS[self.shape]]
         return " ".join(words)
 
 
@@ -113,9 +204,14 @@ class PromptSpec:
     category: str
     groups: tuple[ObjectGroup, ...]
     relation: str | None = None
+    world: str = "v1"  # the name of the World whose grammar the spec follows
 
     def __post_init__(self) -> None:
         _validate_spec(self)
+
+    def __repr__(self) -> str:  # v1's repr, unchanged, for v1 specs
+        world = f", world={self.world!r}" if self.world != "v1" else ""
+        return f"PromptSpec(category={self.category!r}, groups={self.groups!r}, relation={self.relation!r}{world})"
 
     @property
     def caption(self) -> str:
@@ -136,6 +232,19 @@ def _validate_spec(spec: PromptSpec) -> None:
         raise ValueError(f"PromptSpec.category={cat!r} is not one of {CATEGORIES}")
     if not isinstance(groups, tuple) or not all(isinstance(g, ObjectGroup) for g in groups):
         raise ValueError(f"PromptSpec.groups must be a tuple of ObjectGroup, got {groups!r}")
+    if not isinstance(spec.world, str) or spec.world not in WORLDS:
+        raise ValueError(f"PromptSpec.world={spec.world!r} is not one of {tuple(WORLDS)}")
+    w = WORLDS[spec.world]
+    for g in groups:
+        if g.shape not in w.shapes:
+            raise ValueError(f"PromptSpec.groups: shape {g.shape!r} is not one of world {w.name}'s {w.shapes}")
+        if g.color is not None and g.color not in w.colors:
+            raise ValueError(f"PromptSpec.groups: color {g.color!r} is not one of world {w.name}'s {tuple(w.colors)}")
+        if g.count > 1 and g.count not in w.count_words:
+            raise ValueError(f"PromptSpec.groups: count {g.count} is not one of world {w.name}'s {tuple(w.count_words)}")
+        if g.size is not None and (g.size not in w.sizes or cat not in w.sized_categories or g.count != 1):
+            raise ValueError(f"PromptSpec.groups: size {g.size!r} is not allowed in world {w.name}'s category "
+                             f"{cat!r} (sizes {tuple(w.sizes)} on single objects of {w.sized_categories})")
     want_groups = 1 if cat in ("single_object", "colors", "counting") else 2
     if len(groups) != want_groups:
         raise ValueError(f"PromptSpec.groups: category {cat!r} needs {want_groups} group(s), got {len(groups)}")
@@ -145,7 +254,7 @@ def _validate_spec(spec: PromptSpec) -> None:
         raise ValueError(f"PromptSpec.relation={spec.relation!r} is not one of {RELATIONS}")
     colored = [g.color is not None for g in groups]
     if cat == "counting":
-        if groups[0].count < 2 or groups[0].color is not None:
+        if groups[0].count < 2 or (groups[0].color is not None and not w.colored_counting):
             raise ValueError(f"PromptSpec.groups: 'counting' needs one uncolored group of 2-4, got {groups[0]}")
         return
     if any(g.count != 1 for g in groups):
@@ -166,28 +275,27 @@ def _validate_spec(spec: PromptSpec) -> None:
 # Parsing
 
 
-_NUMBER_OF_WORD = {word: n for n, word in COUNT_WORDS.items()}
-_SHAPE_OF_PLURAL = {plural: shape for shape, plural in PLURALS.items()}
 _RELATION_FIRST_WORDS = {rel.split()[0]: rel for rel in RELATIONS}
 
 
-def parse_caption(caption: str) -> PromptSpec:
-    """Inverse of PromptSpec.caption. Raises ValueError naming the first word that does not fit."""
+def parse_caption(caption: str, world: "str | World" = "v1") -> PromptSpec:
+    """Inverse of PromptSpec.caption in `world`. Raises ValueError naming the first word that does not fit."""
+    w = get_world(world)
     if not isinstance(caption, str):
         raise ValueError(f"parse_caption: caption must be a str, got {type(caption).__name__}")
     words = caption.strip().lower().split()
     if not words:
         raise ValueError("parse_caption: empty caption")
-    first, pos = _parse_group(words, 0, caption)
+    first, pos = _parse_group(words, 0, caption, w)
     if pos == len(words):
         if first.count > 1:
             category = "counting"
         else:
             category = "colors" if first.color else "single_object"
-        return _spec_or_error(category, (first,), None, caption)
+        return _spec_or_error(category, (first,), None, caption, w)
     word = words[pos]
     if word == "and":
-        second, end = _parse_group(words, pos + 1, caption)
+        second, end = _parse_group(words, pos + 1, caption, w)
         relation = None
         category = "color_attr" if first.color or second.color else "two_objects"
     elif word in _RELATION_FIRST_WORDS:
@@ -196,74 +304,88 @@ def parse_caption(caption: str) -> PromptSpec:
         if words[pos : pos + len(rel_words)] != rel_words:
             bad = words[pos + 1] if pos + 1 < len(words) else "<end>"
             raise ValueError(f"parse_caption: expected {relation!r} in {caption!r}, got word {bad!r}")
-        second, end = _parse_group(words, pos + len(rel_words), caption)
+        second, end = _parse_group(words, pos + len(rel_words), caption, w)
         category = "position"
     else:
         raise ValueError(f"parse_caption: unexpected word {word!r} in {caption!r} (expected 'and' or a relation)")
     if end != len(words):
         raise ValueError(f"parse_caption: unexpected word {words[end]!r} after the end of {caption!r}")
-    return _spec_or_error(category, (first, second), relation, caption)
+    return _spec_or_error(category, (first, second), relation, caption, w)
 
 
-def _parse_group(words: list[str], pos: int, caption: str) -> tuple[ObjectGroup, int]:
+def _parse_group(words: list[str], pos: int, caption: str, w: World) -> tuple[ObjectGroup, int]:
     if pos >= len(words):
         raise ValueError(f"parse_caption: {caption!r} ends where an object was expected")
     head = words[pos]
-    if head == "a":
+    numbers = {word: n for n, word in w.count_words.items()}
+    if head in ("a", "an"):
+        nxt = words[pos + 1] if pos + 1 < len(words) else ""
+        if (head == "an") != (nxt[:1] in tuple("aeiou")) or (head == "an" and "an" not in w.vocabulary()):
+            raise ValueError(f"parse_caption: {head!r} cannot come before {nxt!r} in {caption!r}")
         count = 1
-    elif head in _NUMBER_OF_WORD:
-        count = _NUMBER_OF_WORD[head]
+    elif head in numbers:
+        count = numbers[head]
     else:
         raise ValueError(f"parse_caption: unknown word {head!r} in {caption!r} (expected 'a' or a number word)")
     pos += 1
+    size = None
+    if pos < len(words) and words[pos] in w.sizes:
+        size = words[pos]
+        pos += 1
     color = None
-    if pos < len(words) and words[pos] in COLORS:
+    if pos < len(words) and words[pos] in w.colors:
         color = words[pos]
         pos += 1
     if pos >= len(words):
         raise ValueError(f"parse_caption: {caption!r} ends where a shape was expected")
     noun = words[pos]
-    shape = noun if count == 1 else _SHAPE_OF_PLURAL.get(noun)
-    if shape not in SHAPES:
+    shape = noun if count == 1 else {plural: s for s, plural in w.plurals.items()}.get(noun)
+    if shape not in w.shapes:
         form = "singular shape" if count == 1 else "plural shape"
         raise ValueError(f"parse_caption: unknown word {noun!r} in {caption!r} (expected a {form})")
-    return ObjectGroup(shape, color, count), pos + 1
+    return ObjectGroup(shape, color, count, size), pos + 1
 
 
-def _spec_or_error(category: str, groups: tuple, relation: str | None, caption: str) -> PromptSpec:
+def _spec_or_error(category: str, groups: tuple, relation: str | None, caption: str, w: World) -> PromptSpec:
     try:
-        return PromptSpec(category, groups, relation)
+        return PromptSpec(category, groups, relation, w.name)
     except ValueError as err:
         raise ValueError(f"parse_caption: {caption!r} is outside the grammar: {err}") from None
 
 
-def vocabulary() -> list[str]:
+def vocabulary(world: "str | World" = "v1") -> list[str]:
     """Every word any caption can contain, sorted (the word-level tokenizer's vocabulary)."""
-    words = {"a", "and", *SHAPES, *PLURALS.values(), *COLORS, *COUNT_WORDS.values()}
-    for relation in RELATIONS:
-        words.update(relation.split())
-    return sorted(words)
+    return get_world(world).vocabulary()
 
 
 # ---------------------------------------------------------------------------------------------
 # Prompt lists and the held-out split
 
 
-def _all_specs() -> list[PromptSpec]:
+def _all_specs(w: World) -> list[PromptSpec]:
     specs: list[PromptSpec] = []
-    colored = [ObjectGroup(s, c) for c in COLORS for s in SHAPES]
-    specs += [PromptSpec("single_object", (ObjectGroup(s, None),)) for s in SHAPES]
-    specs += [PromptSpec("colors", (g,)) for g in colored]
-    specs += [PromptSpec("counting", (ObjectGroup(s, None, n),)) for n in COUNT_WORDS for s in SHAPES]
+    name = w.name
+
+    def sizes_of(category: str) -> tuple[str | None, ...]:
+        return (None, *w.sizes) if category in w.sized_categories else (None,)
+
+    colored = [ObjectGroup(s, c) for c in w.colors for s in w.shapes]
+    specs += [PromptSpec("single_object", (ObjectGroup(s, None, 1, z),), None, name)
+              for z in sizes_of("single_object") for s in w.shapes]
+    specs += [PromptSpec("colors", (ObjectGroup(s, c, 1, z),), None, name)
+              for z in sizes_of("colors") for c in w.colors for s in w.shapes]
+    counting_colors = (None, *w.colors) if w.colored_counting else (None,)
+    specs += [PromptSpec("counting", (ObjectGroup(s, c, n),), None, name)
+              for c in counting_colors for n in w.count_words for s in w.shapes]
     specs += [
-        PromptSpec("two_objects", (ObjectGroup(a, None), ObjectGroup(b, None)))
-        for a, b in itertools.permutations(SHAPES, 2)
+        PromptSpec("two_objects", (ObjectGroup(a, None), ObjectGroup(b, None)), None, name)
+        for a, b in itertools.permutations(w.shapes, 2)
     ]
     specs += [
-        PromptSpec("position", (a, b), rel) for a, b in itertools.permutations(colored, 2) for rel in RELATIONS
+        PromptSpec("position", (a, b), rel, name) for a, b in itertools.permutations(colored, 2) for rel in RELATIONS
     ]
     specs += [
-        PromptSpec("color_attr", (a, b))
+        PromptSpec("color_attr", (a, b), None, name)
         for a, b in itertools.permutations(colored, 2)
         if a.shape != b.shape and a.color != b.color
     ]
@@ -271,46 +393,51 @@ def _all_specs() -> list[PromptSpec]:
 
 
 def is_held_out(spec: PromptSpec) -> bool:
-    """True if the spec's caption binds attributes the training captions never bind."""
+    """True if the spec's caption binds attributes the training captions never bind (in its world)."""
+    w = WORLDS[spec.world]
+    group = spec.groups[0]
     if spec.category == "single_object":
-        return spec.groups[0].shape == HELD_OUT_SINGLE_SHAPE
+        return group.shape in w.held_out_single_shapes or group.size is not None
     if spec.category == "counting":
-        return (spec.groups[0].count, spec.groups[0].shape) in HELD_OUT_COUNT_SHAPES
+        return (group.count, group.shape) in w.held_out_count_shapes or (group.color, group.shape) in w.held_out_color_shapes
     if spec.category == "two_objects":
-        # each unordered pair is trained in one order (the one following SHAPES cyclically)
-        i, j = SHAPES.index(spec.groups[0].shape), SHAPES.index(spec.groups[1].shape)
-        return (j - i) % len(SHAPES) != 1
-    return any((g.color, g.shape) in HELD_OUT_COLOR_SHAPES for g in spec.groups)
+        # each unordered pair is trained in one order: the second shape follows the first by 1 .. n/2
+        # places cyclically through the world's shapes (ties at n/2 broken by the first's index)
+        n = len(w.shapes)
+        i, j = w.shapes.index(spec.groups[0].shape), w.shapes.index(spec.groups[1].shape)
+        step = (j - i) % n
+        return not (2 * step < n or (2 * step == n and 2 * i < n))
+    return any((g.color, g.shape) in w.held_out_color_shapes for g in spec.groups)
 
 
 @functools.lru_cache(maxsize=None)
-def _split(split: str) -> tuple[PromptSpec, ...]:
+def _split(split: str, world: str = "v1") -> tuple[PromptSpec, ...]:
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r} must be 'train' or 'eval'")
     want_held_out = split == "eval"
-    return tuple(s for s in _all_specs() if is_held_out(s) == want_held_out)
+    return tuple(s for s in _all_specs(get_world(world)) if is_held_out(s) == want_held_out)
 
 
 @functools.lru_cache(maxsize=None)
-def _split_by_category(split: str) -> tuple[tuple[str, tuple[PromptSpec, ...]], ...]:
-    specs = _split(split)
+def _split_by_category(split: str, world: str = "v1") -> tuple[tuple[str, tuple[PromptSpec, ...]], ...]:
+    specs = _split(split, world)
     return tuple((c, tuple(s for s in specs if s.category == c)) for c in CATEGORIES)
 
 
-def train_prompts() -> list[PromptSpec]:
+def train_prompts(world: "str | World" = "v1") -> list[PromptSpec]:
     """Every training spec, in a fixed order; pretraining draws captions only from these."""
-    return list(_split("train"))
+    return list(_split("train", get_world(world).name))
 
 
-def eval_prompts() -> list[PromptSpec]:
+def eval_prompts(world: "str | World" = "v1") -> list[PromptSpec]:
     """Every held-out spec, in a fixed order (disjoint from train_prompts())."""
-    return list(_split("eval"))
+    return list(_split("eval", get_world(world).name))
 
 
-def sample_spec(rng: np.random.Generator, split: str = "train") -> PromptSpec:
+def sample_spec(rng: np.random.Generator, split: str = "train", world: "str | World" = "v1") -> PromptSpec:
     """A category uniformly at random, then a spec of that category uniformly (categories are
     balanced, although position/color_attr have far more distinct captions)."""
-    by_category = _split_by_category(split)
+    by_category = _split_by_category(split, get_world(world).name)
     _, specs = by_category[int(rng.integers(len(by_category)))]
     return specs[int(rng.integers(len(specs)))]
 
@@ -332,6 +459,19 @@ def shape_mask(shape: str, height: int, width: int) -> np.ndarray:
         mask = (xs - 0.5) ** 2 + (ys - 0.5) ** 2 <= 0.25
     elif shape == "triangle":  # upright, apex at the top centre, base on the bottom row
         mask = np.abs(xs - 0.5) <= 0.5 * ys
+    elif shape == "diamond":
+        mask = np.abs(xs - 0.5) + np.abs(ys - 0.5) <= 0.5
+    elif shape == "cross":  # a plus sign: two bars of a third of the box
+        mask = (np.abs(xs - 0.5) <= 1 / 6) | (np.abs(ys - 0.5) <= 1 / 6)
+    elif shape == "ring":  # a disc with a hole of half its radius
+        radius2 = (xs - 0.5) ** 2 + (ys - 0.5) ** 2
+        mask = (radius2 <= 0.25) & (radius2 >= 0.0625)
+    elif shape == "heart":  # two lobes on top of a downward point
+        lobes = ((np.abs(xs - 0.5) - 0.25) ** 2 + (ys - 0.28) ** 2) <= 0.27**2
+        point = (ys >= 0.28) & (np.abs(xs - 0.5) <= 0.5 * (1.0 - ys) / 0.72)
+        mask = lobes | point
+    elif shape == "bar":  # a filled rectangle; the World makes its box wide
+        mask = np.ones((height, width), dtype=bool)
     else:
         raise ValueError(f"shape={shape!r} is not one of {SHAPES}")
     mask = np.broadcast_to(mask, (height, width)).copy()
@@ -356,6 +496,7 @@ class PlacedObject:
     left: int
     bottom: int
     right: int
+    size: str | None = None  # the drawn size class in a world with sizes
 
     @property
     def centroid(self) -> tuple[float, float]:
@@ -435,26 +576,34 @@ def render_scene(
     """render() plus the drawn objects (ground truth for testing the verifier)."""
     if not isinstance(spec, PromptSpec):
         raise ValueError(f"spec must be a PromptSpec, got {type(spec).__name__}")
+    w = WORLDS[spec.world]
     scale = size / IMAGE_SIZE
-    color_names = list(COLORS)
-    items: list[tuple[str, str]] = []
+    color_names = list(w.colors)
+    items: list[tuple[str, str, str | None]] = []
     for group in spec.groups:
         for _ in range(group.count):
             color = group.color or color_names[int(rng.integers(len(color_names)))]
-            items.append((group.shape, color))
-    boxes = []
-    for shape, _ in items:
-        lo, hi = _WIDTH_RANGE[shape]
+            items.append((group.shape, color, group.size))
+    boxes, classes = [], []
+    for shape, _, size_word in items:
+        if w.sizes:  # a free size is drawn first, so every object has a definite size class
+            if size_word is None:
+                free = w.free_sizes[len(items)]
+                size_word = free[int(rng.integers(len(free)))]
+            lo, hi = w.sizes[size_word]
+        else:
+            lo, hi = w.width_ranges[shape]
         width = max(3, int(round(int(rng.integers(lo, hi + 1)) * scale)))
-        boxes.append(_box_size(shape, width))
+        boxes.append(w.box_size(shape, width))
+        classes.append(size_word)
     gap = max(1, round(MIN_GAP * scale))
     corners = _place(rng, boxes, size, gap, spec.relation)
     image = np.empty((size, size, 3), dtype=np.uint8)
     image[:] = BACKGROUND
     placed = []
-    for (shape, color), (h, w), (top, left) in zip(items, boxes, corners):
-        image[top : top + h, left : left + w][shape_mask(shape, h, w)] = COLORS[color]
-        placed.append(PlacedObject(shape, color, top, left, top + h, left + w))
+    for (shape, color, _), size_word, (h, bw), (top, left) in zip(items, classes, boxes, corners):
+        image[top : top + h, left : left + bw][shape_mask(shape, h, bw)] = w.colors[color]
+        placed.append(PlacedObject(shape, color, top, left, top + h, left + bw, size_word))
     return image, placed
 
 
@@ -464,7 +613,8 @@ def render(spec: PromptSpec, rng: np.random.Generator, size: int = IMAGE_SIZE) -
 
 
 def sample_batch(
-    rng: np.random.Generator, batch_size: int, split: str = "train", size: int = IMAGE_SIZE
+    rng: np.random.Generator, batch_size: int, split: str = "train", size: int = IMAGE_SIZE,
+    world: "str | World" = "v1",
 ) -> tuple[np.ndarray, list[str]]:
     """(B, size, size, 3) uint8 images and their captions, specs drawn with sample_spec."""
     if batch_size < 1:
@@ -472,7 +622,7 @@ def sample_batch(
     images = np.empty((batch_size, size, size, 3), dtype=np.uint8)
     captions = []
     for i in range(batch_size):
-        spec = sample_spec(rng, split)
+        spec = sample_spec(rng, split, world)
         images[i] = render(spec, rng, size)
         captions.append(spec.caption)
     return images, captions
@@ -483,21 +633,24 @@ def one_attribute_variants(spec: PromptSpec) -> list[PromptSpec]:
     group's shape, color or count, the relation, or (for position) the two groups swapped. Hard
     negatives for contrastive models and for measuring a verifier's false accepts."""
     variants: list[PromptSpec] = []
+    w = WORLDS[spec.world]
 
     def add(groups: tuple[ObjectGroup, ...], relation: str | None) -> None:
         try:
-            candidate = PromptSpec(spec.category, groups, relation)
+            candidate = PromptSpec(spec.category, groups, relation, spec.world)
         except ValueError:  # the change left the grammar (e.g. two groups became equal)
             return
         if candidate != spec and candidate not in variants:
             variants.append(candidate)
 
     for i, group in enumerate(spec.groups):
-        options = [ObjectGroup(s, group.color, group.count) for s in SHAPES]
+        options = [ObjectGroup(s, group.color, group.count, group.size) for s in w.shapes]
         if group.color is not None:
-            options += [ObjectGroup(group.shape, c, group.count) for c in COLORS]
+            options += [ObjectGroup(group.shape, c, group.count, group.size) for c in w.colors]
         if spec.category == "counting":
-            options += [ObjectGroup(group.shape, None, n) for n in COUNT_WORDS]
+            options += [ObjectGroup(group.shape, group.color, n) for n in w.count_words]
+        if group.size is not None:
+            options += [ObjectGroup(group.shape, group.color, group.count, z) for z in w.sizes]
         for option in options:
             add(spec.groups[:i] + (option,) + spec.groups[i + 1 :], spec.relation)
     if spec.relation is not None:
@@ -535,3 +688,51 @@ def degrade(
     out = out + rng.uniform(-color_shift, color_shift, size=batch_shape + (1, 1, 3))
     out = out + rng.normal(0.0, noise, size=out.shape)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered worlds
+
+V1 = World(
+    name="v1",
+    shapes=SHAPES,
+    colors=COLORS,
+    count_words=COUNT_WORDS,
+    plurals=PLURALS,
+    held_out_color_shapes=HELD_OUT_COLOR_SHAPES,
+    held_out_count_shapes=HELD_OUT_COUNT_SHAPES,
+    held_out_single_shapes=frozenset({HELD_OUT_SINGLE_SHAPE}),
+    width_ranges=_WIDTH_RANGE,
+)
+
+_V2_SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "heart", "bar")
+_V2_COLORS = {
+    **COLORS,  # v1's four, unchanged
+    "orange": (240, 130, 30),
+    "purple": (160, 60, 220),
+    "cyan": (40, 210, 210),
+    "white": (235, 235, 235),
+}
+V2 = World(
+    name="v2",
+    shapes=_V2_SHAPES,
+    colors=_V2_COLORS,
+    count_words={2: "two", 3: "three", 4: "four", 5: "five"},
+    plurals={s: ("crosses" if s == "cross" else s + "s") for s in _V2_SHAPES},
+    # one pair per shape and per color (a Latin transversal), so every word keeps training partners
+    held_out_color_shapes=frozenset(zip(("purple", "white", "red", "cyan", "yellow", "blue", "orange", "green"),
+                                        _V2_SHAPES)),
+    # one count per shape, each count twice
+    held_out_count_shapes=frozenset(zip((2, 3, 4, 5, 3, 2, 5, 4), _V2_SHAPES)),
+    aspects={"triangle": 0.85, "heart": 0.9, "bar": 0.5},
+    # bbox widths at 32 px; a measured width between two ranges goes to the nearer one
+    sizes={"small": (7, 8), "medium": (10, 11), "large": (13, 14)},
+    sized_categories=("single_object", "colors"),
+    free_sizes={1: ("small", "medium", "large"), 2: ("small", "medium"), 3: ("small", "medium"),
+                4: ("small",), 5: ("small",)},
+    colored_counting=True,
+)
+
+WORLDS: dict[str, World] = {"v1": V1, "v2": V2}
+_ALL_COUNT_WORDS = {n: word for w in WORLDS.values() for n, word in w.count_words.items()}
+_ALL_PLURALS = {s: plural for w in WORLDS.values() for s, plural in w.plurals.items()}
