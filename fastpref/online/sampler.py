@@ -57,8 +57,8 @@ class GaussianStep:
 def _rows(value, like: torch.Tensor) -> torch.Tensor:
     """A scalar or (N,) value as an (N, 1, 1, ...) float32 tensor on like's device."""
     value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
-    if value.ndim == 0:
-        value = value.expand(like.shape[0])
+    if value.numel() == 1:
+        value = value.reshape(()).expand(like.shape[0])
     if value.shape != (like.shape[0],):
         value = value.reshape(-1)
         if value.shape[0] != like.shape[0]:
@@ -293,7 +293,8 @@ def seeded_normal(seed: int, epoch: int, prompt_ids, per_prompt: int, shape: tup
     """
     if isinstance(prompt_ids, torch.Tensor):
         prompt_ids = prompt_ids.reshape(-1).tolist()
-    blocks = [torch.randn((per_prompt, *shape), generator=group_generator(seed, epoch, int(p), f"online/{what}"))
+    # ids are prompt-file ids (strings such as "train-00012") or integers; both key the generator as text
+    blocks = [torch.randn((per_prompt, *shape), generator=group_generator(seed, epoch, p, f"online/{what}"))
               for p in prompt_ids]
     if not blocks:
         return torch.zeros((0, *shape))
