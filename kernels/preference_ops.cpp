@@ -172,8 +172,8 @@ bool is_supported_float(at::ScalarType dtype) {
 }
 
 // Sums of (pred - target)^2 and, when kWithRef, (ref - target)^2 over n elements, reading target
-// once for both.
-template <typename scalar_t, bool kWithRef>
+// once for both. kRefToPred (step_errors): the second sum is of (pred - ref)^2 instead.
+template <typename scalar_t, bool kWithRef, bool kRefToPred = false>
 FASTPREF_HOT_LOOP std::pair<double, double> squared_error_sums(
     const scalar_t* pred, const scalar_t* ref, const scalar_t* target, int64_t n) {
   using acc = acc_t<scalar_t>;
@@ -191,13 +191,16 @@ FASTPREF_HOT_LOOP std::pair<double, double> squared_error_sums(
     for (; i + kStep <= len; i += kStep) {
       const Vec t0 = load_widened<acc>(t + i);
       const Vec t1 = load_widened<acc>(t + i + kVecLanes<acc>);
-      const Vec dp0 = load_widened<acc>(p + i) - t0;
-      const Vec dp1 = load_widened<acc>(p + i + kVecLanes<acc>) - t1;
+      const Vec p0 = load_widened<acc>(p + i);
+      const Vec p1 = load_widened<acc>(p + i + kVecLanes<acc>);
+      const Vec dp0 = p0 - t0;
+      const Vec dp1 = p1 - t1;
       pol0 += dp0 * dp0;
       pol1 += dp1 * dp1;
       if constexpr (kWithRef) {
-        const Vec dr0 = load_widened<acc>(r + i) - t0;
-        const Vec dr1 = load_widened<acc>(r + i + kVecLanes<acc>) - t1;
+        const Vec dr0 = kRefToPred ? p0 - load_widened<acc>(r + i) : load_widened<acc>(r + i) - t0;
+        const Vec dr1 = kRefToPred ? p1 - load_widened<acc>(r + i + kVecLanes<acc>)
+                                   : load_widened<acc>(r + i + kVecLanes<acc>) - t1;
         ref0 += dr0 * dr0;
         ref1 += dr1 * dr1;
       }
@@ -206,10 +209,11 @@ FASTPREF_HOT_LOOP std::pair<double, double> squared_error_sums(
     acc block_ref = horizontal_sum<acc>(ref0 + ref1);
     for (; i < len; ++i) {
       const acc tv = static_cast<acc>(t[i]);
-      const acc dp = static_cast<acc>(p[i]) - tv;
+      const acc pv = static_cast<acc>(p[i]);
+      const acc dp = pv - tv;
       block_pol += dp * dp;
       if constexpr (kWithRef) {
-        const acc dr = static_cast<acc>(r[i]) - tv;
+        const acc dr = kRefToPred ? pv - static_cast<acc>(r[i]) : static_cast<acc>(r[i]) - tv;
         block_ref += dr * dr;
       }
     }
@@ -219,16 +223,26 @@ FASTPREF_HOT_LOOP std::pair<double, double> squared_error_sums(
   return {total_pol, total_ref};
 }
 
-// out = scale * (pred - target), rounded to scalar_t.
-template <typename scalar_t>
+// out = scale * (pred - target), rounded to scalar_t; with kWithDiv (step_errors) plus
+// scale_div * (pred - ref).
+template <typename scalar_t, bool kWithDiv = false>
 FASTPREF_HOT_LOOP void scaled_differences(const scalar_t* pred, const scalar_t* target, acc_t<scalar_t> scale,
-                                          int64_t n, scalar_t* out) {
+                                          int64_t n, scalar_t* out, const scalar_t* ref = nullptr,
+                                          acc_t<scalar_t> scale_div = 0) {
   using acc = acc_t<scalar_t>;
   int64_t j = 0;
   for (; j + kVecLanes<acc> <= n; j += kVecLanes<acc>) {
-    store_narrowed<scalar_t, acc>(scale * (load_widened<acc>(pred + j) - load_widened<acc>(target + j)), out + j);
+    const Vec32<acc> p = load_widened<acc>(pred + j);
+    Vec32<acc> g = scale * (p - load_widened<acc>(target + j));
+    if constexpr (kWithDiv) g += scale_div * (p - load_widened<acc>(ref + j));
+    store_narrowed<scalar_t, acc>(g, out + j);
   }
-  for (; j < n; ++j) out[j] = static_cast<scalar_t>(scale * (static_cast<acc>(pred[j]) - static_cast<acc>(target[j])));
+  for (; j < n; ++j) {
+    const acc p = static_cast<acc>(pred[j]);
+    acc g = scale * (p - static_cast<acc>(target[j]));
+    if constexpr (kWithDiv) g += scale_div * (p - static_cast<acc>(ref[j]));
+    out[j] = static_cast<scalar_t>(g);
+  }
 }
 
 int64_t elements_per_sample(const Tensor& t) {
@@ -281,9 +295,10 @@ std::optional<Tensor> per_sample_vector(const std::optional<Tensor>& v, const ch
   return t.to(accumulation_dtype(pred.scalar_type())).contiguous();
 }
 
-std::tuple<Tensor, Tensor> sample_errors_native(const Tensor& pred_in, const Tensor& target_in,
-                                                const std::optional<Tensor>& ref_pred_in,
-                                                const std::optional<Tensor>& weight_in) {
+// sample_errors (ref_to_pred = false) and step_errors (true: the second output is mean (pred - ref)^2).
+std::tuple<Tensor, Tensor> errors_impl(const Tensor& pred_in, const Tensor& target_in,
+                                       const std::optional<Tensor>& ref_pred_in,
+                                       const std::optional<Tensor>& weight_in, bool ref_to_pred) {
   check_pred(pred_in);
   check_prediction_like(target_in, "target", pred_in);
   if (ref_pred_in.has_value()) check_prediction_like(*ref_pred_in, "ref_pred", pred_in);
@@ -314,7 +329,9 @@ std::tuple<Tensor, Tensor> sample_errors_native(const Tensor& pred_in, const Ten
         const int64_t offset = grid.sample(task) * grid.per_sample + grid.begin(task);
         const int64_t len = grid.end(task) - grid.begin(task);
         if (with_ref) {
-          const auto [pol, ref] = squared_error_sums<scalar_t, true>(p + offset, r + offset, t + offset, len);
+          const auto [pol, ref] = ref_to_pred
+                                      ? squared_error_sums<scalar_t, true, true>(p + offset, r + offset, t + offset, len)
+                                      : squared_error_sums<scalar_t, true>(p + offset, r + offset, t + offset, len);
           partial_pol[task] = pol;
           partial_ref[task] = ref;
         } else {
@@ -342,6 +359,16 @@ std::tuple<Tensor, Tensor> sample_errors_native(const Tensor& pred_in, const Ten
     }
   });
   return {e_pol, e_ref};
+}
+
+std::tuple<Tensor, Tensor> sample_errors_native(const Tensor& pred, const Tensor& target,
+                                                const std::optional<Tensor>& ref_pred,
+                                                const std::optional<Tensor>& weight) {
+  return errors_impl(pred, target, ref_pred, weight, /*ref_to_pred=*/false);
+}
+
+std::tuple<Tensor, Tensor> step_errors_native(const Tensor& pred, const Tensor& target, const Tensor& ref_pred) {
+  return errors_impl(pred, target, ref_pred, std::nullopt, /*ref_to_pred=*/true);
 }
 
 Tensor sample_errors_backward_native(const Tensor& grad_e_in, const Tensor& pred_in, const Tensor& target_in,
@@ -372,6 +399,44 @@ Tensor sample_errors_backward_native(const Tensor& grad_e_in, const Tensor& pred
         const acc scale = static_cast<acc>(static_cast<double>(ge[i]) * (w ? static_cast<double>(w[i]) : 1.0) * two_over_d);
         const int64_t offset = i * grid.per_sample + grid.begin(task);
         scaled_differences<scalar_t>(p + offset, t + offset, scale, grid.end(task) - grid.begin(task), g + offset);
+      }
+    });
+  });
+  return grad_pred;
+}
+
+// d(sum_i grad_pol_i e_pol_i + grad_div_i e_div_i)/d pred of step_errors, one pass.
+Tensor step_errors_backward_native(const Tensor& grad_pol_in, const Tensor& grad_div_in, const Tensor& pred_in,
+                                   const Tensor& target_in, const Tensor& ref_in) {
+  check_pred(pred_in);
+  check_prediction_like(target_in, "target", pred_in);
+  check_prediction_like(ref_in, "ref_pred", pred_in);
+  const Tensor grad_pol = *per_sample_vector(grad_pol_in, "grad_pol", pred_in);
+  const Tensor grad_div = *per_sample_vector(grad_div_in, "grad_div", pred_in);
+
+  const Tensor pred = pred_in.contiguous();
+  const Tensor target = target_in.contiguous();
+  const Tensor ref = ref_in.contiguous();
+  Tensor grad_pred = at::empty(pred.sizes(), pred.options());
+  const ChunkGrid grid(pred.size(0), elements_per_sample(pred));
+  if (pred.numel() == 0) return grad_pred;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "fastpref_step_errors_backward", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* p = pred.const_data_ptr<scalar_t>();
+    const scalar_t* t = target.const_data_ptr<scalar_t>();
+    const scalar_t* r = ref.const_data_ptr<scalar_t>();
+    scalar_t* g = grad_pred.mutable_data_ptr<scalar_t>();
+    const acc* gp = grad_pol.const_data_ptr<acc>();
+    const acc* gd = grad_div.const_data_ptr<acc>();
+    const double two_over_d = 2.0 / static_cast<double>(grid.per_sample);
+    at::parallel_for(0, grid.tasks(), grid.grain(), [&](int64_t first, int64_t last) {
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t i = grid.sample(task);
+        const int64_t offset = i * grid.per_sample + grid.begin(task);
+        scaled_differences<scalar_t, true>(p + offset, t + offset, static_cast<acc>(static_cast<double>(gp[i]) * two_over_d),
+                                           grid.end(task) - grid.begin(task), g + offset, r + offset,
+                                           static_cast<acc>(static_cast<double>(gd[i]) * two_over_d));
       }
     });
   });
@@ -554,6 +619,22 @@ Tensor sample_errors_backward_meta(const Tensor& grad_e, const Tensor& pred, con
   return at::empty_symint(pred.sym_sizes(), pred.options());
 }
 
+std::tuple<Tensor, Tensor> step_errors_meta(const Tensor& pred, const Tensor& target, const Tensor& ref_pred) {
+  check_pred(pred);
+  check_prediction_like(target, "target", pred);
+  check_prediction_like(ref_pred, "ref_pred", pred);
+  const auto options = pred.options().dtype(accumulation_dtype(pred.scalar_type()));
+  return {at::empty_symint({pred.sym_size(0)}, options), at::empty_symint({pred.sym_size(0)}, options)};
+}
+
+Tensor step_errors_backward_meta(const Tensor& grad_pol, const Tensor& grad_div, const Tensor& pred,
+                                 const Tensor& target, const Tensor& ref_pred) {
+  check_pred(pred);
+  check_prediction_like(target, "target", pred);
+  check_prediction_like(ref_pred, "ref_pred", pred);
+  return at::empty_symint(pred.sym_sizes(), pred.options());
+}
+
 std::tuple<Tensor, Tensor, Tensor> ranked_pair_loss_meta(const Tensor& s, const Tensor& scores, const Tensor& offsets,
                                                          double beta, int64_t loss_type, int64_t weighting) {
   check_ranked_inputs(s, scores, offsets, beta, loss_type, weighting);
@@ -575,18 +656,28 @@ TORCH_LIBRARY_FRAGMENT(fastpref, m) {
       "ranked_pair_loss_native(Tensor s, Tensor scores, Tensor offsets, float beta, int loss_type, int weighting) "
       "-> (Tensor loss_per_group, Tensor grad_s, Tensor stats)",
       {at::Tag::pt2_compliant_tag});
+  m.def("step_errors_native(Tensor pred, Tensor target, Tensor ref_pred) -> (Tensor e_pol, Tensor e_div)",
+        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "step_errors_backward_native(Tensor grad_pol, Tensor grad_div, Tensor pred, Tensor target, Tensor ref_pred) "
+      "-> Tensor",
+      {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(fastpref, CPU, m) {
   m.impl("sample_errors_native", &sample_errors_native);
   m.impl("sample_errors_backward_native", &sample_errors_backward_native);
   m.impl("ranked_pair_loss_native", &ranked_pair_loss_native);
+  m.impl("step_errors_native", &step_errors_native);
+  m.impl("step_errors_backward_native", &step_errors_backward_native);
 }
 
 TORCH_LIBRARY_IMPL(fastpref, Meta, m) {
   m.impl("sample_errors_native", &sample_errors_meta);
   m.impl("sample_errors_backward_native", &sample_errors_backward_meta);
   m.impl("ranked_pair_loss_native", &ranked_pair_loss_meta);
+  m.impl("step_errors_native", &step_errors_meta);
+  m.impl("step_errors_backward_native", &step_errors_backward_meta);
 }
 
 }  // namespace fastpref

@@ -1,10 +1,12 @@
-"""The two primitive ops as torch.library custom ops (namespace "fastpref"), with autograd, fake
+"""The primitive ops as torch.library custom ops (namespace "fastpref"), with autograd, fake
 (meta) implementations and backend dispatch.
 
     torch.ops.fastpref.sample_errors(pred, target, ref_pred?, weight?, backend) -> (e_pol, e_ref)
     torch.ops.fastpref.sample_errors_backward(grad_e, pred, target, weight?, backend) -> grad_pred
     torch.ops.fastpref.ranked_pair_loss(s, scores, offsets, beta, loss_type, weighting,
                                         max_group_size, backend) -> (loss_per_group, grad_s, stats)
+    torch.ops.fastpref.step_errors(pred, target, ref_pred, backend) -> (e_pol, e_div)
+    torch.ops.fastpref.step_errors_backward(grad_pol, grad_div, pred, target, ref_pred, backend) -> grad_pred
 
 Registering them as custom ops (not autograd.Functions) is what lets torch.compile(fullgraph=True)
 trace a training step through them: the compiler sees an opaque op with a fake implementation
@@ -405,7 +407,7 @@ def _step_errors_op(
         from fastpref.ops.triton.sample_errors import step_errors_forward
 
         return step_errors_forward(pred, target, ref_pred)
-    if backend == "native" and hasattr(_native_ops(), "step_errors_native"):
+    if backend == "native":
         return _native_ops().step_errors_native(pred, target, ref_pred)
     return reference.step_errors_reference(pred, target, ref_pred)
 
@@ -432,7 +434,7 @@ def _step_errors_backward_op(
         from fastpref.ops.triton.sample_errors import step_errors_backward
 
         return step_errors_backward(grad_pol, grad_div, pred, target, ref_pred)
-    if backend == "native" and hasattr(_native_ops(), "step_errors_backward_native"):
+    if backend == "native":
         return _native_ops().step_errors_backward_native(grad_pol, grad_div, pred, target, ref_pred)
     return reference.step_errors_backward_reference(grad_pol, grad_div, pred, target, ref_pred)
 

@@ -7,6 +7,8 @@ which registers these torch ops (semantics: fastpref/ops/reference.py):
     torch.ops.fastpref.sample_errors_backward_native(grad_e, pred, target, weight) -> grad_pred
     torch.ops.fastpref.ranked_pair_loss_native(s, scores, offsets, beta, loss_type, weighting)
         -> (loss_per_group, grad_s, stats)
+    torch.ops.fastpref.step_errors_native(pred, target, ref_pred) -> (e_pol, e_div)
+    torch.ops.fastpref.step_errors_backward_native(grad_pol, grad_div, pred, target, ref_pred) -> grad_pred
 
 e_pol / e_ref / loss_per_group / grad_s / stats come out in the accumulation dtype (float32, float64
 for float64 inputs); e_ref is empty when ref_pred is None; grad_pred has pred's dtype; grad_s is
@@ -30,7 +32,13 @@ import torch
 
 from fastpref.ops.reference import LOSS_TYPES, PAIR_WEIGHTINGS
 
-OP_NAMES = ("sample_errors_native", "sample_errors_backward_native", "ranked_pair_loss_native")
+OP_NAMES = (
+    "sample_errors_native",
+    "sample_errors_backward_native",
+    "ranked_pair_loss_native",
+    "step_errors_native",
+    "step_errors_backward_native",
+)
 REBUILD_HINT = (
     "rebuild with `pip install --no-build-isolation --no-deps -v -e .` in the fastpref checkout "
     "(-v shows the CMake log)"

@@ -241,3 +241,34 @@ def test_step_errors_triton_kernels_with_several_chunks(gen, helpers, shape, blo
     got = kernels.step_errors_backward(g_pol, g_div, pred, target, ref, block=block, chunk=chunk)
     want = R.step_errors_backward_reference(g_pol.double(), g_div.double(), pred.double(), target.double(), ref.double())
     torch.testing.assert_close(got.double(), want, rtol=helpers.grad_rtol[dtype], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fullgraph_compile_of_an_online_step(gen, helpers, backend):
+    """spo_loss + grpo_loss through torch.compile(fullgraph=True): no graph break, same loss and
+    gradients as eager (~20 s per backend on a 2-core CPU)."""
+    torch._dynamo.reset()
+    model = torch.nn.Linear(12, 12).to(helpers.device)
+    reference_model = torch.nn.Linear(12, 12).to(helpers.device).requires_grad_(False)
+    x = helpers.randn(gen, 4, 12)
+    sample = helpers.randn(gen, 4, 3, 2, 2)
+    std = (0.5 + torch.rand(4, generator=gen)).to(helpers.device)
+    old = helpers.randn(gen, 4) - 2.0
+    adv = helpers.randn(gen, 4)
+
+    def step(x, sample, std, old, adv):
+        mean = model(x).view(4, 3, 2, 2)
+        ref_mean = reference_model(x).view(4, 3, 2, 2)
+        spo = ops.spo_loss(mean, ref_mean, sample, std, beta=10.0, clip_eps=0.1, backend=backend)
+        grpo = ops.grpo_loss(mean, ref_mean, sample, std, old, adv, clip_range=0.2, kl_beta=0.04, backend=backend)
+        return spo.loss + grpo.loss, grpo.log_prob.detach(), spo.metrics["clip_fraction"]
+
+    eager = step(x, sample, std, old, adv)
+    eager_grads = torch.autograd.grad(eager[0], list(model.parameters()))
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    got = compiled(x, sample, std, old, adv)
+    grads = torch.autograd.grad(got[0], list(model.parameters()))
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
