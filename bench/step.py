@@ -672,7 +672,12 @@ ABLATIONS = (
 )
 
 
-def plan(arch: Arch, device: torch.device, pairs: int, objectives, modes, ablation: bool) -> list[Variant]:
+ABLATION_KEYS = tuple(key for _, key, _ in ABLATIONS)
+
+
+def plan(arch: Arch, device: torch.device, pairs: int, objectives, modes, ablation: bool,
+         only: tuple[str, ...] | None = None) -> list[Variant]:
+    """Headline rows, then the ablation rows (all, or those whose key is in `only`)."""
     speed, off = fastpref_speed(device)
     variants = []
     for objective in objectives:
@@ -686,6 +691,8 @@ def plan(arch: Arch, device: torch.device, pairs: int, objectives, modes, ablati
         return variants
     work = Workload(objectives[0], "full" if "full" in modes else modes[0], pairs)
     for name, key, field_name in ABLATIONS:
+        if only and key not in only:
+            continue
         variant = Variant(f"fastpref {name}", "ablation", "fastpref", work, speed)
         if key in ("cached_latents", "cached_reference"):
             variant = dataclasses.replace(variant, **{key: False})
@@ -870,7 +877,8 @@ def run(args) -> dict[str, Path]:
         notes.append(f"{arch.describe()}: denoiser {params / 1e6:.1f}M parameters (random weights), latents "
                      f"{arch.latent_channels}x{arch.latent_hw[0]}x{arch.latent_hw[1]}, {arch.text_length} text tokens, "
                      f"forward {arch.denoiser_forward_flops(1).total / 1e9:.3g} GFLOP per image")
-        for variant in plan(arch, device, args.pairs, args.objectives, args.modes, not args.no_ablation):
+        for variant in plan(arch, device, args.pairs, args.objectives, args.modes, not args.no_ablation,
+                            args.ablations):
             row = measure(arch, variant, settings)
             row["speed_config"] = json.dumps(dataclasses.asdict(variant.speed), sort_keys=True)
             rows.append(row)
@@ -918,6 +926,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per row (compile needs >= 2)")
     parser.add_argument("--phase-steps", type=int, default=None, help="steps timed phase by phase")
     parser.add_argument("--no-ablation", action="store_true", help="only the fastpref / baseline rows")
+    parser.add_argument("--ablations", nargs="+", choices=ABLATION_KEYS,
+                        help="only these ablation rows (default: all), e.g. compile fp8")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds after which remaining rows are recorded as skipped (default: 510 on GPU)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of the headline fastpref row")

@@ -101,6 +101,7 @@ def ranked_pair_loss_forward(s, scores, offsets, beta: float, loss_type: int, we
             s, scores, offsets, loss, grad_s, stats, float(beta),
             LOSS_TYPE=loss_type, WEIGHTING=weighting,
             BLOCK_K=max(2, triton.next_power_of_2(max_group_size)),
-            num_warps=4 if max_group_size > 16 else 1,
+            # K=64 at 4 warps spills (bench/results/triton-aot.md): 8 warps hold its 64x64 pair matrices.
+            num_warps=8 if max_group_size > 32 else 4 if max_group_size > 16 else 1,
         )
     return loss, grad_s, stats
