@@ -4,5 +4,6 @@ set -euo pipefail
 # shellcheck source=scripts/env.sh
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$repo"
-export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
+# Without a CUDA device Triton kernels run in the interpreter; with one, for real.
+fastpref_set_triton_interpret
 fastpref demo "$@"

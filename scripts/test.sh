@@ -5,7 +5,7 @@ set -euo pipefail
 # shellcheck source=scripts/env.sh
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$repo"
-# Triton kernels run on CPU tensors only through the interpreter; the GPU test job unsets this.
-export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
+# Without a CUDA device Triton kernels run in the interpreter; with one, for real.
+fastpref_set_triton_interpret
 python -m fastpref.env_report || true
 python -m pytest tests "$@"
