@@ -15,6 +15,9 @@ device-to-device copy bandwidth (clone of a 1 GiB tensor) and the peak extra mem
 
     python bench/ops.py                 # GPU: N=64 x 4x128x128 bf16; CPU: N=16 x 4x32x32 fp32
     python bench/ops.py --smoke         # seconds, for CI
+    python bench/ops.py --objective spo # the online methods' ops: spo | grpo (pred = policy mean,
+                                        # target = the sample, ref_pred = the reference mean);
+                                        # "paper" is then the SPO / Flow-GRPO code's formula
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -74,22 +78,86 @@ def fused_dpo(backend):
     return loss_fn
 
 
-def variants(device: torch.device, smoke: bool) -> tuple[dict, list[str]]:
+# Online methods: a Gaussian step with std 0.5 per row; GRPO's old log-probs / advantages fixed.
+STEP_STD = 0.5
+
+
+def _grpo_inputs(pred):
+    n = pred.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    old = (-0.5 - torch.rand(n, generator=gen)).to(pred.device)
+    return old, torch.randn(n, generator=gen).to(pred.device)
+
+
+def reference_spo(pred, target, ref_pred):
+    return R.spo_loss_reference(pred, ref_pred, target, STEP_STD)[0]
+
+
+def paper_spo(pred, target, ref_pred):
+    """SPO's train_spo.py: log-densities elementwise (ddim_step_with_logprob), clamp, -log sigmoid."""
+    def log_prob(mean):
+        lp = -((target.float() - mean.float()) ** 2) / (2 * STEP_STD**2) - math.log(STEP_STD) - R.LOG_SQRT_2PI
+        return lp.mean(dim=tuple(range(1, lp.ndim)))
+
+    ratio = torch.clamp(torch.exp(log_prob(pred) - log_prob(ref_pred.detach())), 0.9, 1.1)
+    return -torch.log(torch.sigmoid(10.0 * torch.log(ratio[0::2]) - 10.0 * torch.log(ratio[1::2]))).mean()
+
+
+def fused_spo(backend):
+    def loss_fn(pred, target, ref_pred):
+        return ops.spo_loss(pred, ref_pred, target, STEP_STD, backend=backend).loss
+
+    return loss_fn
+
+
+def reference_grpo(pred, target, ref_pred):
+    old, adv = _grpo_inputs(pred)
+    return R.grpo_loss_reference(pred, ref_pred, target, STEP_STD, old, adv, 0.2, 0.04)[0]
+
+
+def paper_grpo(pred, target, ref_pred):
+    """Flow-GRPO's train_sd3.py step: elementwise log-density, clipped ratio, KL on the means."""
+    old, adv = _grpo_inputs(pred)
+    lp = -((target.float() - pred.float()) ** 2) / (2 * STEP_STD**2) - math.log(STEP_STD) - R.LOG_SQRT_2PI
+    ratio = torch.exp(lp.mean(dim=tuple(range(1, lp.ndim))) - old)
+    policy_loss = torch.mean(torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 0.8, 1.2)))
+    kl = ((pred.float() - ref_pred.float()) ** 2).mean(dim=tuple(range(1, pred.ndim))) / (2 * STEP_STD**2)
+    return policy_loss + 0.04 * kl.mean()
+
+
+def fused_grpo(backend):
+    def loss_fn(pred, target, ref_pred):
+        old, adv = _grpo_inputs(pred)
+        return ops.grpo_loss(pred, ref_pred, target, STEP_STD, old, adv, clip_range=0.2, kl_beta=0.04,
+                             backend=backend).loss
+
+    return loss_fn
+
+
+OBJECTIVES = {
+    "dpo": (reference_dpo, paper_dpo, fused_dpo),
+    "spo": (reference_spo, paper_spo, fused_spo),
+    "grpo": (reference_grpo, paper_grpo, fused_grpo),
+}
+
+
+def variants(device: torch.device, smoke: bool, objective: str = "dpo") -> tuple[dict, list[str]]:
     """name -> loss function, and notes on the variants left out."""
-    chosen, notes = {"reference": reference_dpo, "paper": paper_dpo}, []
+    reference_fn, paper_fn, fused = OBJECTIVES[objective]
+    chosen, notes = {"reference": reference_fn, "paper": paper_fn}, []
     if smoke:
         notes.append("smoke: compiled variants skipped (a cold torch.compile takes ~20 s)")
     else:
-        chosen["reference_compiled"] = torch.compile(reference_dpo)
-        chosen["paper_compiled"] = torch.compile(paper_dpo)
+        chosen["reference_compiled"] = torch.compile(reference_fn)
+        chosen["paper_compiled"] = torch.compile(paper_fn)
     if device.type == "cuda" and not library.triton_unavailable_reason():
-        chosen["triton"] = fused_dpo("triton")
+        chosen["triton"] = fused("triton")
     else:
         notes.append(
             "triton skipped: " + (library.triton_unavailable_reason() or "CPU (the interpreter is not a benchmark)")
         )
     if device.type == "cpu" and not library.native_unavailable_reason():
-        chosen["native"] = fused_dpo("native")
+        chosen["native"] = fused("native")
     elif device.type == "cpu":
         notes.append(f"native skipped: {library.native_unavailable_reason()}")
     return chosen, notes
@@ -140,9 +208,11 @@ def mode_callable(mode, loss_fn, pred, target, ref_pred):
     return lambda: torch.autograd.grad(loss, pred, retain_graph=True)
 
 
-def minimum_bytes(mode, tensor_bytes):
-    """Reads of pred/target/ref_pred in the forward; reads of pred/target + write of grad in the backward."""
-    return {"forward": 3, "backward": 3, "step": 6}[mode] * tensor_bytes
+def minimum_bytes(mode, tensor_bytes, objective="dpo"):
+    """Reads of pred/target/ref_pred in the forward; reads of pred/target + write of grad in the backward
+    (GRPO's backward also reads ref_pred: its KL gradient is pred - ref_pred)."""
+    backward = 4 if objective == "grpo" else 3
+    return {"forward": 3, "backward": backward, "step": 3 + backward}[mode] * tensor_bytes
 
 
 def run(args) -> Path:
@@ -162,7 +232,7 @@ def run(args) -> Path:
     ref_pred = (pred.detach().float() + 0.01 * torch.randn(n, *shape, generator=gen).to(device)).to(dtype)
     tensor_bytes = pred.numel() * pred.element_size()
 
-    chosen, notes = variants(device, args.smoke)
+    chosen, notes = variants(device, args.smoke, args.objective)
     if args.variants:
         chosen = {name: fn for name, fn in chosen.items() if name in args.variants}
     copy_gbps = copy_bandwidth_gbps(device, warmup, iters)
@@ -191,7 +261,7 @@ def run(args) -> Path:
             )
             median = statistics.median(times)
             q = statistics.quantiles(times, n=4) if len(times) >= 2 else [median, median, median]
-            gbps = minimum_bytes(mode, tensor_bytes) / (median * 1e-3) / 1e9
+            gbps = minimum_bytes(mode, tensor_bytes, args.objective) / (median * 1e-3) / 1e9
             if name == "reference":
                 baseline_ms = median
             rows.append(
@@ -200,6 +270,7 @@ def run(args) -> Path:
                     "device": device_name,
                     "torch": torch.__version__,
                     "triton": triton_version,
+                    "objective": args.objective,
                     "mode": mode,
                     "variant": name,
                     "n": n,
@@ -209,7 +280,7 @@ def run(args) -> Path:
                     "p25_ms": round(q[0], 4),
                     "p75_ms": round(q[2], 4),
                     "min_ms": round(min(times), 4),
-                    "min_bytes_moved": minimum_bytes(mode, tensor_bytes),
+                    "min_bytes_moved": minimum_bytes(mode, tensor_bytes, args.objective),
                     "achieved_GBps": float(f"{gbps:.4g}"),
                     "copy_GBps": round(copy_gbps, 1) if copy_gbps else "",
                     "fraction_of_copy_bw": float(f"{gbps / copy_gbps:.3g}") if copy_gbps else "",
@@ -222,7 +293,8 @@ def run(args) -> Path:
     out_dir = Path(args.out) if args.out else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = out_dir / f"ops-{device.type}-{'smoke-' if args.smoke else ''}{stamp}.csv"
+    objective = "" if args.objective == "dpo" else f"{args.objective}-"
+    path = out_dir / f"ops-{objective}{device.type}-{'smoke-' if args.smoke else ''}{stamp}.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -252,6 +324,8 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--variants", nargs="+", help="subset of variants to run")
+    parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="dpo",
+                        help="dpo (default), or the online methods' spo / grpo ops")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, few iterations, no compile")
     parser.add_argument("--out", help=f"output folder (default {RESULTS_DIR})")
     args = parser.parse_args(argv)
