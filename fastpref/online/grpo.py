@@ -97,6 +97,7 @@ class GRPOMethod:
         self.samples_per_part = samples // split  # per process and optimizer step, before dropping
         self.chunks = chunk_count(self.samples_per_part, self.cfg.train_batch_size)
         self.shape = latent_shape(bundle, self.online.resolution)
+        self.rollout_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ what the engine asks
     @staticmethod
@@ -170,8 +171,8 @@ class GRPOMethod:
             "advantage_abs_mean": float(advantages.abs().mean()),
             "kept_fraction": float(keep.float().mean()),
         }
-        metrics = {key: torch.tensor(value) for key, value in metrics.items()}
-        return [self._micro_batches(part, placeholder, metrics) for part in parts]
+        self.rollout_metrics = metrics
+        return [self._micro_batches(part, placeholder) for part in parts]
 
     def _kept_samples(self, advantages: torch.Tensor, prompts: RolloutPrompts) -> torch.Tensor:
         """(N,) bool over the rollout: nonzero advantages, plus zero ones (chosen by a seeded permutation) until
@@ -188,8 +189,8 @@ class GRPOMethod:
             keep[zeros[torch.randperm(len(zeros), generator=generator)[:missing]]] = True
         return keep
 
-    def _micro_batches(self, part: dict[str, torch.Tensor], placeholder: dict[str, torch.Tensor],
-                       metrics: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    def _micro_batches(self, part: dict[str, torch.Tensor], placeholder: dict[str, torch.Tensor]
+                       ) -> list[dict[str, Any]]:
         n = part["advantages"].shape[0]
         size = self.cfg.train_batch_size
         batches = []
@@ -199,7 +200,7 @@ class GRPOMethod:
             if count == 0:
                 rows = placeholder
             for j in range(self.train_steps):
-                batches.append({"rows": rows, "step": j, "count": count, "metrics": metrics})
+                batches.append({"rows": rows, "step": j, "count": count})
         assert n <= self.chunks * size
         return batches
 
@@ -238,4 +239,4 @@ class GRPOMethod:
         out = ops.grpo_loss(step.mean, reference_mean, taken, step.std.detach(), rows["log_probs"][:, j].to(device),
                             rows["advantages"].to(device), clip_range=self.cfg.clip_range, kl_beta=self.cfg.kl_beta,
                             kl_std=kl_std, backend=engine.loss_backend)
-        return StepOutput(out.loss, {**out.metrics, **batch["metrics"]}, n)
+        return StepOutput(out.loss, out.metrics, n)

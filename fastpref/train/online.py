@@ -206,6 +206,12 @@ class OnlineTrainer(Trainer):
                 for micro_batch in part:
                     yield prompts.epoch, micro_batch
 
+    def optimizer_step(self, batches) -> tuple[dict, int]:
+        """The loop's step, its metrics joined by the statistics of the rollout its micro-batches came from (reward
+        mean / std, advantages, ...; logged even when the step had nothing to learn and was skipped)."""
+        metrics, images = super().optimizer_step(batches)
+        return {**self.method.rollout_metrics, **metrics}, images
+
     def validate(self, logger=None) -> Path | None:
         return self.validator.run(self.bundle, self.step, self.parallel.is_main, logger, autocast=self.autocast,
                                   attention=self.attention)
