@@ -326,6 +326,36 @@ def variant_statistics(cfg: StudyConfig, results: dict[str, dict[str, Any]]) -> 
     return stats
 
 
+def pooled_outcomes(runs: list[dict[str, Any]]) -> tuple[list[list[float]], list[str]]:
+    """Per prompt, the outcomes of every (training seed, evaluation seed) of a variant's models, in one fixed
+    order, so that two variants evaluated on the same prompts and seeds pair image for image; and each prompt's
+    category."""
+    outcomes: dict[str, list[float]] = {}
+    category: dict[str, str] = {}
+    for run in runs:
+        for sample in sorted(run["samples"], key=lambda s: (s["caption"], s["seed"])):
+            outcomes.setdefault(sample["caption"], []).append(float(sample["passed"]))
+            category[sample["caption"]] = sample["category"]
+    captions = sorted(outcomes)
+    return [outcomes[c] for c in captions], [category[c] for c in captions]
+
+
+def claim_interval(cfg: StudyConfig, results: dict[str, dict[str, Any]], better: str, than: str) -> list[float]:
+    """Paired bootstrap 95% interval of `better` - `than` in MiniGenEval overall (the category mean): prompts
+    resampled within their category, the images of all training seeds x evaluation seeds within each prompt
+    (the base, a single model, paired with each training seed's model)."""
+    from fastpref.eval.minigeneval import bootstrap_difference
+
+    def runs(name: str) -> list[dict[str, Any]]:
+        return [results["base"]] * len(cfg.seeds) if name == "base" else \
+            [results[f"{name}-seed{seed}"] for seed in cfg.seeds]
+
+    a, categories = pooled_outcomes(runs(better))
+    b, _ = pooled_outcomes(runs(than))
+    interval = bootstrap_difference(a, b, categories=categories, n_boot=4000, seed=0)
+    return [interval.low, interval.high]
+
+
 def build_report(cfg: StudyConfig, results: dict[str, dict[str, Any]], seconds: dict[str, float],
                  counts: dict[str, int]) -> dict[str, Any]:
     from fastpref.eval.verdicts import judge_claim
@@ -335,7 +365,9 @@ def build_report(cfg: StudyConfig, results: dict[str, dict[str, Any]], seconds: 
     claims = []
     for claim in cfg.claims:
         a, b = stats[claim.better], stats[claim.than]
-        verdict = judge_claim(a["overall"], a["overall_std"], b["overall"], b["overall_std"], eval_spread)
+        verdict = judge_claim(a["overall"], a["overall_std"], b["overall"], b["overall_std"], eval_spread,
+                              interval=claim_interval(cfg, results, claim.better, claim.than),
+                              names=(claim.better, claim.than))
         claims.append({"name": claim.name or f"{claim.better} > {claim.than}", "better": claim.better,
                        "than": claim.than, **verdict})
     return {"recipe": cfg.recipe, "seeds": cfg.seeds, "counts": counts, "variants": stats, "claims": claims,
