@@ -38,6 +38,9 @@ def iterate_fields(batches: list[dict[str, list[str]]], num_workers: int = 0, de
         pin_memory=device.startswith("cuda"),
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
+        # its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG, and a resumed
+        # run (one extra iterator, mid-epoch) would shift every later dropout mask off the uninterrupted run's
+        generator=torch.Generator().manual_seed(0),
     )
     for fields in loader:
         if device != "cpu":
