@@ -14,10 +14,18 @@ Pipeline (numpy only, ~0.3 ms per 32x32 image):
 
 The same check_objects runs on the renderer's ground-truth objects (world.PlacedObject), which is
 how the tests know whether a mismatched caption is truly false for an image.
+
+World v2 (8 shapes, sizes; `world="v2"`, or any v2 PromptSpec) keeps steps 1-3 and 5 with v2's
+palette, and replaces 4: moments alone do not separate eight shapes, so each component's coverage
+map is fitted by every shape's template (world.shape_mask) at every width near its blur-invariant
+area, placed at its blur-invariant centroid and blurred by the Gaussian that explains the excess
+of its second moments; the best fit names the shape and its width the size class (world.size_of_width),
+and a component that no template fits within `v2_max_fit_error` has no shape.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -33,6 +41,7 @@ _BACKGROUND = np.array(world.BACKGROUND, dtype=np.float32)
 class SceneObject(Protocol):
     shape: str | None
     color: str | None
+    size: str | None
 
     @property
     def centroid(self) -> tuple[float, float]: ...
@@ -52,6 +61,7 @@ class DetectedObject:
     area: float  # in pixels of full coverage
     centroid: tuple[float, float]  # (x, y) coverage-weighted mean, pixel centres at +0.5
     features: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
+    size: str | None = None  # the size class, in a world with sizes
 
     @property
     def box_size(self) -> tuple[int, int]:
@@ -85,6 +95,7 @@ class VerifierConfig:
     circle_k22: float = 0.95  # k22 below minus this: a circle; near 0: a square
     max_elongation: float = 3.0  # principal variance ratio above this: a streak, no shape
     strict: bool = True  # the caption must name every object in the image (see check_objects)
+    v2_max_fit_error: float = 0.45  # v2: sum |coverage - fitted template| / area above this: no shape
 
 
 DEFAULT_CONFIG = VerifierConfig()
@@ -135,13 +146,30 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def detect_objects(image: np.ndarray, config: VerifierConfig = DEFAULT_CONFIG) -> list[DetectedObject]:
-    """Objects in a uint8 (H, W, 3) image, in raster order of their first pixel."""
+@functools.lru_cache(maxsize=None)
+def _palette(world_name: str) -> tuple[tuple[str, ...], np.ndarray]:
+    w = world.get_world(world_name)
+    return tuple(w.colors), np.array([w.colors[c] for c in w.colors], dtype=np.float32)
+
+
+def detect_objects(
+    image: np.ndarray, config: VerifierConfig = DEFAULT_CONFIG, world_name: str = "v1"
+) -> list[DetectedObject]:
+    """Objects in a uint8 (H, W, 3) image, in raster order of their first pixel (`world_name`'s
+    palette, shapes and sizes)."""
     image = _as_image(image)
+    w = world.get_world(world_name)
+    names, palette = (_PALETTE_NAMES, _PALETTE) if w.name == "v1" else _palette(w.name)
     pixels = image.astype(np.float32)
     offset = pixels - _BACKGROUND
     bg_distance = np.linalg.norm(offset, axis=-1)
     labels, count = connected_components(bg_distance > config.bg_threshold)
+    if w.name != "v1" and (labels < 0).any():
+        # a global color cast moves the background and every object alike: measure it on the
+        # background, so that v2's closer colors and the coverage (hence sizes) do not drift with it
+        cast = np.median(pixels[labels < 0], axis=0) - _BACKGROUND
+        offset = offset - cast
+        pixels = pixels - cast
     min_area = config.min_area * (image.shape[0] * image.shape[1]) / world.IMAGE_SIZE**2
     objects = []
     for index in range(count):
@@ -151,29 +179,106 @@ def detect_objects(image: np.ndarray, config: VerifierConfig = DEFAULT_CONFIG) -
             continue
         colors = pixels[ys, xs]
         weights = bg_distance[ys, xs]
-        palette_distance = np.linalg.norm(colors[:, None, :] - _PALETTE[None], axis=-1)  # (n, K)
-        votes = np.bincount(palette_distance.argmin(1), weights=weights, minlength=len(_PALETTE))
+        if w.name == "v1":
+            palette_distance = np.linalg.norm(colors[:, None, :] - palette[None], axis=-1)  # (n, K)
+        else:
+            # a rim pixel mixes its object's color with the background: measure each pixel's distance
+            # from the background-to-color segment, not from the color, so that thin shapes (rings,
+            # crosses) and v2's close colors (orange / red) vote for the color they were drawn in
+            rays = palette - _BACKGROUND  # (K, 3)
+            along = np.clip((colors - _BACKGROUND) @ rays.T / (rays**2).sum(1), 0.0, 1.0)  # (n, K)
+            nearest = _BACKGROUND + along[..., None] * rays[None]
+            palette_distance = np.linalg.norm(colors[:, None, :] - nearest, axis=-1)
+        votes = np.bincount(palette_distance.argmin(1), weights=weights, minlength=len(palette))
         winner = int(votes.argmax())
         core = weights >= np.quantile(weights, 0.5)
-        core_distance = float(np.linalg.norm(colors[core].mean(0) - _PALETTE[winner]))
-        color = _PALETTE_NAMES[winner] if core_distance <= config.color_tolerance else None
+        core_distance = float(np.linalg.norm(colors[core].mean(0) - palette[winner]))
+        color = names[winner] if core_distance <= config.color_tolerance else None
         # Coverage: the fraction of each pixel the object covers, read off the pixel's position
         # between the background and the object's palette color. It includes the faint rim just
         # outside the thresholded component (where blur spreads the object) but not other objects.
         rim = _dilate(mask) & (labels < 0)
         region_ys, region_xs = np.nonzero(mask | rim)
-        direction = _PALETTE[winner] - _BACKGROUND
+        direction = palette[winner] - _BACKGROUND
         coverage = offset[region_ys, region_xs] @ direction / float(direction @ direction)
         coverage = np.where(coverage < config.min_coverage, 0.0, np.minimum(coverage, 1.0))
-        shape, features = _classify_shape(coverage, region_xs, region_ys, config)
+        size = None
+        if w.name == "v1":
+            shape, features = _classify_shape(coverage, region_xs, region_ys, config)
+        else:
+            scale = image.shape[0] / world.IMAGE_SIZE
+            shape, width, features = _fit_shape(coverage, region_xs, region_ys, w, scale, config)
+            size = w.size_of_width(width / scale) if shape is not None else None
         area = float(coverage.sum())
         centroid = (
             float(coverage @ region_xs) / area + 0.5,
             float(coverage @ region_ys) / area + 0.5,
         )
         top, bottom, left, right = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-        objects.append(DetectedObject(shape, color, top, left, bottom, right, area, centroid, features))
+        objects.append(DetectedObject(shape, color, top, left, bottom, right, area, centroid, features, size))
     return objects
+
+
+@functools.lru_cache(maxsize=4096)
+def _template(shape: str, height: int, width: int, sigma: float) -> tuple[np.ndarray, float, float, float, float]:
+    """A shape's coverage blurred by a Gaussian of `sigma` px, on a canvas padded by 3 sigma, with its
+    area, centroid (x, y in canvas pixels) and second moment mxx + myy (of the sharp mask)."""
+    mask = world.shape_mask(shape, height, width).astype(np.float64)
+    pad = int(np.ceil(3 * sigma)) + 1
+    canvas = np.pad(mask, pad)
+    if sigma > 0:
+        radius = int(np.ceil(3 * sigma))
+        taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+        taps /= taps.sum()
+        canvas = np.apply_along_axis(lambda r: np.convolve(r, taps, mode="same"), 0, canvas)
+        canvas = np.apply_along_axis(lambda r: np.convolve(r, taps, mode="same"), 1, canvas)
+    ys, xs = np.nonzero(mask)
+    area = float(mask.sum())
+    cx, cy = xs.mean() + pad, ys.mean() + pad
+    spread = float(((xs - xs.mean()) ** 2).mean() + ((ys - ys.mean()) ** 2).mean())
+    canvas.flags.writeable = False
+    return canvas, area, cx, cy, spread
+
+
+def _fit_shape(coverage, xs, ys, w: world.World, scale: float, config: VerifierConfig):
+    """(shape, width, features): the template and width whose blurred coverage best fits the component."""
+    area = float(coverage.sum())
+    cx, cy = float(coverage @ xs) / area, float(coverage @ ys) / area
+    spread = float(coverage @ ((xs - cx) ** 2 + (ys - cy) ** 2)) / area
+    # the widths the renderer draws (and one beyond each end): a fit between two size ranges would
+    # make the size class a coin flip
+    drawn = {width for lo, hi in w.sizes.values() for width in range(lo, hi + 1)}
+    drawn |= {min(drawn) - 1, max(drawn) + 1}
+    widths = sorted({max(3, int(round(width * scale))) for width in drawn})
+    x0, y0 = int(xs.min()) - 10, int(ys.min()) - 10  # a window around the component with room for templates
+    window = np.zeros((int(ys.max()) - y0 + 11, int(xs.max()) - x0 + 11))
+    window[ys - y0, xs - x0] = coverage
+    total = float(coverage.sum())
+    best = (np.inf, None, 0)
+    for shape in w.shapes:
+        for width in widths:
+            height, width_ = w.box_size(shape, width)
+            sharp_area = float(world.shape_mask(shape, height, width_).sum())
+            if abs(sharp_area - area) > 0.35 * area:
+                continue
+            # blur adds 2 sigma^2 to mxx + myy: the excess over the sharp template gives sigma
+            sigma2 = (spread - _template(shape, height, width_, 0.0)[4]) / 2.0
+            estimate = round(float(np.sqrt(min(max(sigma2, 0.0), 4.0))) * 5) / 5
+            for sigma in {max(estimate - 0.2, 0.0), estimate, estimate + 0.2}:  # clipped tails bias it
+                canvas, _, tcx, tcy, _ = _template(shape, height, width_, round(sigma, 1))
+                top, left = int(round(cy - y0 - tcy)), int(round(cx - x0 - tcx))
+                if (top < 0 or left < 0 or top + canvas.shape[0] > window.shape[0]
+                        or left + canvas.shape[1] > window.shape[1]):
+                    continue
+                under = window[top : top + canvas.shape[0], left : left + canvas.shape[1]]
+                error = (total - float(under.sum()) + float(np.abs(under - canvas).sum())) / area
+                if error < best[0]:
+                    best = (error, shape, width)
+    error, shape, width = best
+    features = {"area": area, "fit_error": error}
+    if shape is None or error > config.v2_max_fit_error:
+        return None, 0, features
+    return shape, width, features
 
 
 def shape_features(coverage: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> dict[str, float]:
@@ -218,7 +323,8 @@ def _classify_shape(coverage, xs, ys, config: VerifierConfig) -> tuple[str | Non
 
 
 def _matches(obj: SceneObject, group: world.ObjectGroup) -> bool:
-    return obj.shape == group.shape and (group.color is None or obj.color == group.color)
+    return (obj.shape == group.shape and (group.color is None or obj.color == group.color)
+            and (group.size is None or getattr(obj, "size", None) == group.size))
 
 
 def check_objects(
@@ -255,9 +361,11 @@ def _as_spec(spec: world.PromptSpec | str) -> world.PromptSpec:
 def verify_detailed(
     image: np.ndarray, spec: world.PromptSpec | str, config: VerifierConfig = DEFAULT_CONFIG
 ) -> Verification:
-    """Per-check breakdown of whether a uint8 (H, W, 3) image satisfies spec (or a caption)."""
-    objects = detect_objects(image, config)
-    return Verification(check_objects(_as_spec(spec), objects, config.strict), objects)
+    """Per-check breakdown of whether a uint8 (H, W, 3) image satisfies spec (or a v1 caption), in the
+    spec's world."""
+    spec = _as_spec(spec)
+    objects = detect_objects(image, config, spec.world)
+    return Verification(check_objects(spec, objects, config.strict), objects)
 
 
 def verify(image: np.ndarray, spec: world.PromptSpec | str, config: VerifierConfig = DEFAULT_CONFIG) -> bool:

@@ -122,6 +122,7 @@ class World:
     sized_categories: tuple[str, ...] = ()
     free_sizes: dict[int, tuple[str, ...]] = field(default_factory=dict)
     colored_counting: bool = False
+    min_gap: int = MIN_GAP  # empty pixels between objects' boxes, at IMAGE_SIZE
 
     @property
     def max_objects(self) -> int:
@@ -463,9 +464,9 @@ def shape_mask(shape: str, height: int, width: int) -> np.ndarray:
         mask = np.abs(xs - 0.5) + np.abs(ys - 0.5) <= 0.5
     elif shape == "cross":  # a plus sign: two bars of a third of the box
         mask = (np.abs(xs - 0.5) <= 1 / 6) | (np.abs(ys - 0.5) <= 1 / 6)
-    elif shape == "ring":  # a disc with a hole of half its radius
+    elif shape == "ring":  # a disc with a hole of 40% of its radius
         radius2 = (xs - 0.5) ** 2 + (ys - 0.5) ** 2
-        mask = (radius2 <= 0.25) & (radius2 >= 0.0625)
+        mask = (radius2 <= 0.25) & (radius2 >= 0.04)
     elif shape == "heart":  # two lobes on top of a downward point
         lobes = ((np.abs(xs - 0.5) - 0.25) ** 2 + (ys - 0.28) ** 2) <= 0.27**2
         point = (ys >= 0.28) & (np.abs(xs - 0.5) <= 0.5 * (1.0 - ys) / 0.72)
@@ -596,7 +597,7 @@ def render_scene(
         width = max(3, int(round(int(rng.integers(lo, hi + 1)) * scale)))
         boxes.append(w.box_size(shape, width))
         classes.append(size_word)
-    gap = max(1, round(MIN_GAP * scale))
+    gap = max(1, round(w.min_gap * scale))
     corners = _place(rng, boxes, size, gap, spec.relation)
     image = np.empty((size, size, 3), dtype=np.uint8)
     image[:] = BACKGROUND
@@ -731,6 +732,7 @@ V2 = World(
     free_sizes={1: ("small", "medium", "large"), 2: ("small", "medium"), 3: ("small", "medium"),
                 4: ("small",), 5: ("small",)},
     colored_counting=True,
+    min_gap=3,  # brighter colors and five objects: 2 px let a blurred decoder join neighbours
 )
 
 WORLDS: dict[str, World] = {"v1": V1, "v2": V2}
