@@ -34,6 +34,13 @@ class EvalConfig:
     guidance_scale: float = 4.0
     batch_size: int = 64
     seed_offset: int = 1000  # disjoint from the seeds Syn-Pic generated its training images with
+    world: str = "v1"  # the toy world whose held-out prompts are evaluated: v1 (the shipped models') or v2
+
+    def validate(self) -> None:
+        from fastpref.toy.world import WORLDS
+
+        if self.world not in WORLDS:
+            raise ConfigError(f"world: {self.world!r} is not one of {tuple(WORLDS)}")
 
 
 @dataclass
@@ -168,7 +175,7 @@ def run_eval(stages: Stages, cfg: RunConfig, out: Path) -> dict[str, Any]:
         result = evaluate(generate, seeds_per_prompt=ev.seeds_per_prompt,
                           max_prompts_per_category=ev.max_prompts_per_category, batch_size=ev.batch_size,
                           seed_offset=ev.seed_offset, progress=cfg.progress,
-                          min_images_per_category=ev.min_images_per_category)
+                          min_images_per_category=ev.min_images_per_category, world_name=ev.world)
         result.save(out / "eval" / f"{name}.json")
         results[name] = result
         print(f"[fastpref run] MiniGenEval {name}: {100 * result.overall:.1f}%")

@@ -34,6 +34,7 @@ seeds in every row). `--model world` is the renderer itself: the accuracy ceilin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -249,11 +250,11 @@ def verdict(interval: PairedInterval | dict[str, Any], other: str = "the base") 
     return "not shown: interval contains zero"
 
 
-def select_prompts(max_prompts_per_category: int | None = 12) -> list[world.PromptSpec]:
+def select_prompts(max_prompts_per_category: int | None = 12, world_name: str = "v1") -> list[world.PromptSpec]:
     """The fixed evaluation prompts: up to max_prompts_per_category per category, spread evenly
-    through world.eval_prompts()' order (None: all of them)."""
+    through world.eval_prompts(world_name)' order (None: all of them)."""
     chosen = []
-    held_out = world.eval_prompts()
+    held_out = world.eval_prompts(world_name)
     for category in world.CATEGORIES:
         specs = [s for s in held_out if s.category == category]
         if max_prompts_per_category is not None and len(specs) > max_prompts_per_category:
@@ -273,6 +274,7 @@ def evaluate(
     specs: Sequence[world.PromptSpec] | None = None,
     keep_images: bool = True,
     progress: bool = False,
+    world_name: str = "v1",
 ) -> MiniGenEvalResult:
     """Generate every (prompt, seed) image in batches and score it with the verifier.
 
@@ -283,7 +285,8 @@ def evaluate(
         raise ValueError(f"seeds_per_prompt={seeds_per_prompt} must be >= 1")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    specs = list(specs) if specs is not None else select_prompts(max_prompts_per_category)
+    world.get_world(world_name)  # an unknown world is named before any image is generated
+    specs = list(specs) if specs is not None else select_prompts(max_prompts_per_category, world_name)
     seeds_of_category = {}
     for category in world.CATEGORIES:
         prompts = sum(s.category == category for s in specs)
@@ -326,6 +329,7 @@ def evaluate(
         "max_prompts_per_category": max_prompts_per_category,
         "num_prompts": len(specs),
         "prompts_per_category": {c: sum(s.category == c for s in specs) for c in world.CATEGORIES},
+        "world": specs[0].world if specs else world_name,
     }
     return MiniGenEvalResult(
         overall=float(np.mean(list(per_category.values()))),
@@ -342,10 +346,11 @@ def evaluate(
 # Generators
 
 
-def world_generate(captions: list[str], seeds: list[int]) -> np.ndarray:
-    """The renderer as a model: the ground truth for each (caption, seed) -- the accuracy ceiling."""
+def world_generate(captions: list[str], seeds: list[int], world_name: str = "v1") -> np.ndarray:
+    """The renderer as a model: the ground truth for each (caption, seed) -- the accuracy ceiling.
+    (`functools.partial(world_generate, world_name="v2")` for another world.)"""
     return np.stack(
-        [world.render(world.parse_caption(c), np.random.default_rng(s)) for c, s in zip(captions, seeds)]
+        [world.render(world.parse_caption(c, world_name), np.random.default_rng(s)) for c, s in zip(captions, seeds)]
     )
 
 
@@ -426,7 +431,8 @@ def save_comparison_grid(
     first = next(iter(results.values()))
     captions = list(dict.fromkeys(s.caption for s in first.samples))
     seed = first.settings["seed_offset"]
-    columns = grid_columns([world.parse_caption(c) for c in captions], per_category, seed)
+    by_caption = {x.caption: x for x in (world.parse_caption(c, first.settings.get("world", "v1")) for c in captions)}
+    columns = grid_columns(list(by_caption.values()), per_category, seed)
     rows, passed = [], []
     for name, result in results.items():
         rows.append((f"{name}\n{100 * result.overall:.1f}%", np.stack([result.image_of(c, s) for c, s in columns])))
@@ -455,6 +461,8 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=4.0, help="guidance_scale")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--world", default="v1", choices=sorted(world.WORLDS),
+                        help="the toy world whose held-out prompts are evaluated (v1: the shipped models')")
     parser.add_argument("--grid-per-category", type=int, default=2)
     args = parser.parse_args(argv)
     max_prompts = args.max_prompts_per_category or None
@@ -464,13 +472,14 @@ def cli(argv: list[str] | None = None) -> int:
         if name in results:
             raise SystemExit(f"fastpref eval: two --model arguments are both named {name!r}")
         if spec == WORLD_MODEL:
-            generate: Generate = world_generate
+            generate: Generate = functools.partial(world_generate, world_name=args.world)
         else:
             generate = DiffusersGenerate.from_pretrained(spec, device=args.device,
                                                          num_inference_steps=args.steps, guidance_scale=args.guidance)
         result = evaluate(generate, seeds_per_prompt=args.seeds, max_prompts_per_category=max_prompts,
                           batch_size=args.batch_size, seed_offset=args.seed_offset,
-                          min_images_per_category=args.min_images_per_category, progress=True)
+                          min_images_per_category=args.min_images_per_category, progress=True,
+                          world_name=args.world)
         result.settings.update(model=spec, num_inference_steps=args.steps, guidance_scale=args.guidance)
         result.save(args.out / f"{name}.json")
         results[name] = result

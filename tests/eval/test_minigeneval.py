@@ -311,3 +311,18 @@ def test_cli_pairs_every_model_with_the_first(tmp_path, monkeypatch):
     paired = json.loads((out / "summary.json").read_text())["wrong"]["paired"]["world"]
     assert paired["prompt_mean"]["difference"] == pytest.approx(-1.0) and paired["prompt_mean"]["high"] < 0
     assert paired["category_mean"]["difference"] == pytest.approx(-1.0)
+
+
+def test_world_v2_has_a_held_out_split_in_every_category_and_a_perfect_ceiling():
+    import functools
+
+    specs = minigeneval.select_prompts(None, "v2")
+    assert all(s.world == "v2" for s in specs)
+    assert min(sum(s.category == c for s in specs) for c in world.CATEGORIES) >= 24
+    chosen = minigeneval.select_prompts(24, "v2")
+    assert {c: sum(s.category == c for s in chosen) for c in world.CATEGORIES} == {c: 24 for c in world.CATEGORIES}
+    ceiling = minigeneval.evaluate(functools.partial(minigeneval.world_generate, world_name="v2"), seeds_per_prompt=1,
+                                   max_prompts_per_category=24, min_images_per_category=0, world_name="v2")
+    assert ceiling.overall == 1.0 and ceiling.prompt_mean() == 1.0 and ceiling.settings["world"] == "v2"
+    with pytest.raises(ValueError, match="world"):
+        minigeneval.evaluate(minigeneval.world_generate, world_name="v3")
