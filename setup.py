@@ -6,6 +6,9 @@ extra, imported lazily by the code that needs it (see fastpref/utils/imports.py)
 CPU machines: install with `PIP_CONSTRAINT=requirements/constraints-cpu.txt` and
 `--no-build-isolation` (the native ops build against the installed torch); scripts/env.sh does this.
 
+A plain `pip install <checkout or sdist>` (build isolation: no torch to build against) installs the C++
+sources instead, and fastpref.ops compiles them on first use (fastpref/ops/_native_build.py).
+
 Native ops: CMakeLists.txt builds the C++ CPU kernels (kernels/) into fastpref/_C<ext suffix>, a
 Python extension module that registers torch.ops.fastpref.*_native when imported
 (fastpref/ops/native.py). They are optional: when CMake, a compiler or torch is missing, or the
@@ -27,6 +30,7 @@ import time
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 NATIVE_MODULE = "fastpref._C"
@@ -153,7 +157,8 @@ class BuildNativeOps(build_ext):
             return
         self.announce_always(
             f"fastpref: the native C++ ops are OFF ({reason}).\n"
-            "fastpref: the install goes on; fastpref.ops uses its Triton / PyTorch implementations."
+            "fastpref: the install goes on; the first process that uses the ops compiles them (C++ compiler and "
+            "ninja needed), else fastpref.ops uses its Triton / PyTorch implementations."
         )
         # A library left by an earlier build (in build/lib, or in the source tree by an editable
         # install) would still be packaged or imported, built perhaps against another torch:
@@ -170,6 +175,20 @@ class BuildNativeOps(build_ext):
         print(message, file=sys.stderr, flush=True)
 
 
+class BuildPyWithNativeSources(build_py):
+    """Ship kernels/ inside the package (fastpref/_native_src/): an install whose CMake build could not
+    run (pip's build isolation has no torch) compiles the ops on first use (fastpref/ops/_native_build.py)."""
+
+    def run(self) -> None:
+        super().run()
+        target = os.path.join(self.build_lib, "fastpref", "_native_src")
+        os.makedirs(target, exist_ok=True)
+        kernels = os.path.join(REPO, "kernels")
+        for name in sorted(os.listdir(kernels)) if os.path.isdir(kernels) else []:
+            if name.endswith((".cpp", ".h")):
+                shutil.copy2(os.path.join(kernels, name), os.path.join(target, name))
+
+
 SETUP_ARGS = dict(
     name="fastpref",
     version="0.1.0",
@@ -181,7 +200,7 @@ SETUP_ARGS = dict(
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["fastpref=fastpref.cli:main"]},
     ext_modules=[CMakeExtension(NATIVE_MODULE)],
-    cmdclass={"build_ext": BuildNativeOps},
+    cmdclass={"build_ext": BuildNativeOps, "build_py": BuildPyWithNativeSources},
 )
 
 # setuptools runs this file as __main__; tests import it to exercise the build helpers.

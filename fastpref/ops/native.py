@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -58,10 +59,12 @@ def load_native_library() -> str:
     except ModuleNotFoundError as err:
         if err.name != "fastpref._C":
             return f"fastpref._C failed to import ({err}); {REBUILD_HINT}"
-        return (
-            "fastpref._C is not built (the native build was skipped or failed when fastpref was "
-            f"installed); {REBUILD_HINT}"
-        )
+        # A plain `pip install` (build isolation: no torch to build against) leaves _C out.
+        from fastpref.ops._native_build import compile_and_load
+
+        why = compile_and_load()
+        if why:
+            return f"fastpref._C is not built (skipped or failed at install) and {why}; {REBUILD_HINT}"
     except (ImportError, OSError) as err:
         # Typically undefined symbols: the library was built against another torch.
         return f"fastpref._C failed to load ({err}); was it built against another torch? {REBUILD_HINT}"
@@ -80,6 +83,9 @@ def _load_reason() -> str:
     reason = load_native_library()
     if reason and native_required_by_env():
         raise RuntimeError(f"FASTPREF_REQUIRE_NATIVE is set but the native C++ ops are off: {reason}")
+    if reason and not native_disabled_by_env():
+        # Once per process: CPU losses now run the slower PyTorch reference, and the user should know why.
+        print(f"fastpref: native C++ ops off, CPU losses use the PyTorch reference: {reason}", file=sys.stderr)
     return reason
 
 
