@@ -46,8 +46,9 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     output_dir: str
-    cache: dict[str, Any]  # fastpref.data.cache.CacheConfig without `input` / `output`
     train: dict[str, Any]  # fastpref.train.loop.TrainConfig without data.root / output_dir
+    # fastpref.data.cache.CacheConfig without `input` / `output`; required, except in an online recipe
+    cache: dict[str, Any] | None = None
     # the data: Syn-Pic (synth + label) or an existing preference dataset (importer), never both
     synth: dict[str, Any] | None = None  # fastpref.data.synth.SynthConfig without `output`
     label: dict[str, Any] | None = None  # fastpref.data.label.LabelConfig without `input`
@@ -59,7 +60,33 @@ class RunConfig:
     eval: EvalConfig | None = field(default_factory=EvalConfig)
     progress: bool = True
 
+    @property
+    def is_online(self) -> bool:
+        """An online recipe (train.objective.name grpo / spo / draft): its data stage is "online: prompts only",
+        the policy samples its training images from train.online.prompts; no synth, label, import or cache."""
+        from fastpref.online.config import ONLINE_METHODS
+
+        return (self.train.get("objective") or {}).get("name") in ONLINE_METHODS
+
     def validate(self) -> None:
+        if self.is_online:
+            from fastpref.online.config import ONLINE_METHODS
+
+            offline = [key for key in ("synth", "label", "importer", "cache", "data_root")
+                       if getattr(self, key) is not None]
+            if offline:
+                raise ConfigError(f"{offline[0]}: an online recipe (train.objective.name: "
+                                  f"{self.train['objective']['name']}) samples its own training images from "
+                                  f"train.online.prompts; remove the {', '.join(offline)} section(s)")
+            for name, overrides in self.variants.items():
+                objective = overrides.get("objective.name", (overrides.get("objective") or {}).get("name"))
+                if objective is not None and objective not in ONLINE_METHODS:
+                    raise ConfigError(f"variants.{name}.objective.name: {objective!r} trains on a cached dataset, "
+                                      "which an online recipe does not build; give it its own recipe")
+            return
+        if self.cache is None:
+            raise ConfigError("cache: required (the latents / text embeddings the trainer reads), unless the recipe "
+                              "is online (train.objective.name: grpo, spo or draft)")
         if self.importer is not None:
             if self.synth is not None or self.label is not None:
                 both = " and ".join(key for key in ("synth", "label") if getattr(self, key) is not None)
@@ -95,6 +122,8 @@ def build_stages(cfg: RunConfig) -> Stages:
     from fastpref.data.synth import SynthConfig
     from fastpref.train.loop import TrainConfig
 
+    if cfg.is_online:
+        return Stages(None, None, None, online_trains(cfg))
     root = str(Path(cfg.output_dir) / "data")  # the training root: cache/ (and, by default, everything else)
     source = cfg.data_root or root  # synth/ + label/ (Syn-Pic or imported)
 
@@ -127,6 +156,26 @@ def build_stages(cfg: RunConfig) -> Stages:
     return Stages(synth, label, cache, trains, importer)
 
 
+def online_trains(cfg: RunConfig) -> dict[str, Any]:
+    """The train configs of an online recipe: no data root (the policy samples its data), model.path required."""
+    from fastpref.train.loop import TrainConfig
+
+    if not (cfg.train.get("model") or {}).get("path"):
+        raise ConfigError("train.model.path: required in an online recipe (no cache stage names the model)")
+    trains = {}
+    for name, overrides in {cfg.main_variant: {}, **cfg.variants}.items():
+        data = copy.deepcopy(cfg.train)
+        data["output_dir"] = str(Path(cfg.output_dir) / "train" / name)
+        data["progress"] = cfg.progress
+        apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
+        section = "train" if name == cfg.main_variant else f"variants.{name}"
+        try:
+            trains[name] = from_dict(TrainConfig, data)
+        except ConfigError as err:
+            raise ConfigError(f"{section}.{err}") from None
+    return trains
+
+
 def trained_pipeline(train_cfg, device: str = "cpu"):
     """The base pipeline with the run's final weights: LoRA loaded with load_lora_weights, or the full denoiser."""
     from fastpref.models import load
@@ -136,6 +185,8 @@ def trained_pipeline(train_cfg, device: str = "cpu"):
     latest = CheckpointManager(Path(train_cfg.output_dir) / "checkpoints").latest()
     if latest is None:
         raise FileNotFoundError(f"{train_cfg.output_dir}: no checkpoint to evaluate")
+    if (latest / "ema").is_dir():  # online runs with an EMA (online.grpo.ema) are evaluated with its weights
+        latest = latest / "ema"
     pipeline = bundle.pipeline
     if train_cfg.mode == "lora":
         pipeline.load_lora_weights(str(latest / "lora"))
@@ -277,10 +328,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     if stages.importer is not None:
         timed("import", run_import, stages.importer)
-    else:
+    elif stages.synth is not None:
         timed("synth", run_synth, stages.synth)
         timed("label", run_label, stages.label)
-    timed("cache", run_cache, stages.cache)
+    if stages.cache is not None:  # an online recipe has no data stages: its trainer samples from its prompts
+        timed("cache", run_cache, stages.cache)
     for name, train_cfg in stages.trains.items():
         report["train"][name] = timed(f"train {name}", train, train_cfg, resume=True)
     if stages.trains:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fastpref.config import ConfigError
+from fastpref.online.spo_config import SPOConfig, check_spo
 
 # objective.name values trained by the online engine (fastpref/train/online.py), and where each method lives
 ONLINE_METHODS = {
@@ -87,8 +88,11 @@ class OnlineConfig:
     noise_level: float = 0.7  # flow families: Flow-GRPO's SDE noise level a [sample.noise_level]
     # reward name (fastpref.rewards registry) -> weight; the reward is the weighted sum [reward_fn]
     reward: dict[str, float] = field(default_factory=lambda: {"verifier": 1.0})
+    # reward name -> weights folder or hub id (build_reward's path_or_hub_id); a reward not listed loads its default
+    reward_paths: dict[str, str] = field(default_factory=dict)
     reward_batch_size: int = 64
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    spo: SPOConfig = field(default_factory=SPOConfig)
 
     def validate(self) -> None:
         for key in ("prompts_per_rollout", "group_size", "num_steps", "sample_batch_size", "reward_batch_size"):
@@ -113,12 +117,17 @@ class OnlineConfig:
                 raise ConfigError(f"reward.{name}: unknown reward; known rewards: {', '.join(available_rewards())}")
             if not math.isfinite(weight):
                 raise ConfigError(f"reward.{name}: weight must be a finite number, got {weight}")
+        for name in self.reward_paths:
+            if name not in self.reward:
+                raise ConfigError(f"reward_paths.{name}: not a reward of this run (reward: {sorted(self.reward)})")
 
     def check_method(self, method: str, world_size: int = 1) -> None:
         """What a method needs of the shared settings, checked before the model loads; errors name the key."""
         if self.prompts_per_rollout % world_size:
             raise ConfigError(f"online.prompts_per_rollout: {self.prompts_per_rollout} prompts cannot be split "
                               f"evenly over {world_size} processes (make it a multiple of {world_size})")
+        if method == "spo":
+            check_spo(self)
         if method == "grpo":
             if self.group_size < 2:
                 raise ConfigError(f"online.group_size: GRPO compares the images of a prompt, it needs >= 2, got "

@@ -98,6 +98,8 @@ class GRPOMethod:
         self.chunks = chunk_count(self.samples_per_part, self.cfg.train_batch_size)
         self.shape = latent_shape(bundle, self.online.resolution)
         self.rollout_metrics: dict[str, float] = {}
+        # (decay, every) of the engine's EMA of the trainable weights (validation grids, exported weights)
+        self.ema_settings = (self.cfg.ema_decay, self.cfg.ema_every) if self.cfg.ema else None
 
     # ------------------------------------------------------------------ what the engine asks
     @staticmethod

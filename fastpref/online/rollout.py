@@ -153,11 +153,13 @@ class WeightedReward:
     """sum_k weight_k * reward_k(images, prompts) over the configured fastpref rewards; every term is also
     reported (`last_terms`) for the metrics."""
 
-    def __init__(self, weights: dict[str, float], device: torch.device | str = "cpu", batch_size: int = 64):
+    def __init__(self, weights: dict[str, float], device: torch.device | str = "cpu", batch_size: int = 64,
+                 paths: dict[str, str] | None = None):
         from fastpref.rewards import build_reward
 
+        paths = paths or {}
         self.weights = dict(weights)
-        self.rewards = {name: build_reward(name).to(device) for name in self.weights}
+        self.rewards = {name: build_reward(name, paths.get(name)).to(device) for name in self.weights}
         self.batch_size = batch_size
         self.last_terms: dict[str, torch.Tensor] = {}
 

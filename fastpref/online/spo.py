@@ -53,7 +53,6 @@ class SPOSamplingConfig:
     num_inner_step: int = 0  # sample.num_inner_step (SDXL: 3)
     threshold: float = 0.3  # compare_func_cfg.threshold (SDXL: 0.4)
     negative_prompt: str = ""
-    preference_model: str | None = None  # a saved SPM folder (fastpref spm train); None: the shipped toy SPM
 
     def validate(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -110,7 +109,7 @@ class StepPairs:
     step_index: torch.Tensor
     prompt_index: torch.Tensor
     prompts: list[str]
-    prompt_ids: list[int]
+    prompt_ids: list  # str (prompt-file ids) or int
     stats: dict[str, float] = field(default_factory=dict)
     decisions_per_step: torch.Tensor | None = None  # (num_steps,) comparisons of the candidates branched at step i
     kept_per_step: torch.Tensor | None = None  # (num_steps,) of them kept
@@ -138,7 +137,7 @@ def _step_noise(seed: int, epoch: int, prompt_ids, per_prompt: int, shape, what:
 def _choices(seed: int, epoch: int, prompt_ids, k: int, step: int) -> torch.Tensor:
     from fastpref.data.noise import group_generator
 
-    return torch.tensor([int(torch.randint(k, (1,), generator=group_generator(seed, epoch, int(p),
+    return torch.tensor([int(torch.randint(k, (1,), generator=group_generator(seed, epoch, p,
                                                                                  f"online/spo/choice{step}")))
                          for p in prompt_ids], dtype=torch.long)
 
@@ -148,21 +147,24 @@ def _decode(bundle, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def resample(bundle, prompts: Sequence[str], prompt_ids: Sequence[int], preference: PreferenceFn,
+def resample(bundle, prompts: Sequence[str], prompt_ids: Sequence, preference: PreferenceFn,
              config: SPOSamplingConfig, *, seed: int, epoch: int, cond: dict | None = None,
-             uncond: dict | None = None, latent_shape: tuple[int, ...] | None = None) -> StepPairs:
+             uncond: dict | None = None, latent_shape: tuple[int, ...] | None = None, autocast=None) -> StepPairs:
     """SPO's step-wise rollout of `prompts` with the bundle's current denoiser (see the module docstring).
 
     cond / uncond: the prompts' Conditioning (one row per prompt) and the negative prompt's (one row); encoded
     here when None. latent_shape: (C, h, w) of the latents (default: the denoiser's sample_size and channels).
+    autocast: a context for the denoiser calls (the trainer's mixed precision).
     """
+    import contextlib
+
     from fastpref.online.sampler import ddim_step, guided_prediction, sampling_timesteps
 
     if bundle.prediction_type == "flow":
         raise ValueError(f"SPO: the {bundle.family or 'given'} model is flow matching; SPO needs DDIM's eta "
                          "posterior (eps / v-prediction models only)")
     config.validate()
-    prompts, prompt_ids = list(prompts), [int(p) for p in prompt_ids]
+    prompts, prompt_ids = list(prompts), list(prompt_ids)
     b, k = len(prompts), config.num_candidates
     if len(prompt_ids) != b:
         raise ValueError(f"SPO: {b} prompts but {len(prompt_ids)} prompt ids")
@@ -185,8 +187,9 @@ def resample(bundle, prompts: Sequence[str], prompt_ids: Sequence[int], preferen
 
     def predict(x: torch.Tensor, t, rows_per_prompt: int) -> torch.Tensor:
         c, u = conditioning(rows_per_prompt)
-        return guided_prediction(bundle, x.to(bundle.dtype), torch.full((x.shape[0],), int(t), device=device),
-                                 c, u, config.guidance_scale).float()
+        with autocast or contextlib.nullcontext():
+                return guided_prediction(bundle, x.to(bundle.dtype), torch.full((x.shape[0],), int(t), device=device),
+                                     c, u, config.guidance_scale).float()
 
     def step(pred, t, x, rows_per_prompt: int, i: int):
         noise = _step_noise(seed, epoch, prompt_ids, rows_per_prompt, x.shape[1:], f"step{i}", device)
@@ -198,8 +201,8 @@ def resample(bundle, prompts: Sequence[str], prompt_ids: Sequence[int], preferen
     decisions_per_step = torch.zeros(config.num_steps, dtype=torch.long)
     kept_per_step = torch.zeros(config.num_steps, dtype=torch.long)
     scored = 0
-    # the transitions of the current chunk: (x_t (B, k, ...), t, x_{t-1} (B, k, ...), step index)
-    chunk: list[tuple[torch.Tensor, int, torch.Tensor, int]] = []
+    # the transitions of the current chunk: (x_t (B, k, ...), t, x_{t-1} (B, k, ...), step index, std > 0)
+    chunk: list[tuple[torch.Tensor, int, torch.Tensor, int, bool]] = []
 
     def decide(candidates: torch.Tensor, score_t: int, step_i: int) -> torch.Tensor:
         """Score the k chains (B*k rows of decoded predicted x0 / clean images) and keep the chunk's pairs;
@@ -219,7 +222,9 @@ def resample(bundle, prompts: Sequence[str], prompt_ids: Sequence[int], preferen
             return scores
         pick = torch.stack([best[rows], worst[rows]], dim=1).to(device)  # (R, 2)
         rows_d = rows.to(device)
-        for x_t, t, x_prev, index in chunk:
+        for x_t, t, x_prev, index, trainable in chunk:
+            if not trainable:  # a deterministic step (std 0, e.g. set_alpha_to_one's last step): no ratio to train
+                continue
             gather = pick[:, :, None, None, None].expand(-1, -1, *x_t.shape[2:])
             kept_latents.append(x_t[rows_d].gather(1, gather).cpu())
             kept_next.append(x_prev[rows_d].gather(1, gather).cpu())
@@ -238,8 +243,10 @@ def resample(bundle, prompts: Sequence[str], prompt_ids: Sequence[int], preferen
             continue
         if not branched:  # branch: k candidates from the one x_t
             pred = predict(x, t, 1)
-            new = step(pred.repeat_interleave(k, 0), t, x.repeat_interleave(k, 0), k, i).prev_sample
-            chunk = [(x.repeat_interleave(k, 0).reshape(b, k, *x.shape[1:]), t, new.reshape(b, k, *x.shape[1:]), i)]
+            taken = step(pred.repeat_interleave(k, 0), t, x.repeat_interleave(k, 0), k, i)
+            new = taken.prev_sample
+            chunk = [(x.repeat_interleave(k, 0).reshape(b, k, *x.shape[1:]), t, new.reshape(b, k, *x.shape[1:]), i,
+                      bool((taken.std > 0).all()))]
             x, branched = new, True
         else:
             # x: B*k chains at t. A decision step scores their predicted x0 at t, then branches the chosen chain.
@@ -252,12 +259,15 @@ def resample(bundle, prompts: Sequence[str], prompt_ids: Sequence[int], preferen
                 choice = _choices(seed, epoch, prompt_ids, k, i).to(device)
                 rows = torch.arange(b, device=device) * k + choice
                 x_one, pred_one = x[rows], pred[rows]
-                new = step(pred_one.repeat_interleave(k, 0), t, x_one.repeat_interleave(k, 0), k, i).prev_sample
+                taken = step(pred_one.repeat_interleave(k, 0), t, x_one.repeat_interleave(k, 0), k, i)
+                new = taken.prev_sample
                 chunk = [(x_one.repeat_interleave(k, 0).reshape(b, k, *x.shape[1:]), t,
-                          new.reshape(b, k, *x.shape[1:]), i)]
+                          new.reshape(b, k, *x.shape[1:]), i, bool((taken.std > 0).all()))]
             else:  # an inner step: every chain one step further
-                new = step(pred, t, x, k, i).prev_sample
-                chunk.append((x.reshape(b, k, *x.shape[1:]), t, new.reshape(b, k, *x.shape[1:]), i))
+                taken = step(pred, t, x, k, i)
+                new = taken.prev_sample
+                chunk.append((x.reshape(b, k, *x.shape[1:]), t, new.reshape(b, k, *x.shape[1:]), i,
+                              bool((taken.std > 0).all())))
             x = new
         if i == last:
             final_scores = decide(_decode(bundle, x), 0, chunk[0][3])
@@ -285,4 +295,160 @@ def resample(bundle, prompts: Sequence[str], prompt_ids: Sequence[int], preferen
     return pairs
 
 
-__all__ = ["SPOSamplingConfig", "StepPairs", "check_model_family", "resample", "spm_preference_fn"]
+
+# ---------------------------------------------------------------------------------------------- the method
+
+
+class SPOMethod:
+    """SPO on the online engine (fastpref/train/online.py; the contract in fastpref/online/__init__.py).
+
+    One rollout: online.prompts_per_rollout prompts resampled step-wise by the current policy (`resample`; SPM =
+    the `spm` reward of online.reward); the kept pairs of all processes are gathered, permuted with a seeded
+    permutation and split evenly over processes x spo.steps_per_rollout optimizer steps
+    (rollout.gather_permute_split), so 1 and N processes train on the same pairs. Each optimizer step runs its
+    pairs in micro-batches of spo.train_batch_size: the policy's and the reference's (adapters off / frozen copy)
+    guided DDIM(eta) means of x_{t-1} given x_t at the stored x_{t-1}^w, x_{t-1}^l, and fastpref.ops.spo_loss
+    (beta, clip_eps). The micro-batch count is fixed (the most pairs a step can get); empty ones are placeholders
+    weighed 0, as the engine requires.
+    """
+
+    name = "spo"
+
+    def __init__(self, engine):
+        import math
+
+        from fastpref.online.rollout import latent_shape
+        from fastpref.online.sampler import sampling_timesteps
+
+        self.engine = engine
+        self.online = engine.cfg.online
+        self.cfg = self.online.spo
+        bundle = engine.bundle
+        if bundle.prediction_type == "flow":
+            raise ConfigError(f"model.path: {engine.cfg.model.path!r} is flow matching; SPO needs DDIM's eta posterior")
+        self.sampling = SPOSamplingConfig(
+            num_steps=self.online.num_steps, guidance_scale=max(self.online.guidance_scale, 1.0), eta=self.online.eta,
+            divert_start_step=self.cfg.divert_start_step, num_candidates=self.cfg.num_candidates,
+            num_inner_step=self.cfg.num_inner_step, threshold=self.cfg.threshold)
+        self.sampling.validate()
+        self.schedule = sampling_timesteps(bundle, self.online.num_steps)
+        self.shape = latent_shape(bundle, self.online.resolution)
+        self.preference = spm_preference_fn(engine.reward.rewards["spm"])
+        transitions = self.online.num_steps - self.cfg.divert_start_step  # one pair per transition at most
+        split = engine.world_size * self.cfg.steps_per_rollout
+        self.max_pairs_per_part = (self.online.prompts_per_rollout * transitions) // split
+        if self.max_pairs_per_part < 1:
+            raise ConfigError(f"online.spo.steps_per_rollout: {self.cfg.steps_per_rollout} steps x {engine.world_size} "
+                              f"processes exceed the {self.online.prompts_per_rollout * transitions} pairs a rollout "
+                              "can keep")
+        self.chunks = max(1, math.ceil(self.max_pairs_per_part / self.cfg.train_batch_size))
+        self.rollout_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ what the engine asks
+    @staticmethod
+    def needs_reference(cfg) -> bool:
+        return True  # the ratio is policy / reference
+
+    @staticmethod
+    def configured_steps_per_rollout(cfg) -> int:
+        """Also the engine's hook before the model loads: a flow model is refused here, naming the key."""
+        check_model_family(cfg.model.path, cfg.model.family, key="model.path")
+        return cfg.online.spo.steps_per_rollout
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.cfg.steps_per_rollout
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.chunks
+
+    def state_dict(self) -> dict:
+        return {}  # a rollout is a pure function of (policy, seed, epoch, prompt ids): nothing to carry over
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def rollout(self, prompts) -> list[list[dict]]:
+        from fastpref.data.noise import group_generator
+        from fastpref.online.rollout import gather_permute_split
+
+        engine = self.engine
+        mine = prompts.shard(engine.rank, engine.world_size)
+        cond = engine.encode(mine.texts)
+        pairs = resample(engine.bundle, mine.texts, mine.ids, self.preference, self.sampling, seed=engine.seed,
+                         epoch=prompts.epoch, cond=cond, uncond=engine.uncond, latent_shape=self.shape,
+                         autocast=engine.autocast)
+        steps = self.online.num_steps
+        keys = (mine.start + pairs.prompt_index) * steps + pairs.step_index  # unique over the rollout
+        index = pairs.prompt_index
+        rows = {"latents": pairs.latents, "next_latents": pairs.next_latents, "timesteps": pairs.timesteps,
+                "step_index": pairs.step_index,
+                **{f"cond.{key}": value.detach().cpu()[index] for key, value in cond.items()}}
+        permutation = group_generator(engine.seed, prompts.epoch, prompts.start, "online/spo-permute")
+        parts = gather_permute_split(rows, keys, permutation, parts=self.cfg.steps_per_rollout)
+        placeholder = {"latents": torch.zeros(1, 2, *self.shape), "next_latents": torch.zeros(1, 2, *self.shape),
+                       "timesteps": self.schedule.timesteps[:1].clone(), "step_index": torch.zeros(1, dtype=torch.long),
+                       **{f"cond.{key}": value.detach().cpu()[:1] for key, value in cond.items()}}
+        decisions = engine.gather(pairs.decisions_per_step[None].double()).sum(0)
+        kept = engine.gather(pairs.kept_per_step[None].double()).sum(0)
+        stats = {name: engine.gather(torch.tensor([value], dtype=torch.float64))
+                 for name, value in pairs.stats.items()}
+        metrics = {
+            "spo_pairs": float(stats["pairs"].sum()),
+            "spo_candidates": float(stats["candidates_scored"].sum()),
+            "spo_pairs_per_candidate": float(stats["pairs"].sum() / stats["candidates_scored"].sum().clamp(min=1)),
+            "spo_kept_rate": float(kept.sum() / decisions.sum().clamp(min=1)),
+            "spm_score_final": float(stats["spm_score_final"].mean()),
+        }
+        for i in range(steps):
+            if decisions[i] > 0:
+                metrics[f"spo_kept_rate_step{i:02d}"] = float(kept[i] / decisions[i])
+        self.rollout_metrics = metrics
+        return [self._micro_batches(part, placeholder) for part in parts]
+
+    def _micro_batches(self, part: dict, placeholder: dict) -> list[dict]:
+        size = self.cfg.train_batch_size
+        batches = []
+        for c in range(self.chunks):
+            rows = {name: value[c * size:(c + 1) * size] for name, value in part.items()}
+            count = int(rows["timesteps"].shape[0])
+            batches.append({"rows": rows if count else placeholder, "count": count})
+        return batches
+
+    # ------------------------------------------------------------------ the loss
+    def preference_groups(self, batch: dict) -> int:
+        """The pairs the micro-batch's loss is a mean over (0: a placeholder forward, weighed 0)."""
+        return int(batch["count"])
+
+    def forward(self, batch: dict, epoch: int):
+        from fastpref import ops
+        from fastpref.online.rollout import expand_rows
+        from fastpref.online.sampler import ddim_step, guided_prediction
+        from fastpref.train.step import StepOutput
+
+        engine, online = self.engine, self.online
+        rows = batch["rows"]
+        device, dtype = engine.device, engine.bundle.dtype
+        x = rows["latents"].flatten(0, 1).to(device)  # (2n, ...) rows w0, l0, w1, l1, ...: the ops' pair layout
+        taken = rows["next_latents"].flatten(0, 1).to(device)
+        n = x.shape[0]
+        t = rows["timesteps"].repeat_interleave(2)
+        cond = {key[5:]: value.repeat_interleave(2, dim=0).to(device) for key, value in rows.items()
+                if key.startswith("cond.")}
+        guided = self.cfg.cfg and online.guidance_scale > 1
+        uncond = expand_rows(engine.uncond, n) if guided else None
+        scale = online.guidance_scale if guided else 1.0
+        with engine.autocast:
+            prediction = guided_prediction(engine.policy, x.to(dtype), t.to(device), cond, uncond, scale)
+        step = ddim_step(self.schedule.scheduler, prediction, t, x, eta=online.eta, prev_sample=taken)
+        with torch.no_grad():
+            reference = engine.reference_prediction(x.to(dtype), t.to(device), cond, uncond, scale)
+            reference_mean = ddim_step(self.schedule.scheduler, reference, t, x, eta=online.eta,
+                                       prev_sample=taken).mean
+        out = ops.spo_loss(step.mean, reference_mean, taken, step.std.detach(), beta=self.cfg.beta,
+                           clip_eps=self.cfg.clip_eps, backend=engine.loss_backend)
+        return StepOutput(out.loss, out.metrics, n)
+
+
+__all__ = ["SPOMethod", "SPOSamplingConfig", "StepPairs", "check_model_family", "resample", "spm_preference_fn"]

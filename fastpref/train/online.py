@@ -45,12 +45,53 @@ def method_class(name: str):
                           f"({err})") from None
 
 
-class OnlineStream:
-    """The trainer's `stream` for checkpoints: the prompt position plus the method's own state."""
+class ParameterEMA:
+    """Flow-GRPO's EMA of the trainable weights (flow_grpo/ema.py EMAModuleWrapper): every `every` optimizer steps,
+    shadow += (1 - d) (weight - shadow) with d = min((1 + step) / (10 + step), decay). The reference code calls it
+    once per training sample-batch; fastpref once per optimizer step (step = optimizer steps done before it)."""
 
-    def __init__(self, prompts: PromptStream, method=None):
+    def __init__(self, parameters: list[torch.nn.Parameter], decay: float, every: int):
+        self.parameters = parameters
+        self.decay, self.every = decay, every
+        self.shadow = [p.detach().clone() for p in parameters]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        if (step + 1) % self.every:
+            return
+        weight = 1.0 - min((1 + step) / (10 + step), self.decay)
+        for shadow, parameter in zip(self.shadow, self.parameters):
+            shadow.add_(weight * (parameter.detach() - shadow))
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The EMA weights in the model for the duration (validation grids, exported weights)."""
+        saved = [p.detach().clone() for p in self.parameters]
+        with torch.no_grad():
+            for parameter, shadow in zip(self.parameters, self.shadow):
+                parameter.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, value in zip(self.parameters, saved):
+                    parameter.copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": [s.cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for shadow, saved in zip(self.shadow, state["shadow"], strict=True):
+            shadow.copy_(saved)
+
+
+class OnlineStream:
+    """The trainer's `stream` for checkpoints: the prompt position, the method's own state and the EMA."""
+
+    def __init__(self, prompts: PromptStream, method=None, ema: ParameterEMA | None = None):
         self.prompts = prompts
         self.method = method
+        self.ema = ema
 
     @property
     def epoch(self) -> int:
@@ -58,12 +99,17 @@ class OnlineStream:
 
     def state_dict(self) -> dict[str, Any]:
         method = self.method.state_dict() if self.method is not None else {}
-        return {**self.prompts.state_dict(), "method": method}
+        ema = self.ema.state_dict() if self.ema is not None else None
+        return {**self.prompts.state_dict(), "method": method, "ema": ema}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prompts.load_state_dict(state)
         if self.method is not None:
             self.method.load_state_dict(state.get("method", {}))
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ConfigError("ema: the checkpoint holds no EMA weights (the run was started without the EMA)")
+            self.ema.load_state_dict(state["ema"])
 
 
 class OnlineTrainer(Trainer):
@@ -105,7 +151,8 @@ class OnlineTrainer(Trainer):
         if self.reference_mode == "frozen_copy":
             self.reference_dtype = resolve_reference_dtype(cfg.reference_dtype, self.device, DTYPES[cfg.model.dtype],
                                                            cfg.speed.mixed_precision)
-        self.reward = WeightedReward(cfg.online.reward, self.device, cfg.online.reward_batch_size)
+        self.reward = WeightedReward(cfg.online.reward, self.device, cfg.online.reward_batch_size,
+                                     cfg.online.reward_paths)
 
         self.bundle = load(cfg.model.path, family=cfg.model.family, dtype=DTYPES[cfg.model.dtype], device=self.device)
         self.family = self.bundle.family
@@ -143,7 +190,13 @@ class OnlineTrainer(Trainer):
         self.sampling_policy = self.bundle
         self.method = method_cls(self)
         self.step_fn = self.method
-        self.stream = OnlineStream(prompt_stream, self.method)
+        self.ema = None
+        if (settings := getattr(self.method, "ema_settings", None)) is not None:
+            if self.parallel.strategy in ("fsdp2", "zero3"):
+                raise ConfigError(f"ema: not supported with parallel: {self.parallel.strategy} (sharded weights); use "
+                                  "ddp, zero1 / zero2, or turn the EMA off")
+            self.ema = ParameterEMA([p for p in denoiser.parameters() if p.requires_grad], *settings)
+        self.stream = OnlineStream(prompt_stream, self.method, self.ema)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_checkpoints)
         self.step = 0
         self.nonfinite_total = 0
@@ -210,8 +263,31 @@ class OnlineTrainer(Trainer):
         """The loop's step, its metrics joined by the statistics of the rollout its micro-batches came from (reward
         mean / std, advantages, ...; logged even when the step had nothing to learn and was skipped)."""
         metrics, images = super().optimizer_step(batches)
+        if self.ema is not None and not metrics.get("skipped"):
+            self.ema.update(self.step)
         return {**self.method.rollout_metrics, **metrics}, images
 
     def validate(self, logger=None) -> Path | None:
-        return self.validator.run(self.bundle, self.step, self.parallel.is_main, logger, autocast=self.autocast,
-                                  attention=self.attention)
+        """The validation grid, of the EMA weights when the method keeps an EMA (as the reference code evaluates)."""
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            return self.validator.run(self.bundle, self.step, self.parallel.is_main, logger, autocast=self.autocast,
+                                      attention=self.attention)
+
+    def save_checkpoint(self) -> Path | None:
+        """The loop's checkpoint (raw weights: the resume continues from them), plus with an EMA its weights in the
+        diffusers formats under <checkpoint>/ema/ (lora/ or denoiser/), written aside and renamed into place."""
+        import shutil
+
+        from fastpref.train.loop import save_lora
+
+        path = super().save_checkpoint()
+        if self.ema is not None and path is not None:  # the main rank (the EMA is replicated)
+            tmp = path / ".ema.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            with self.ema.applied():
+                if self.cfg.mode == "lora":
+                    save_lora(self.bundle, tmp / "lora")
+                else:
+                    self.bundle.denoiser.save_pretrained(str(tmp / "denoiser"))
+            tmp.rename(path / "ema")
+        return path

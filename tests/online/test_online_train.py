@@ -1,0 +1,253 @@
+"""The online trainer with GRPO end to end: tiny random SD3 (flow SDE) and SD (DDIM eta), LoRA and full, the
+rollout/training consistency (ratio 1 at the first update), exact SIGKILL resume, 2 gloo processes == 1, and the
+online recipes through `fastpref run`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from fastpref.config import ConfigError, from_dict, load_config, to_dict  # noqa: E402
+from fastpref.train.config import TrainConfig  # noqa: E402
+from fastpref.train.metrics import read_metrics  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test helpers (tests/helpers)
+
+
+@pytest.fixture(autouse=True)
+def single_thread_torch():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from fastpref.models import sd, sd3
+    from fastpref.toy.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("online-models")
+    sd3.build_random(sd3.tiny_config("tiny"), build_tokenizer(), seed=0).save_pretrained(root / "sd3")
+    sd.build_random(sd.tiny_config("tiny"), build_tokenizer(), seed=0).save_pretrained(root / "sd")
+    return {"sd3": str(root / "sd3"), "sd": str(root / "sd")}
+
+
+def grpo_config(model, out, **overrides):
+    data = {
+        "model": {"path": model},
+        "objective": {"name": "grpo"},
+        "output_dir": str(out),
+        "max_steps": 2,
+        "checkpoint_every": 2,
+        "progress": False,
+        "tensorboard": False,
+        "lr": 3e-3,
+        "loss_backend": "reference",
+        "online": {"prompts": "toy:train", "prompts_per_rollout": 2, "group_size": 4, "num_steps": 3,
+                   "guidance_scale": 3.0, "reward": {"quality": 1.0},
+                   "grpo": {"kl_beta": 0.04, "train_batch_size": 4, "timestep_fraction": 1.0, "clip_range": 0.2}},
+    }
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(TrainConfig, data)
+
+
+def trainable(out, step):
+    from safetensors.torch import load_file
+
+    return load_file(Path(out) / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
+
+
+@pytest.mark.parametrize("family, mode", [("sd3", "lora"), ("sd", "full")])
+def test_grpo_trains_end_to_end(tiny_models, tmp_path, family, mode):
+    from fastpref.train.loop import train
+
+    cfg = grpo_config(tiny_models[family], tmp_path / "run", mode=mode, **{"validation.every": 2,
+                      "validation.num_prompts": 2, "validation.seeds": [0], "validation.num_inference_steps": 4})
+    summary = train(cfg)
+    assert summary["steps"] == 2 and summary["reference"] == ("adapters_off" if mode == "lora" else "frozen_copy")
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        for key in ("reward_mean", "reward_std", "reward_quality", "advantage_abs_mean", "zero_std_ratio",
+                    "clip_fraction", "kl", "approx_kl", "policy_loss", "ratio", "grad_norm", "loss"):
+            assert key in record and record[key] == record[key], (key, record)  # present and not NaN
+    # the first update is taken on the rollout of the very same policy: ratio 1, no KL yet
+    assert records[0]["approx_kl"] < 1e-8 and records[0]["kl"] < 1e-8
+    assert abs(records[0]["ratio"] - 1) < 1e-5
+    assert records[1]["kl"] > 0  # the policy moved away from the reference
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert (checkpoint / ("lora" if mode == "lora" else "denoiser")).is_dir()
+    assert sorted(p.name for p in (tmp_path / "run" / "validation").glob("*.png")) == ["step-000000.png",
+                                                                                    "step-000002.png"]
+    if mode == "lora":  # peft's gaussian init has lora_B = 0: an update made them nonzero
+        weights = trainable(tmp_path / "run", 2)
+        assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+
+
+def test_first_update_sees_the_rollouts_own_log_probs(tiny_models, tmp_path):
+    """Rollout and training evaluate the same Gaussian (timesteps, conditioning, guidance, sigmas): the training
+    forward of the unchanged policy reproduces every stored old log-prob."""
+    from fastpref.train.online import OnlineTrainer
+
+    for family in ("sd3", "sd"):
+        cfg = grpo_config(tiny_models[family], tmp_path / family, max_steps=1, checkpoint_every=1)
+        trainer = OnlineTrainer(cfg)
+        epoch, batch = next(trainer.batches())
+        rows, j = batch["rows"], batch["step"]
+        from fastpref.online.rollout import expand_rows, take_step
+        from fastpref.online.sampler import guided_prediction
+
+        method = trainer.method
+        x = rows["latents"][:, j]
+        cond = {key[5:]: value for key, value in rows.items() if key.startswith("cond.")}
+        with torch.no_grad():
+            prediction = guided_prediction(trainer.policy, x, method.schedule.timesteps[j].expand(len(x)), cond,
+                                           expand_rows(trainer.uncond, len(x)), cfg.online.guidance_scale)
+            step = take_step(method.schedule, j, prediction, x, eta=cfg.online.eta,
+                             noise_level=cfg.online.noise_level, prev_sample=rows["latents"][:, j + 1])
+        torch.testing.assert_close(step.log_prob, rows["log_probs"][:, j], rtol=0, atol=1e-4)
+        out = method.forward(batch, epoch)
+        assert float(out.metrics["approx_kl"]) < 1e-8
+
+
+def test_grpo_refuses_bad_online_settings_before_loading(tiny_models, tmp_path):
+    from fastpref.train.online import OnlineTrainer
+
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        OnlineTrainer(grpo_config(tiny_models["sd3"], tmp_path / "a", checkpoint_every=3, max_steps=4,
+                                  **{"online.grpo.steps_per_rollout": 2}))
+    with pytest.raises(ConfigError, match="grad_accumulation"):
+        OnlineTrainer(grpo_config(tiny_models["sd3"], tmp_path / "b", grad_accumulation=2))
+    with pytest.raises(ConfigError, match="online.group_size"):
+        OnlineTrainer(grpo_config(tiny_models["sd3"], tmp_path / "c", **{"online.group_size": 1}))
+
+
+def write_config(cfg, path):
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return path
+
+
+def launch(config_path, nproc=1, resume=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    args = ["-m", "fastpref.cli", "train", "--config", str(config_path)] + (["--resume"] if resume else [])
+    if nproc > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+def resume_config(tiny_models, out, **overrides):
+    return grpo_config(tiny_models["sd3"], out, max_steps=4, checkpoint_every=2,
+                       **{"online.prompts_per_rollout": 2, "online.grpo.steps_per_rollout": 2, **overrides})
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_exact(tiny_models, tmp_path):
+    """Killed (SIGKILL, from outside) once step 3 is logged, resumed from the step-2 checkpoint: the same metrics
+    and final weights as the uninterrupted run, bit for bit (rollouts keyed by seed/epoch/prompt, EMA restored)."""
+    from helpers.train import start_and_kill_when, train_command
+
+    overrides = {"online.grpo.ema": True, "online.grpo.ema_every": 1}
+    straight = write_config(resume_config(tiny_models, tmp_path / "straight", **overrides), tmp_path / "s.yaml")
+    done = launch(straight)
+    assert done.returncode == 0, done.stderr[-4000:]
+    killed_cfg = write_config(resume_config(tiny_models, tmp_path / "killed", **overrides), tmp_path / "k.yaml")
+
+    def step_3_logged():
+        path = tmp_path / "killed" / "metrics.jsonl"
+        return path.exists() and any(json.loads(line)["step"] == 3 for line in path.read_text().splitlines()
+                                     if line.strip())
+
+    status = start_and_kill_when(train_command(killed_cfg), step_3_logged, tmp_path / "killed.log")
+    assert status == -9, (tmp_path / "killed.log").read_text()[-3000:]
+    resumed = launch(killed_cfg, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    expected = {r["step"]: r for r in read_metrics(tmp_path / "straight")}
+    got = {r["step"]: r for r in read_metrics(tmp_path / "killed")}
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("loss", "reward_mean", "kl", "approx_kl", "grad_norm"):
+            assert got[step][key] == expected[step][key], (step, key)
+    a, b = trainable(tmp_path / "straight", 4), trainable(tmp_path / "killed", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema = Path("checkpoints") / "step-000004" / "ema" / "lora" / "pytorch_lora_weights.safetensors"
+    from safetensors.torch import load_file
+
+    ea, eb = load_file(tmp_path / "straight" / ema), load_file(tmp_path / "killed" / ema)
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_equal_one(tiny_models, tmp_path, strategy):
+    """2 gloo processes (each samples half the prompts; rewards gathered for the advantages; kept samples spread by
+    one global permutation) train as 1 process does on the same global rollout."""
+    one = write_config(resume_config(tiny_models, tmp_path / "one"), tmp_path / "one.yaml")
+    proc = launch(one)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = write_config(resume_config(tiny_models, tmp_path / "two", parallel=strategy), tmp_path / "two.yaml")
+    proc = launch(two, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("reward_mean", "advantage_abs_mean", "kept_fraction"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5, abs=1e-7), key
+    for key in ("loss", "kl", "grad_norm"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=2e-3, abs=1e-6), key
+    wa, wb = trainable(tmp_path / "one", 4), trainable(tmp_path / "two", 4)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_online_recipes_run_end_to_end_on_tiny_models(tiny_models, tmp_path):
+    """configs/sd3-grpo-*.yaml through `fastpref run` on a tiny random SD3 (tiny random CLIP for the reward)."""
+    transformers = pytest.importorskip("transformers")
+    from fastpref.pipeline import RunConfig, run
+    from fastpref.toy.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    clip = tmp_path / "tiny-clip"
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8)
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(clip)
+    tokenizer.save_pretrained(clip)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                                    ).save_pretrained(clip)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    for name, reward in (("sd3-grpo-geneval", "clipscore"), ("sd3-grpo-pickscore", "pickscore")):
+        cfg = load_config(RunConfig, CONFIGS / f"{name}.yaml", [
+            f"output_dir={tmp_path / name}", "progress=false", f"train.model.path={tiny_models['sd3']}",
+            "train.parallel=none", "train.speed.mixed_precision=no", "train.max_steps=2", "train.checkpoint_every=2",
+            "train.tensorboard=false", "train.validation.every=2", "train.validation.num_inference_steps=2",
+            f"train.online.prompts={prompts}", "train.online.prompts_per_rollout=2", "train.online.group_size=2",
+            "train.online.num_steps=2", "train.online.resolution=32", "train.online.sample_batch_size=4",
+            "train.online.grpo.train_batch_size=2", f"train.online.reward_paths.{reward}={clip}",
+            "train.online.grpo.ema_every=1"])
+        report = run(cfg)
+        assert set(report["train"]) == {"main"} and report["train"]["main"]["steps"] == 2
+        assert (tmp_path / name / "train" / "main" / "checkpoints" / "step-000002" / "ema" / "lora").is_dir()
+        assert "synth" not in report["seconds"] and "cache" not in report["seconds"]
