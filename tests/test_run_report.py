@@ -86,3 +86,16 @@ def test_training_curves_plot_every_run_and_the_report_links_them(tmp_path):
     assert (pixels.std(axis=(0, 1)) > 10).all()  # drawn, not blank
     write_report(tmp_path, {"seconds": {"train": 1.0}})
     assert "![training curves: loss, implicit accuracy, margin](training.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_the_eval_world_is_a_validated_config_key():
+    from pathlib import Path
+
+    from fastpref.config import ConfigError, load_config
+    from fastpref.pipeline import RunConfig
+
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "toy-rankdpo.yaml"
+    assert load_config(RunConfig, recipe, []).eval.world == "v1"  # the shipped models' world
+    assert load_config(RunConfig, recipe, ["eval.world=v2"]).eval.world == "v2"
+    with pytest.raises(ConfigError, match=r"eval\.world: 'v3' is not one of"):
+        load_config(RunConfig, recipe, ["eval.world=v3"])

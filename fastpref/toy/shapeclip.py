@@ -159,8 +159,8 @@ def load_shipped(device: str | torch.device = "cpu") -> ShapeCLIP:
 # Data
 
 
-def _sample_any_spec(rng: np.random.Generator) -> world.PromptSpec:
-    return world.sample_spec(rng, "train" if rng.random() < 0.5 else "eval")
+def _sample_any_spec(rng: np.random.Generator, world_name: str = "v1") -> world.PromptSpec:
+    return world.sample_spec(rng, "train" if rng.random() < 0.5 else "eval", world_name)
 
 
 def _signature(spec_or_objects) -> tuple[str, ...]:
@@ -183,11 +183,12 @@ def truth_matrix(scenes: Sequence[Sequence[world.PlacedObject]], specs: Sequence
 
 
 def training_batch(
-    rng: np.random.Generator, batch_size: int, degrade_fraction: float = 0.5, negatives_per_image: int = 2
+    rng: np.random.Generator, batch_size: int, degrade_fraction: float = 0.5, negatives_per_image: int = 2,
+    world_name: str = "v1",
 ):
     """images uint8 (B, 32, 32, 3), texts (B positives, then negatives_per_image x B hard negatives),
     positive (B, len(texts)) bool."""
-    specs = [_sample_any_spec(rng) for _ in range(batch_size)]
+    specs = [_sample_any_spec(rng, world_name) for _ in range(batch_size)]
     images = np.empty((batch_size, world.IMAGE_SIZE, world.IMAGE_SIZE, 3), dtype=np.uint8)
     scenes = []
     for i, spec in enumerate(specs):
@@ -205,7 +206,8 @@ def training_batch(
                 # same objects, other relation or order: only word order and relation words tell
                 # these apart, and they are a small share of a position caption's variants
                 variants = [v for v in variants if set(v.groups) == set(spec.groups)]
-            negatives.append(variants[int(rng.integers(len(variants)))] if variants else _sample_any_spec(rng))
+            negatives.append(variants[int(rng.integers(len(variants)))] if variants
+                             else _sample_any_spec(rng, world_name))
     text_specs = specs + negatives
     return images, [s.caption for s in text_specs], truth_matrix(scenes, text_specs)
 
@@ -226,25 +228,27 @@ def contrastive_loss(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tens
 
 
 def hard_negative_set(spec: world.PromptSpec, objects, rng: np.random.Generator, k: int = NUM_NEGATIVES) -> list:
-    """k captions false of the scene: one-attribute variants first, then random specs."""
+    """k captions false of the scene (in the spec's world): one-attribute variants first, then random specs."""
     candidates = [v for v in world.one_attribute_variants(spec) if not truth_matrix([objects], [v])[0, 0]]
     rng.shuffle(candidates)
     negatives = candidates[:k]
     while len(negatives) < k:
-        other = _sample_any_spec(rng)
+        other = _sample_any_spec(rng, spec.world)
         if other not in negatives and other != spec and not truth_matrix([objects], [other])[0, 0]:
             negatives.append(other)
     return negatives
 
 
 @torch.no_grad()
-def hard_negative_accuracy(model: ShapeCLIP, num_images: int = 400, seed: int = 1234, degrade: bool = False) -> dict:
+def hard_negative_accuracy(
+    model: ShapeCLIP, num_images: int = 400, seed: int = 1234, degrade: bool = False, world_name: str = "v1"
+) -> dict:
     """Share of ground-truth images (both splits) whose true caption outscores all of
     NUM_NEGATIVES hard negatives (chance = 1 / (1 + NUM_NEGATIVES)), overall and per category."""
     rng = np.random.default_rng(seed)
     specs, images, candidates = [], [], []
     for _ in range(num_images):
-        spec = _sample_any_spec(rng)
+        spec = _sample_any_spec(rng, world_name)
         image, objects = world.render_scene(spec, rng)
         specs.append(spec)
         images.append(world.degrade(image, rng) if degrade else image)
@@ -279,6 +283,7 @@ def train_shapeclip(
     progress: bool = True,
     eval_images: int = 400,
     model_kwargs: dict | None = None,
+    world_name: str = "v1",
 ) -> tuple[ShapeCLIP, dict]:
     """Train ShapeCLIP for `minutes` (the step count is fixed from the first steps' speed and
     recorded) or exactly `steps`; save it and metrics.json to `out` (unless None)."""
@@ -288,12 +293,12 @@ def train_shapeclip(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     # the vocabulary goes into config.json, so the saved weights describe their own tokenizer
-    model = ShapeCLIP(**{"words": world.vocabulary(), **(model_kwargs or {})})
+    model = ShapeCLIP(**{"words": world.vocabulary(world_name), **(model_kwargs or {})})
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     budget = StepBudget(steps, minutes)
 
     def next_loss() -> torch.Tensor:
-        images, texts, positive = training_batch(rng, batch_size)
+        images, texts, positive = training_batch(rng, batch_size, world_name=world_name)
         return contrastive_loss(model(uint8_to_float(images), texts), torch.from_numpy(positive))
 
     losses: list[float] = []
@@ -303,6 +308,7 @@ def train_shapeclip(
         pass  # nothing to do between steps (no EMA, no checkpoints)
     model.eval()
     metrics = {
+        "world": world_name,
         "seed": seed,
         "steps": step,
         "batch_size": batch_size,
@@ -311,8 +317,9 @@ def train_shapeclip(
         "train_minutes": round(budget.elapsed_minutes(), 2),
         "final_loss": float(np.mean(losses[-50:])),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "hard_negative_accuracy": hard_negative_accuracy(model, eval_images),
-        "hard_negative_accuracy_degraded": hard_negative_accuracy(model, eval_images, degrade=True),
+        "hard_negative_accuracy": hard_negative_accuracy(model, eval_images, world_name=world_name),
+        "hard_negative_accuracy_degraded": hard_negative_accuracy(model, eval_images, degrade=True,
+                                                                  world_name=world_name),
     }
     if out is not None:
         out = Path(out)
@@ -333,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the CPU is shared)")
     parser.add_argument("--eval-images", type=int, default=400)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--world", default="v1", choices=sorted(world.WORLDS), help="the toy world (v1 | v2)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     _, metrics = train_shapeclip(
@@ -345,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         progress=not args.no_progress,
         eval_images=args.eval_images,
+        world_name=args.world,
     )
     metrics["wall_minutes"] = round((time.perf_counter() - started) / 60, 2)
     print(json.dumps(metrics, indent=2))

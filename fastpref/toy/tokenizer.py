@@ -54,13 +54,13 @@ def build_merges(words: Iterable[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def build_tokenizer(words: Iterable[str] | None = None, max_length: int = DEFAULT_MAX_LENGTH):
-    """A CLIPTokenizer whose vocabulary is the toy world's words (world.vocabulary() by default)."""
+def build_tokenizer(words: Iterable[str] | None = None, max_length: int = DEFAULT_MAX_LENGTH, world_name: str = "v1"):
+    """A CLIPTokenizer whose vocabulary is the toy world's words (world.vocabulary(world_name) by default)."""
     transformers = require("transformers", "the toy tokenizer")
     if words is None:
         from fastpref.toy import world
 
-        words = world.vocabulary()
+        words = world.vocabulary(world_name)
     words = sorted({w.lower() for w in words})
     for word in words:
         if not word.isalpha() or not word.isascii():

@@ -98,3 +98,19 @@ def test_shipped_weights_rank_the_true_caption_above_hard_negatives():
     assert result["accuracy"] >= 0.6, result
     files = list(shapeclip.SHIPPED_WEIGHTS.iterdir())
     assert sum(f.stat().st_size for f in files) < 2 * 2**20
+
+
+def test_v2_training_batches_and_evaluation_use_v2_captions():
+    rng = np.random.default_rng(2)
+    images, texts, positive = shapeclip.training_batch(rng, 24, world_name="v2")
+    assert images.shape == (24, 32, 32, 3) and positive.shape == (24, 72)
+    specs = [world.parse_caption(t, "v2") for t in texts]  # every caption is in v2's grammar
+    assert positive[np.arange(24), np.arange(24)].all()  # an image's own caption is true of it
+    assert {w for t in texts for w in t.split()} - set(world.vocabulary("v1"))  # v2's own words come up
+    spec = world.parse_caption("a small red circle", "v2")
+    _, objects = world.render_scene(spec, rng)
+    sizes = [world.parse_caption(c, "v2") for c in ("a red circle", "a large red circle", "a small circle")]
+    assert shapeclip.truth_matrix([objects], [spec, *sizes]).tolist() == [[True, True, False, True]]
+    model = shapeclip.ShapeCLIP(words=world.vocabulary("v2"), **TINY)
+    result = shapeclip.hard_negative_accuracy(model, num_images=12, world_name="v2")
+    assert result["num_images"] == 12 and 0.0 <= result["accuracy"] <= 1.0

@@ -249,3 +249,14 @@ def test_v2_one_attribute_variants_include_sizes_and_colored_counts():
     counted = {v.caption for v in world.one_attribute_variants(world.parse_caption("three red crosses", "v2"))}
     assert {"five red crosses", "three white crosses", "three red rings"} <= counted
     assert all(v.world == "v2" for v in world.one_attribute_variants(spec))
+
+
+def test_v2_words_are_single_tokens_and_every_caption_fits_the_tokenizer():
+    pytest.importorskip("transformers")
+    from fastpref.toy.tokenizer import DEFAULT_MAX_LENGTH, build_tokenizer, check_word_level
+
+    tokenizer = build_tokenizer(world_name="v2")
+    check_word_level(tokenizer, world.vocabulary("v2"))
+    longest = max((s.caption for s in world.train_prompts("v2") + world.eval_prompts("v2")), key=lambda c: len(c.split()))
+    assert len(longest.split()) + 2 <= DEFAULT_MAX_LENGTH  # bos + words + eos, never truncated
+    assert tokenizer(longest)["input_ids"][1:-1] == tokenizer.convert_tokens_to_ids([w + "</w>" for w in longest.split()])
