@@ -13,6 +13,8 @@ rewards that work on uint8 (the verifier) convert back with `to_uint8`. Subclass
 
 `differentiable` says whether scores carry gradients to the pixels (usable for reward
 backpropagation); non-differentiable rewards are evaluated under torch.no_grad.
+`require_differentiable(name_or_reward, key)` is the config check of objectives that backpropagate
+a reward (DRaFT): a ConfigError naming the key, before any model loads.
 
 The registry maps names to classes. Heavy reward models live in their own modules and register
 on import; `build_reward` imports the module named in LAZY_MODULES on first use, so optional
@@ -142,3 +144,31 @@ def build_reward(name: str, path_or_hub_id: str | None = None, **kwargs: Any) ->
 
 def available_rewards() -> list[str]:
     return sorted(set(REWARDS) | set(LAZY_MODULES))
+
+
+def require_differentiable(reward: "Reward | type[Reward] | str", key: str = "reward") -> None:
+    """Refuse a reward whose scores carry no gradient to the pixels, for objectives that backpropagate
+    through it (DRaFT): a config error naming `key`. Takes a reward, its class or its registry name,
+    so a config is checked before any model loads."""
+    from fastpref.config import ConfigError
+
+    if isinstance(reward, str):
+        try:
+            cls = reward_class(reward)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    else:
+        cls = reward if isinstance(reward, type) else type(reward)
+    differentiable = getattr(reward, "differentiable", getattr(cls, "differentiable", False))
+    if not differentiable:
+        usable = []
+        for name in available_rewards():
+            try:
+                if reward_class(name).differentiable:
+                    usable.append(name)
+            except Exception:  # an optional reward whose module does not import here is no suggestion
+                continue
+        raise ConfigError(
+            f"{key}: the {cls.name!r} reward is not differentiable (its scores carry no gradient to the pixels), "
+            f"so it cannot be backpropagated; differentiable rewards: {', '.join(usable)}"
+        )

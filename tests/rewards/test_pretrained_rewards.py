@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from fastpref.rewards import openclip_convert, pretrained  # noqa: E402
 from fastpref.rewards.base import build_reward  # noqa: E402
-from fastpref.toy.tokenizer import END_OF_WORD, build_merges  # noqa: E402
+from helpers.clip import tiny_clip_tokenizer  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares", "a big green triangle"]
 WORDS = sorted({w for p in PROMPTS for w in p.split()})
@@ -113,15 +113,7 @@ def random_openclip(vocab, seed=0, **dims):
 # ---- fixtures -------------------------------------------------------------------------------------------------------
 
 def tiny_tokenizer(pad_token="<|endoftext|>"):
-    """A CLIPTokenizer laid out like the OpenAI BPE: word pieces first, <|startoftext|>, <|endoftext|> last (so
-    eot has the highest id, which open_clip's argmax pooling relies on)."""
-    merges = build_merges(WORDS)
-    letters = sorted({c for w in WORDS for c in w})
-    vocab: dict[str, int] = {}
-    for symbol in [*letters, *(c + END_OF_WORD for c in letters), *(a + b for a, b in merges)]:
-        vocab.setdefault(symbol, len(vocab))
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=TINY["context"])
+    return tiny_clip_tokenizer(WORDS, pad_token, max_length=TINY["context"])
 
 
 @pytest.fixture(scope="module", params=["<|endoftext|>", "a"], ids=["pad=eot", "pad=low-id"])
@@ -206,7 +198,7 @@ def test_letterbox_preprocess_pads_black_around_the_resized_image():
     assert out.shape == (1, 3, 32, 32)
     torch.testing.assert_close(out[:, :, :8], torch.full((1, 3, 8, 32), -2.0))  # (0 - 0.5) / 0.25: black padding
     torch.testing.assert_close(out[:, :, 24:], torch.full((1, 3, 8, 32), -2.0))
-    resized = nn.functional.interpolate(pixels, size=(16, 32), mode="bicubic", antialias=True)
+    resized = pretrained.pil_bicubic_resize(pixels, (16, 32))
     torch.testing.assert_close(out[:, :, 8:24], (resized - 0.5) / 0.25)
 
 
