@@ -11,19 +11,22 @@ name and package versions.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS_DIR, stamp, write_csv  # noqa: E402
+
 from fastpref.data.cache import group_file
 from fastpref.data.dataset import CachedDataset
 from fastpref.data.shards import StageDir, run_stage
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # per-group arrays of an SDXL cache: K latents, prompt embeddings (CLIP-L + CLIP-G), pooled embedding, time ids
 SDXL_FIELDS = {
     "latents": (4, 4, 128, 128),
@@ -90,15 +93,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--backends", nargs="+", default=["torch", "dali"], choices=["torch", "dali"])
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to deliver batches on the GPU")
     parser.add_argument("--data", help="reuse/create the synthetic shards here (default: a temp dir)")
-    parser.add_argument("--out", default=str(RESULTS / "loader.csv"))
+    parser.add_argument("--out", help="CSV to write, or to append to when it exists with the same columns "
+                                          "(default: bench/results/loader-<device>-<date>.csv)")
     parser.add_argument("--smoke", action="store_true", help="8 groups, batch 2, 1 worker, 1 epoch (CI)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.groups, args.batch_size, args.workers, args.epochs = 8, 2, [1], 1
-    from fastpref.env_report import environment
     from fastpref.utils.imports import available
 
-    env = environment()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data or tmp)
@@ -113,15 +115,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row = measure(dataset, backend, args.batch_size, workers, args.epochs, args.device)
                 print(f"{backend:>5} workers={workers}: {row['groups_per_s']:8.1f} groups/s {row['mb_per_s']:8.1f} MB/s")
                 # on a shared machine the load says how much the numbers can be trusted
-                rows.append({**row, "smoke": args.smoke, "load_avg_1m": round(os.getloadavg()[0], 2), **env})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with out.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["backend"])
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+                rows.append({**row, "smoke": args.smoke, "load_avg_1m": round(os.getloadavg()[0], 2)})
+    out = Path(args.out or RESULTS_DIR / f"loader-{args.device.split(':')[0]}-{stamp()}.csv")
+    # unprefixed environment columns (device, torch, ...), as bench/results/loader.csv has them
+    write_csv(out, rows, append=True, prefix="")
+    print(f"wrote {out}")
     return rows
 
 

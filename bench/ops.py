@@ -23,29 +23,28 @@ device-to-device copy bandwidth (clone of a 1 GiB tensor) and the peak extra mem
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import math
 import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fastpref.ops as ops  # noqa: E402
+from common import RESULTS_DIR, stamp, synchronize, time_it, write_csv  # noqa: E402
 from fastpref.ops import library  # noqa: E402
 from fastpref.ops import reference as R  # noqa: E402
 
 BETA = 2500.0
 MODES = ("forward", "backward", "step")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def reference_dpo(pred, target, ref_pred):
@@ -163,32 +162,6 @@ def variants(device: torch.device, smoke: bool, objective: str = "dpo") -> tuple
     return chosen, notes
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_it(fn, device, warmup: int, iters: int) -> list[float]:
-    """Per-iteration milliseconds (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def copy_bandwidth_gbps(device, warmup: int, iters: int) -> float | None:
     """Device-to-device copy bandwidth of torch clone (read + write) of a 1 GiB tensor."""
     if device.type != "cuda":
@@ -291,14 +264,10 @@ def run(args) -> Path:
             )
 
     out_dir = Path(args.out) if args.out else RESULTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     objective = "" if args.objective == "dpo" else f"{args.objective}-"
-    path = out_dir / f"ops-{objective}{device.type}-{'smoke-' if args.smoke else ''}{stamp}.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    path = out_dir / f"ops-{objective}{device.type}-{'smoke-' if args.smoke else ''}{stamp()}.csv"
+    # unprefixed columns (device, torch, triton, ...), as the earlier ops CSVs have them
+    write_csv(path, rows, prefix="")
 
     print(f"device: {device_name} | torch {torch.__version__} | triton {triton_version} | "
           f"N={n} x {'x'.join(map(str, shape))} {dtype_name}" + (f" | copy {copy_gbps:.0f} GB/s" if copy_gbps else ""))

@@ -28,7 +28,6 @@ import dataclasses
 import importlib
 import itertools
 import math
-import os
 import pkgutil
 import re
 import subprocess
