@@ -1,9 +1,15 @@
-"""The one `fastpref` command. Subcommands import their stage lazily, so `fastpref --help` is instant."""
+"""The one `fastpref` command. Subcommands import their stage lazily, so `fastpref --help` is instant.
+
+A mistake of the user's (a bad config value, a missing or corrupt file, a setting this machine refuses, a missing
+extra) prints one line `fastpref: error: ...` and exits 2; `--debug` (anywhere on the line) or FASTPREF_DEBUG=1
+shows the traceback instead. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, function, help). Each function takes the parsed argparse namespace.
@@ -22,9 +28,37 @@ SUBCOMMANDS = {
 }
 
 
+# (module, class name): the errors a user makes and fixes without reading code; looked up in sys.modules, so that
+# the check imports nothing (a class whose module the command never imported cannot have been raised)
+USER_ERRORS = (("fastpref.config", "ConfigError"), ("fastpref.train.checkpoint", "CheckpointError"),
+               ("fastpref.train.speed", "UnsupportedSpeedOption"), ("fastpref.data.shards", "ShardError"),
+               ("fastpref.utils.imports", "MissingDependencyError"))
+
+
+def is_user_error(err: BaseException) -> bool:
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return True
+    classes = [getattr(sys.modules.get(module), name, None) for module, name in USER_ERRORS]
+    return isinstance(err, tuple(c for c in classes if isinstance(c, type)))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="fastpref", description="Fast preference alignment for diffusion models")
+    debug = "--debug" in argv or os.environ.get("FASTPREF_DEBUG", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        return _run(argv)
+    except Exception as err:
+        if debug or not is_user_error(err):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message's layout
+        print(f"fastpref: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fastpref", description="Fast preference alignment for diffusion models",
+                                     epilog="--debug (or FASTPREF_DEBUG=1): a traceback instead of a one-line error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)

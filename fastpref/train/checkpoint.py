@@ -2,7 +2,9 @@
 
 Layout of one checkpoint (written to a temp dir, renamed into place only when complete):
     <run>/checkpoints/step-000120/
-        trainer_state.pt       optimizer, LR scheduler, loss scaler (fp16), data position, RNG states, counters
+        trainer_state.pt       optimizer, LR scheduler, loss scaler (fp16), data position, RNG states, counters:
+                               tensors, numbers, strings, lists and dicts only, read with torch.load(weights_only=True)
+                               so that a checkpoint from someone else cannot run code (save_state / load_state)
         trainable.safetensors  the trainable parameters in fp32 under their module names (exact resume)
         lora/                  LoRA runs: pytorch_lora_weights.safetensors that diffusers' load_lora_weights reads
         denoiser/              full fine-tunes: the denoiser via save_pretrained (from_pretrained loads it)
@@ -33,10 +35,17 @@ PARTIAL_DIR = re.compile(r"^\.step-(\d{6,})\.tmp$")
 MOVED_ASIDE_DIR = re.compile(r"^\.step-(\d{6,})\.old$")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be (or must not be) loaded; the message names the file."""
+
+
 def rng_state() -> dict[str, Any]:
+    """Every RNG the run draws from, as plain data (numpy's key array as a list): weights_only-loadable."""
+    version, key, gauss_next = random.getstate()
+    name, np_key, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(key), gauss_next],
+        "numpy": [name, np_key.tolist(), int(pos), int(has_gauss), float(cached_gaussian)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -45,11 +54,33 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, key, gauss_next = state["python"]
+    random.setstate((version, tuple(key), gauss_next))
+    name, np_key, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(np_key, dtype=np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    """torch.save of plain data (tensors, numbers, strings, lists, dicts); load_state reads it back."""
+    torch.save(state, path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A file written by save_state, unpickled with weights_only=True: anything but tensors and plain data (e.g. a
+    planted object whose unpickling would run code) is refused, never constructed."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain data (a checkpoint "
+                              f"from an older fastpref, or one made to run code when unpickled): {first}") from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
 
 
 class CheckpointManager:

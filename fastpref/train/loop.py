@@ -9,126 +9,25 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
-import signal
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from fastpref.config import ConfigError, load_config, save_config, to_dict
-from fastpref.models.bundle import (FLOW_FAMILIES, LEGACY_FLOW_TIMESTEPS, FlowTimestepsConfig, flow_timestep_record,
-                                    scheduler_timestep_shift)
+from fastpref.models.bundle import FLOW_FAMILIES, LEGACY_FLOW_TIMESTEPS, flow_timestep_record, scheduler_timestep_shift
+from fastpref.online.config import ONLINE_METHODS as ONLINE_OBJECTIVES
 from fastpref.train.checkpoint import CheckpointManager, rng_state, save_trainable, set_rng_state
+from fastpref.train.config import DTYPES, DataConfig, LoraConfig, ModelConfig, TrainConfig  # noqa: F401 (re-exported)
 from fastpref.train.metrics import (MetricsLogger, RunHistory, format_summary, memory_usage,
                                     progress_postfix, write_summary)
-from fastpref.train.objectives import ObjectiveConfig
-from fastpref.train.parallel import Strategy, build_parallel, local_device
-from fastpref.train.speed import (SpeedConfig, apply_model_speedups, autocast, build_optimizer,
+from fastpref.train.parallel import build_parallel, local_device
+from fastpref.train.speed import (apply_model_speedups, autocast, build_optimizer,
                                   check_speed_support, set_attention_backend)
 from fastpref.train.step import ReferenceModel, TrainStep
-from fastpref.train.validation import ValidationConfig, Validator, resolve_prompts
+from fastpref.train.validation import Validator, resolve_prompts
 from fastpref.utils.imports import require
-
-# Resume tests kill a real run with SIGKILL right after this step (0: never).
-KILL_AFTER_STEP = int(os.environ.get("FASTPREF_KILL_AFTER_STEP", "0"))
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class ModelConfig:
-    path: str = "toy-sd"  # local diffusers folder, hub id, or a shipped toy model name
-    family: Literal["sd", "sdxl", "sd3"] | None = None  # read from model_index.json when null
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights of the trained denoiser
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 8
-    alpha: float | None = None  # defaults to rank
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-
-
-@dataclass
-class DataConfig:
-    root: str = ""  # dataset root with cache/ (fastpref cache)
-    batch_groups: int = 4  # prompt groups per step per process
-    loader: Literal["torch", "dali"] = "torch"
-    num_workers: int = 0
-    verify: Literal["none", "size", "checksum"] = "size"
-
-
-@dataclass
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    speed: SpeedConfig = field(default_factory=SpeedConfig)
-    mode: Literal["lora", "full"] = "lora"
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    # auto: cached e_ref when the dataset has it, else adapters_off (lora) / frozen_copy (full)
-    reference: Literal["auto", "cached", "adapters_off", "frozen_copy"] = "auto"
-    # dtype of full fine-tuning's frozen reference copy (frozen_copy; on the policy's device, never offloaded).
-    # auto: on a CUDA device the dtype the policy computes in: bfloat16 under speed.mixed_precision: bf16 (the GPU
-    # recipes; a frozen SDXL U-Net then takes 5 GB instead of 10, and its e_ref equals an fp32 copy's under the same
-    # autocast), float16 under fp16, the weights' dtype without autocast; on CPU the weights' dtype (bf16 matmuls are
-    # slow there, and CPU runs are the exact-resume references). A copy in another precision than the policy's
-    # biases the start (warned): measured on the toy SD, fp32 policy + bf16 copy, DPO beta 2500: step-0 loss 2.14
-    # instead of ln 2 = 0.69.
-    reference_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    output_dir: str = "runs/train"
-    seed: int = 0
-    max_steps: int = 100
-    lr: float = 1e-4
-    lr_warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    grad_accumulation: int = 1
-    log_every: int = 1
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    max_nonfinite_in_a_row: int = 5
-    device: str = "auto"
-    progress: bool = True
-    tensorboard: bool = True
-    wandb_project: str | None = None
-    loss_backend: Literal["auto", "triton", "native", "reference"] = "auto"
-    parallel: Strategy = "none"  # launched with torchrun when not "none"
-    # image grids of the policy on fixed prompts / seeds at step 0 and every N steps (off by default)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    # flow (sd3) families: how training timesteps are drawn (the shift is the model scheduler's); must equal the cache's
-    # flow_timesteps for the cached e_ref to be used. sd / sdxl: must stay at the defaults
-    flow_timesteps: FlowTimestepsConfig = field(default_factory=FlowTimestepsConfig)
-
-    def validate(self):
-        if not self.data.root:
-            raise ConfigError("data.root: required (a dataset folder made by `fastpref cache`)")
-        for key in ("max_steps", "grad_accumulation", "log_every", "checkpoint_every", "data.batch_groups"):
-            value = self
-            for part in key.split("."):
-                value = getattr(value, part)
-            if value < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {value}")
-        if self.mode == "full" and self.reference == "adapters_off":
-            raise ConfigError("reference: 'adapters_off' needs mode: lora (full fine-tuning has no adapters)")
-        if self.mode == "lora" and self.reference == "frozen_copy":
-            raise ConfigError("reference: 'frozen_copy' is for mode: full; LoRA uses the adapters-off network")
-        if self.mode == "lora" and self.reference_dtype != "auto":
-            raise ConfigError(f"reference_dtype: {self.reference_dtype!r} sets the dtype of the frozen reference copy of "
-                              "mode: full; LoRA's reference is the policy itself with its adapters off (allowed "
-                              "with mode: lora: auto)")
-        if self.objective.feature_space == "ncp" and self.reference == "cached":
-            raise ConfigError("reference: 'cached' cannot serve objective.feature_space: ncp (it runs the frozen "
-                              "initial model live); use auto, adapters_off (lora) or frozen_copy (full)")
-        if self.model.family is not None:  # else the dataset's family, checked by the Trainer before loading
-            self.flow_timesteps.check_family(self.model.family)
-        if not self.speed.fused_loss and self.loss_backend != "reference":
-            self.loss_backend = "reference"
-
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -222,6 +121,9 @@ class Trainer:
         self.dataset = CachedDataset(cfg.data.root, verify=cfg.data.verify)
         self.family = cfg.model.family or self.dataset.family
         cfg.flow_timesteps.check_family(self.family)
+        if self.family not in FLOW_FAMILIES and cfg.objective.error_space != "auto":
+            raise ConfigError(f"objective.error_space: {cfg.objective.error_space!r} is for the flow-matching families "
+                              f"{list(FLOW_FAMILIES)}; family {self.family!r} has one error space (leave it auto)")
         # before minutes of model loading: `reference: cached` on a dataset that cannot serve it fails now
         self.reference_mode = self._reference_mode()
         self.reference_dtype = self._reference_dtype() if self.reference_mode == "frozen_copy" else None
@@ -351,14 +253,11 @@ class Trainer:
 
         beta (2500 for SD) magnifies a precision gap between cache and training into a biased margin at step 0.
         """
+        from fastpref.data.cache import cached_reference_recipe, reference_recipe, reference_recipe_gap
+
         cfg = self.cfg
-        cache_dtype = self.dataset.manifest.config.get("dtype", "float32")
-        training = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.speed.mixed_precision, cfg.model.dtype)
-        if cfg.speed.fp8:
-            training = "fp8"
-        if training != cache_dtype:
-            return f"cached reference errors were computed in {cache_dtype}, training runs in {training}"
-        return None
+        training = reference_recipe(cfg.model.dtype, cfg.speed.mixed_precision, cfg.speed.fp8)
+        return reference_recipe_gap(cached_reference_recipe(self.dataset.manifest.config), training)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
@@ -457,8 +356,6 @@ class Trainer:
                     self.validate(logger)  # before the checkpoint: a run resumed from it has this grid
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     self.save_checkpoint()
-                if self.step == KILL_AFTER_STEP:
-                    os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
         finally:
             if logger is not None:
                 logger.close()
@@ -490,23 +387,27 @@ class Trainer:
         return self.validator.run(self.bundle, self.step, self.parallel.is_main, logger,
                                   autocast=self.step_fn.autocast, attention=self.attention)
 
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches per optimizer step: grad_accumulation (the online trainer's follow from its rollout)."""
+        return self.cfg.grad_accumulation
+
     def optimizer_step(self, batches) -> tuple[dict, int]:
         """grad_accumulation micro-batches, then one optimizer step, skipped on every rank when any rank's loss
-        or gradient is not finite.
-
-        The logged grad_norm is this step's global gradient norm before clipping. DeepSpeed ZeRO computes, checks and
-        clips it inside engine.step (and skips the update when it is not finite): the loop reads it after the step.
+        or gradient is not finite. The strategy (self.parallel) clips, checks the gradient norm and steps; the
+        logged grad_norm is this step's global norm before clipping.
 
         Each micro-batch's loss is a mean over the groups it keeps (pairwise objectives drop groups whose images all
         tie in psi; rankdpo means over the groups with an ordered pair), so the step draws its micro-batches first,
         counts their kept groups (step_fn.preference_groups) and weighs micro-batch i by kept_i / sum(kept): the
         gradient, and the logged metrics, are means over the step's kept groups, as one batch of grad_accumulation x
-        data.batch_groups groups gives. A step skipped for a non-finite loss still consumes all its micro-batches.
+        data.batch_groups groups gives. A micro-batch that keeps no group still runs its forward and backward with
+        weight 0, so that every rank joins the same collectives. A step skipped for a non-finite loss still consumes
+        all its micro-batches.
         """
-        cfg, parallel = self.cfg, self.parallel
-        zero = parallel.strategy.startswith("zero")
+        parallel = self.parallel
         parallel.zero_grad()
-        micro_batches = [next(batches) for _ in range(cfg.grad_accumulation)]
+        micro_batches = [next(batches) for _ in range(self.micro_batches_per_step)]
         # a step function without preference_groups (test probes) weighs its micro-batches equally
         count = getattr(self.step_fn, "preference_groups", None)
         kept = [count(batch) if count is not None else 1 for _, batch in micro_batches]
@@ -514,69 +415,38 @@ class Trainer:
         # ranks by them would need an all-reduce of the counts), so across ranks the same imbalance remains.
         total = sum(kept)
         totals: dict[str, float] = {}
-        images, finite, counted = 0, True, 0  # counted: the kept groups of the micro-batches that gave a loss
+        images = 0
         with self.attention:
             for (epoch, batch), groups in zip(micro_batches, kept):
                 out = self.step_fn.forward(batch, epoch)
-                loss = out.loss if out is not None else None
                 # all ranks agree before any backward, or DDP / ZeRO collectives would wait forever
-                if not parallel.all_true(loss is None or bool(torch.isfinite(loss))):
-                    finite = False
-                    break
-                if loss is None:
-                    loss = sum(p.sum() * 0.0 for p in parallel.trainable_parameters())  # keeps collectives in step
+                if not parallel.all_true(bool(torch.isfinite(out.loss))):
+                    parallel.skip_step()
+                    return self._nonfinite_step(counts_in_a_row=True), images
+                images += out.num_images
+                if groups == 0:  # no group with a preference: a loss without gradient, weighed 0
+                    loss = out.loss * 0.0
                 else:
-                    images += out.num_images
-                    if groups == 0:  # rankdpo with every group tied: a loss without gradient, weighed 0
-                        loss = loss * 0.0
-                    else:
-                        counted += groups
-                        for key, value in {"loss": out.loss, **out.metrics}.items():
-                            totals[key] = totals.get(key, 0.0) + float(value.detach()) * groups
-                        # loss * groups / total, written so that it is loss / grad_accumulation to the last bit when
-                        # every micro-batch keeps as many groups (loss itself at grad_accumulation 1)
-                        loss = loss / (total / groups)
+                    for key, value in {"loss": out.loss, **out.metrics}.items():
+                        totals[key] = totals.get(key, 0.0) + float(value.detach()) * groups
+                    # loss * groups / total, written so that it is loss / grad_accumulation to the last bit when
+                    # every micro-batch keeps as many groups (loss itself at grad_accumulation 1)
+                    loss = out.loss / (total / groups)
                 parallel.backward(loss)
-        grad_norm = None
-        if finite and not zero:
-            grad_norm = float(parallel.clip_grad_norm(cfg.max_grad_norm))
-            finite = parallel.all_true(math.isfinite(grad_norm))
-        if not finite:
-            parallel.skip_step()
-            # an fp16 overflow that made the loss scaler back off is the scale finding its range, not a diverging
-            # run: logged as skipped, but not counted towards max_nonfinite_in_a_row
-            return self._nonfinite_step(counts_in_a_row=not parallel.scaler_backed_off), images
-        if parallel.all_true(counted == 0):
+        if parallel.all_true(total == 0):
             self.nonfinite_in_a_row = 0
             parallel.skip_step()  # no group of the batch carried a preference: nothing to learn, not even momentum
             return {"loss": math.nan, "skipped": 1.0}, images
-        schedule = self.scheduler.last_epoch
-        parallel.step()
-        if zero:
-            norm = parallel.engine.get_global_grad_norm()  # this step's: engine.step computed it just now
-            grad_norm = None if norm is None else float(norm)
-        if parallel.last_step_skipped:
-            if self.scheduler.last_epoch == schedule:
-                # DeepSpeed skips its LR step with the update: every step advances the schedule once, skipped or not
-                parallel.advance_schedule()
-            if zero and not parallel.fp16:
-                # bf16 / fp32 ZeRO: DeepSpeed found the global gradient norm non-finite (a NaN / inf gradient behind
-                # a finite loss) and skipped the update on every rank; a diverging run, unlike an fp16 overflow
-                return self._nonfinite_step(counts_in_a_row=True), images
-            # fp16 (DeepSpeed's loss scaler or torch's GradScaler) found an overflow inside the step
-            self.nonfinite_in_a_row = 0
-            self.nonfinite_total += 1
-            return {"loss": math.nan, "skipped": 1.0}, images
-        if zero and grad_norm is not None and not math.isfinite(grad_norm):
-            raise FloatingPointError(
-                f"DeepSpeed applied step {self.step + 1} with a non-finite gradient norm ({grad_norm}): the weights "
-                "may hold NaN / inf now; its overflow check is off (bf16.check_grad_overflow: false, or a DeepSpeed "
-                "without it). Resume from the last checkpoint with a DeepSpeed that checks")
+        result = parallel.step()
+        if not result.applied:
+            # an fp16 overflow that made the loss scaler back off is the scale finding its range, not a diverging
+            # run: logged as skipped, but not counted towards max_nonfinite_in_a_row
+            return self._nonfinite_step(counts_in_a_row=not result.overflow), images
         self.nonfinite_in_a_row = 0
-        result = {key: value / counted for key, value in totals.items()}  # means over the step's kept groups
-        if grad_norm is not None:
-            result["grad_norm"] = grad_norm
-        return result, images
+        metrics = {key: value / total for key, value in totals.items()}  # means over the step's kept groups
+        if result.grad_norm is not None:
+            metrics["grad_norm"] = result.grad_norm
+        return metrics, images
 
     def _nonfinite_step(self, counts_in_a_row: bool) -> dict[str, float]:
         """Count a step skipped for a non-finite loss or gradient; abort after max_nonfinite_in_a_row in a row."""
@@ -602,6 +472,10 @@ def refuse_to_start_over(checkpoints: CheckpointManager) -> None:
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if not resume:
         refuse_to_start_over(CheckpointManager(Path(cfg.output_dir) / "checkpoints"))
+    if cfg.objective.name in ONLINE_OBJECTIVES:  # grpo / spo / draft: the policy samples its own training data
+        from fastpref.train.online import OnlineTrainer
+
+        return OnlineTrainer(cfg).train(resume=resume)
     return Trainer(cfg).train(resume=resume)
 
 

@@ -24,14 +24,18 @@ ObjectiveName = Literal["rankdpo", "dpo", "cpo", "sft", "mapo", "kto"]
 NEEDS_REFERENCE = {"rankdpo": True, "dpo": True, "kto": True, "cpo": False, "sft": False, "mapo": False}
 # the objectives NCP composes with: the paper's DPO, CPO and SFT, and RankDPO (its margins are DPO's)
 NCP_OBJECTIVES = ("rankdpo", "dpo", "cpo", "sft")
+# beta when the recipe sets none, per objective: Diffusion-DPO's published SD1.5/SDXL setting in this convention
+# (their 0.5 * beta_dpo with beta_dpo = 5000) for dpo / rankdpo / cpo, Diffusion-KTO's 1000 for kto (as
+# ops.kto_loss). mapo's coefficient is mapo_beta, sft has none: beta stays null for them.
+DEFAULT_BETA = {"rankdpo": 2500.0, "dpo": 2500.0, "cpo": 2500.0, "kto": 1000.0}
 
 
 @dataclass
 class ObjectiveConfig:
     name: ObjectiveName = "rankdpo"
-    # margin coefficient of dpo / rankdpo / cpo / kto; 2500 is the published SD1.5/SDXL Diffusion-DPO
-    # setting in this convention (their 0.5 * beta_dpo with beta_dpo = 5000)
-    beta: float = 2500.0
+    # margin coefficient of dpo / rankdpo / cpo / kto; null: the objective's default (DEFAULT_BETA), resolved at
+    # construction so that the run's saved config.yaml shows the value used
+    beta: float | None = None
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
     weighting: Literal["dcg", "uniform"] = "dcg"  # rankdpo pair weights
     cpo_sft_weight: float = 1.0
@@ -46,8 +50,12 @@ class ObjectiveConfig:
     feature_space: Literal["latent", "ncp"] = "latent"
     ncp_layers: Literal["multiscale", "mid", "down"] = "multiscale"
 
+    def __post_init__(self):
+        if self.beta is None:
+            self.beta = DEFAULT_BETA.get(self.name)
+
     def validate(self):
-        if self.beta <= 0:
+        if self.beta is not None and self.beta <= 0:
             raise ConfigError(f"beta: must be > 0, got {self.beta}")
         # a setting the chosen objective would silently ignore is a mistake in the recipe, not a no-op
         if self.loss_type != "sigmoid" and self.name not in ("dpo", "rankdpo"):

@@ -22,19 +22,22 @@ import contextlib
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from fastpref.train.checkpoint import CheckpointError, load_state, save_state
+from fastpref.train.config import Strategy  # noqa: F401 (the strategy names, re-exported)
 from fastpref.train.speed import (REGIONAL_BLOCK_LISTS, REGIONAL_SINGLE_BLOCKS, UnsupportedSpeedOption,
                                   make_grad_scaler)
 from fastpref.utils.imports import require
 
-Strategy = Literal["none", "ddp", "fsdp2", "zero1", "zero2", "zero3"]
 # Below this loss scale an overflow is the model's, not the scale's (DeepSpeed's min_loss_scale is the same).
 MIN_LOSS_SCALE = 1.0
+STATE_FILE = "trainer_state.pt"
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -53,19 +56,35 @@ def local_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step did, the same for every strategy (and on every rank)."""
+
+    applied: bool  # the weights were updated
+    grad_norm: float | None  # this step's global gradient norm before clipping (None: not computed)
+    # an fp16 overflow made the loss scaler back off (scale still >= MIN_LOSS_SCALE): the scale finding its range,
+    # not a diverging run
+    overflow: bool = False
+
+
 class Parallel:
-    """One process (also the base class): what the loop calls around forward / backward / step / checkpoint."""
+    """One process (also the base class): what the loop calls around forward / backward / step / checkpoint.
+
+    A strategy changes `_distribute` (wrap the module: DDP, FSDP2's fully_shard), `_wrap_optimizer` (DeepSpeed's
+    engine), the backward / step / skip of its loss scaling, and how the optimizer state is gathered for a checkpoint.
+    """
 
     strategy: str = "none"
 
-    def __init__(self, device: torch.device, mixed_precision: str = "no"):
+    def __init__(self, device: torch.device, mixed_precision: str = "no", max_grad_norm: float = 1.0):
         self.device = device
         self.mixed_precision = mixed_precision
+        self.max_grad_norm = max_grad_norm
         self.rank, self.world_size = init_distributed(device)
         self.scaler: torch.amp.GradScaler | None = None  # set by wrap when the gradients are computed in fp16
         self.last_step_skipped = False  # the last step() / skip_step() left the weights unchanged
-        # the last skip_step was an fp16 overflow that halved the loss scale (still >= MIN_LOSS_SCALE): the scaler
-        # looking for its range (65536 -> 2048 takes 5 such skips on the toy DPO run), not a diverging run
+        # the last skip was an fp16 overflow that halved the loss scale (still >= MIN_LOSS_SCALE): the scaler
+        # looking for its range, not a diverging run
         self.scaler_backed_off = False
         self._unscaled = False  # clip_grad_norm unscaled this step's gradients: the scaler expects an update
         self._grads_overflowed = False
@@ -77,10 +96,18 @@ class Parallel:
     def wrap(self, denoiser: torch.nn.Module, build_optimizer: Callable, build_scheduler: Callable):
         """(module to run forward on, optimizer, lr scheduler)."""
         self.module = denoiser
-        self._setup_loss_scaling(denoiser)
-        self.optimizer = build_optimizer(denoiser.parameters())
-        self.scheduler = build_scheduler(self.optimizer)
-        return denoiser, self.optimizer, self.scheduler
+        self._setup_loss_scaling(denoiser)  # before any wrapper: it reads the parameters' own dtype
+        module = self._distribute(denoiser)
+        optimizer = build_optimizer(denoiser.parameters())
+        module, self.optimizer, self.scheduler = self._wrap_optimizer(module, optimizer, build_scheduler(optimizer))
+        return module, self.optimizer, self.scheduler
+
+    def _distribute(self, denoiser: torch.nn.Module) -> torch.nn.Module:
+        """The module the forward runs on (the strategy's wrapper, or the denoiser sharded in place)."""
+        return denoiser
+
+    def _wrap_optimizer(self, module, optimizer, scheduler):
+        return module, optimizer, scheduler
 
     def _computes_in_fp16(self, denoiser: torch.nn.Module) -> bool:
         """fp16 autocast, or fp16 weights outside a bf16 autocast (bf16 runs never get a loss scaler)."""
@@ -109,7 +136,7 @@ class Parallel:
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the (unscaled) gradients to max_norm; returns their global norm before clipping (inf or nan when a
-        gradient overflowed: the caller then skips the step)."""
+        gradient overflowed)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
             self._unscaled = True
@@ -118,18 +145,26 @@ class Parallel:
         self._grads_overflowed = self.scaler is not None and not math.isfinite(float(norm))
         return norm
 
-    def step(self) -> None:
+    def step(self) -> StepResult:
+        """Clip to max_grad_norm and update, or, when any rank's gradient norm is not finite, skip on every rank
+        (with loss scaling: an overflow halves the scale). The schedule advances either way."""
+        grad_norm = float(self.clip_grad_norm(self.max_grad_norm))
+        if not self.all_true(math.isfinite(grad_norm)):
+            self.skip_step()
+            return StepResult(applied=False, grad_norm=grad_norm, overflow=self.scaler_backed_off)
+        self.scaler_backed_off = False
         if self.scaler is None:
             self.optimizer.step()
             self.last_step_skipped = False
             self.scheduler.step()
-            return
+            return StepResult(applied=True, grad_norm=grad_norm)
         scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)  # skips optimizer.step itself on an inf / nan the caller did not check
+        self.scaler.step(self.optimizer)  # skips optimizer.step itself on an inf / nan clip_grad_norm did not see
         self.scaler.update()
         self.last_step_skipped = self.scaler.get_scale() < scale  # it backs off exactly when it skipped
         self._unscaled = self._grads_overflowed = False
         self.advance_schedule()
+        return StepResult(applied=not self.last_step_skipped, grad_norm=grad_norm, overflow=self.last_step_skipped)
 
     def skip_step(self) -> None:
         """A skipped step still advances the schedule, so that all ranks and resumed runs stay in lockstep.
@@ -186,18 +221,26 @@ class Parallel:
 
         load_trainable(self.module, path)
 
-    # The training state beyond the trainable weights (which the loop saves from `gathered` parameters).
+    # The training state beyond the trainable weights (which the loop saves from `gathered` parameters), as plain
+    # data that loads with weights_only=True (fastpref.train.checkpoint.save_state / load_state).
     def save_state(self, directory: Path, extra: dict[str, Any]) -> None:
+        optimizer = self._optimizer_state()  # a collective for sharded strategies: every rank calls it
         if self.is_main:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        **self._scaler_state(), **extra}, directory / "trainer_state.pt")
+            save_state({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), **self._scaler_state(),
+                        **extra}, directory / STATE_FILE)
 
     def load_state(self, directory: Path) -> dict[str, Any]:
-        state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state.pop("optimizer"))
+        state = load_state(directory / STATE_FILE)
+        self._load_optimizer_state(state.pop("optimizer"))
         self.scheduler.load_state_dict(state.pop("scheduler"))
         self._load_scaler_state(state, directory)
         return state
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def _load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
 
     def _scaler_state(self) -> dict[str, Any]:
         return {"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
@@ -221,40 +264,32 @@ class Parallel:
 class DDP(Parallel):
     strategy = "ddp"
 
-    def wrap(self, denoiser, build_optimizer, build_scheduler):
+    def _distribute(self, denoiser):
         from torch.nn.parallel import DistributedDataParallel
 
-        self.module = denoiser
-        self._setup_loss_scaling(denoiser)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(denoiser, device_ids=ids) if self.world_size > 1 else denoiser
-        self.optimizer = build_optimizer(denoiser.parameters())
-        self.scheduler = build_scheduler(self.optimizer)
-        return wrapped, self.optimizer, self.scheduler
+        return DistributedDataParallel(denoiser, device_ids=ids) if self.world_size > 1 else denoiser
 
 
 class FSDP2(Parallel):
-    """Per-parameter sharding with torch.distributed.fsdp.fully_shard on each repeated block, then the root."""
+    """Per-parameter sharding with torch.distributed.fsdp.fully_shard on each repeated block, then the root.
+    The sharded gradients stay DTensors: the plain GradScaler handles them."""
 
     strategy = "fsdp2"
 
-    def wrap(self, denoiser, build_optimizer, build_scheduler):
+    def _distribute(self, denoiser):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         kwargs = {}
         if self.mixed_precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        self._setup_loss_scaling(denoiser)  # the sharded gradients stay DTensors: the plain GradScaler handles them
         blocks = [b for name in REGIONAL_BLOCK_LISTS for b in (getattr(denoiser, name, None) or [])]
         blocks += [getattr(denoiser, n) for n in REGIONAL_SINGLE_BLOCKS if getattr(denoiser, n, None) is not None]
         for block in blocks:
             fully_shard(block, **kwargs)
         fully_shard(denoiser, **kwargs)
-        self.module = denoiser
-        self.optimizer = build_optimizer(denoiser.parameters())
-        self.scheduler = build_scheduler(self.optimizer)
-        return denoiser, self.optimizer, self.scheduler
+        return denoiser
 
     @contextlib.contextmanager
     def gathered(self):
@@ -284,24 +319,16 @@ class FSDP2(Parallel):
             raise RuntimeError(f"checkpoint {path}: trainable parameters do not match the model")
         set_model_state_dict(self.module, saved, options=StateDictOptions(full_state_dict=True, strict=False))
 
-    def save_state(self, directory, extra):
+    def _optimizer_state(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optimizer = get_optimizer_state_dict(self.module, self.optimizer, options=options)
-        if self.is_main:
-            torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), **self._scaler_state(),
-                        **extra}, directory / "trainer_state.pt")
+        return get_optimizer_state_dict(self.module, self.optimizer, options=options)
 
-    def load_state(self, directory):
+    def _load_optimizer_state(self, state):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=False)
-        options = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(self.module, self.optimizer, state.pop("optimizer"), options=options)
-        self.scheduler.load_state_dict(state.pop("scheduler"))
-        self._load_scaler_state(state, directory)
-        return state
+        set_optimizer_state_dict(self.module, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 # DeepSpeed's dynamic loss scale with torch.amp.GradScaler's schedule: start at 2**16, halve at every overflow
@@ -314,7 +341,8 @@ class DeepSpeedZero(Parallel):
     """DeepSpeed ZeRO stage 1/2/3 around the same torch optimizer and LR schedule.
 
     fp16 uses DeepSpeed's fp16 block (fp16 module, fp32 master weights in the ZeRO optimizer, dynamic loss scale),
-    never a torch GradScaler: engine.backward scales, engine.step checks for overflow on all ranks and skips.
+    never a torch GradScaler: engine.backward scales; engine.step computes the global norm, clips, checks for
+    overflow on all ranks and skips.
     """
 
     def __init__(self, device: torch.device, stage: int, max_grad_norm: float, mixed_precision: str = "no"):
@@ -330,7 +358,7 @@ class DeepSpeedZero(Parallel):
                     f"speed.mixed_precision=fp16: DeepSpeed's {accelerator.device_name()} accelerator has no fp16 "
                     f"support on this machine, so parallel=zero{stage} cannot train in fp16; allowed values here: "
                     "no, bf16")
-        super().__init__(device, mixed_precision)
+        super().__init__(device, mixed_precision, max_grad_norm)
         self.stage = stage
         self.strategy = f"zero{stage}"
         self.config = {
@@ -354,16 +382,12 @@ class DeepSpeedZero(Parallel):
     def loss_scale(self):
         return float(self.engine.optimizer.loss_scale) if self.fp16 else None  # the ZeRO optimizer keeps it
 
-    def wrap(self, denoiser, build_optimizer, build_scheduler):
-        self.module = denoiser
-        self._setup_loss_scaling(denoiser)
-        optimizer = build_optimizer(denoiser.parameters())
-        scheduler = build_scheduler(optimizer)
-        self.engine, self.optimizer, _, self.scheduler = self.deepspeed.initialize(
-            model=denoiser, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
-            model_parameters=[p for p in denoiser.parameters() if p.requires_grad],
+    def _wrap_optimizer(self, module, optimizer, scheduler):
+        self.engine, optimizer, _, scheduler = self.deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
+            model_parameters=[p for p in module.parameters() if p.requires_grad],
         )
-        return self.engine, self.optimizer, self.scheduler
+        return self.engine, optimizer, scheduler
 
     def zero_grad(self):
         self.engine.zero_grad()
@@ -376,13 +400,25 @@ class DeepSpeedZero(Parallel):
         norm = self.engine.get_global_grad_norm()
         return torch.tensor(float("nan") if norm is None else float(norm))
 
-    def step(self):
+    def step(self) -> StepResult:
+        schedule = self.scheduler.last_epoch
         self.engine.step()
-        self.last_step_skipped = not self.engine.was_step_applied()
-        if self.last_step_skipped:
+        norm = self.engine.get_global_grad_norm()  # this step's: engine.step computed it just now
+        grad_norm = None if norm is None else float(norm)
+        applied = self.engine.was_step_applied()
+        self.last_step_skipped = not applied
+        if not applied:
             # an fp16 overflow or a non-finite gradient norm (the same on every rank): DeepSpeed skipped the update
-            # and its LR step; advance the schedule like every skipped step does
-            self.advance_schedule()
+            # and its LR step; every step advances the schedule once, skipped or not
+            if self.scheduler.last_epoch == schedule:
+                self.advance_schedule()
+            return StepResult(applied=False, grad_norm=grad_norm, overflow=self.fp16)
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"DeepSpeed applied an update with a non-finite gradient norm ({grad_norm}): the weights may hold "
+                "NaN / inf now; its overflow check is off (bf16.check_grad_overflow: false, or a DeepSpeed without "
+                "it). Resume from the last checkpoint with a DeepSpeed that checks")
+        return StepResult(applied=True, grad_norm=grad_norm)
 
     def skip_step(self):
         self.last_step_skipped = True
@@ -402,23 +438,30 @@ class DeepSpeedZero(Parallel):
         pass  # engine.load_checkpoint (load_state) restores the module, partitioned as DeepSpeed keeps it
 
     def save_state(self, directory, extra):
-        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", client_state=extra,
-                                    save_latest=False)
+        # DeepSpeed writes its own module / optimizer partitions; everything of fastpref's goes to STATE_FILE
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+        if self.is_main:
+            save_state(extra, directory / STATE_FILE)
 
     def load_state(self, directory):
-        _, client_state = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
-        if client_state is None:
-            raise RuntimeError(f"checkpoint {directory}: no DeepSpeed state in {directory / 'deepspeed'}")
-        return client_state
+        state = load_state(directory / STATE_FILE)
+        ds_dir = directory / "deepspeed"
+        # DeepSpeed unpickles its files with weights_only=False: each must first pass the weights_only check
+        for path in sorted(ds_dir.rglob("*.pt")):
+            load_state(path)
+        if not ds_dir.is_dir():
+            raise CheckpointError(f"checkpoint {directory}: no DeepSpeed state in {ds_dir}")
+        self.engine.load_checkpoint(str(ds_dir), tag="state")
+        return state
 
 
 def build_parallel(strategy: str, device: torch.device, max_grad_norm: float, mixed_precision: str) -> Parallel:
     if strategy == "none":
-        return Parallel(device, mixed_precision)
+        return Parallel(device, mixed_precision, max_grad_norm)
     if strategy == "ddp":
-        return DDP(device, mixed_precision)
+        return DDP(device, mixed_precision, max_grad_norm)
     if strategy == "fsdp2":
-        return FSDP2(device, mixed_precision)
+        return FSDP2(device, mixed_precision, max_grad_norm)
     if strategy in ("zero1", "zero2", "zero3"):
         return DeepSpeedZero(device, int(strategy[-1]), max_grad_norm, mixed_precision)
     raise ValueError(f"parallel must be one of none, ddp, fsdp2, zero1, zero2, zero3; got {strategy!r}")

@@ -163,22 +163,26 @@ class TrainStep:
     def preference_groups(self, batch: dict[str, Any]) -> int:
         """How many groups of `batch` its loss is a mean over, by the selection `forward` makes: the groups
         `select_images` keeps (pairwise objectives drop those whose images all tie in psi) and, for rankdpo, of
-        those the ones with an ordered pair (rank_dpo_loss means over them). 0: `forward` returns None, or (rankdpo)
-        a loss without gradient. The loop weighs the micro-batches of an accumulated step by it."""
+        those the ones with an ordered pair (rank_dpo_loss means over them). 0: `forward`'s loss is to be weighed 0.
+        The loop weighs the micro-batches of an accumulated step by it."""
         psi = batch.get("psi")
         kept, _ = select_images(self.objective, psi, batch["latents"].shape[1])
         if self.objective.name == "rankdpo":
             return int((psi.amax(dim=1) > psi.amin(dim=1)).sum())  # select_images keeps every group
         return int(kept.numel())
 
-    def forward(self, batch: dict[str, Any], epoch: int) -> StepOutput | None:
-        """Loss of one batch (no backward). None when no group of the batch carries a preference."""
+    def forward(self, batch: dict[str, Any], epoch: int) -> StepOutput:
+        """Loss of one batch (no backward); a loss to be weighed 0 when no group carries a preference."""
         latents = batch["latents"]
         group_size = latents.shape[1]
         psi = batch.get("psi")
         kept, index = select_images(self.objective, psi, group_size)
         if kept.numel() == 0:
-            return None
+            # no group carries a preference (preference_groups is 0: the loop weighs this loss 0); the forward on
+            # two images of the first group still runs so that under DDP / FSDP2 / ZeRO every rank joins the
+            # backward's collectives
+            kept = torch.zeros(1, dtype=torch.long, device=psi.device)
+            index = torch.tensor([[0, min(1, group_size - 1)]], device=psi.device)
         per_group = index.shape[1]
         device = self.bundle.device
         group_ids = batch["group_ids"][kept.to(batch["group_ids"].device)]

@@ -23,7 +23,7 @@ import fastpref.train.loop as loop
 from fastpref.train.checkpoint import CheckpointManager
 from fastpref.train.loop import TrainConfig, Trainer
 from fastpref.train.metrics import read_metrics
-from test_loop import make_config as train_config
+from helpers.train import make_config as train_config
 
 
 class SimulatedCrash(RuntimeError):

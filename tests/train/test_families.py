@@ -20,7 +20,7 @@ from fastpref.data.noise import group_generator
 from fastpref.train.checkpoint import CheckpointManager
 from fastpref.train.loop import Trainer
 from fastpref.train.metrics import read_metrics
-from test_loop import make_config as train_config
+from helpers.train import make_config as train_config
 
 # case -> (family, tiny_config kwargs, scheduler overrides)
 CASES = {

@@ -23,7 +23,7 @@ from fastpref.data.dataset import CachedDataset
 from fastpref.data.noise import draw_timesteps_and_noise
 from fastpref.models.bundle import FlowTimestepSampling
 from fastpref.train.loop import Trainer
-from test_loop import make_config as train_config
+from helpers.train import make_config as train_config
 
 SHIFT = 3.0
 MEAN = 0.8  # logit_normal's logit_mean: draws clearly other t than the default's 0.0

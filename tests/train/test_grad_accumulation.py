@@ -31,7 +31,7 @@ import torch
 from fastpref.train.checkpoint import CheckpointManager
 from fastpref.train.loop import Trainer
 from fastpref.train.metrics import read_metrics
-from test_loop import make_config
+from helpers.train import make_config
 
 MAX_STEPS = 4  # 8 groups: 2 optimizer steps per epoch either way, so 4 steps cross an epoch boundary
 WARMUP = 8  # longer than the run: the lr differs at every step, and counting micro-batches would show
@@ -64,9 +64,9 @@ def run(cached_dataset, out, batch_groups, accumulation, tied=(), **overrides):
     trainer.step_fn.forward = recording
     optimizer_step, grads = trainer.parallel.step, []
 
-    def recording_step():  # the accumulated (and clipped) gradient each optimizer step applies
+    def recording_step():  # the accumulated gradient each optimizer step clips and applies
         grads.append(torch.cat([p.grad.flatten() for p in trainer.parallel.trainable_parameters()]).clone())
-        optimizer_step()
+        return optimizer_step()
 
     trainer.parallel.step = recording_step
     summary = trainer.train()

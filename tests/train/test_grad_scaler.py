@@ -20,7 +20,7 @@ from fastpref.train.metrics import read_metrics
 from fastpref.train.parallel import DEEPSPEED_FP16, build_parallel
 from fastpref.train.speed import GradScaler, UnsupportedSpeedOption
 
-from test_loop import make_config
+from helpers.train import make_config
 
 CPU = torch.device("cpu")
 
@@ -50,14 +50,16 @@ class Probe(nn.Module):
 
 
 class ProbeStep:
-    """What the loop calls as step_fn: forward(batch, epoch) -> loss, metrics, num_images (None: no preference)."""
+    """What the loop calls as step_fn: forward(batch, epoch) -> loss, metrics, num_images, and preference_groups
+    (0: the loss is weighed 0)."""
 
     def __init__(self, model, autocast=True):
         self.model, self.autocast, self.outputs = model, autocast, []
 
+    def preference_groups(self, batch):
+        return 0 if batch == "no-preference" else 1
+
     def forward(self, batch, epoch):
-        if batch == "no-preference":
-            return None
         loss = self.model.loss(self.autocast)
         if batch == "inf-loss":
             loss = loss * math.inf
@@ -185,8 +187,8 @@ def test_bf16_and_fp32_have_no_scaler_and_an_unscaled_backward(mixed_precision):
     assert parallel.scaler is None and parallel.loss_scale is None
     parallel.backward(model.loss(autocast=True))
     torch.testing.assert_close(model.linear.weight.grad, torch.full((4, 4), Probe.K * 0.5), rtol=0, atol=0)
-    assert parallel.clip_grad_norm(1.0) == pytest.approx(3.0)
-    parallel.step()
+    result = parallel.step()
+    assert result.applied and result.grad_norm == pytest.approx(3.0) and not result.overflow
     assert not parallel.last_step_skipped
 
 
@@ -196,7 +198,7 @@ def test_bf16_trainer_has_no_scaler_and_writes_no_scaler_state(cached_dataset, t
     trainer = Trainer(cfg)
     assert trainer.parallel.scaler is None
     trainer.train()
-    state = torch.load(tmp_path / "checkpoints/step-000001/trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoints/step-000001/trainer_state.pt", weights_only=True)
     assert "grad_scaler" not in state
 
 

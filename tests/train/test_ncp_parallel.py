@@ -16,7 +16,7 @@ import yaml
 from fastpref.config import to_dict
 from fastpref.train.metrics import read_metrics
 
-from test_loop import make_config
+from helpers.train import make_config
 from test_parallel import launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]

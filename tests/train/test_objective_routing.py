@@ -34,7 +34,7 @@ from fastpref.train import ncp
 from fastpref.train import step as step_module
 from fastpref.train.loop import Trainer
 from fastpref.train.objectives import ObjectiveConfig, min_snr_weight, select_images
-from test_loop import make_config
+from helpers.train import make_config
 
 TIED_GROUP = 2  # this batch position gets all-equal scores: pairwise objectives must drop it
 

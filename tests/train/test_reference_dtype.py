@@ -8,7 +8,7 @@ import torch
 from fastpref.config import ConfigError, load_config
 from fastpref.train.loop import TrainConfig, Trainer, reference_precision_gap, resolve_reference_dtype
 
-from test_loop import make_config
+from helpers.train import make_config
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 FULL_DPO = {"mode": "full", "reference": "frozen_copy", "objective.name": "dpo"}

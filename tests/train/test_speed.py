@@ -24,7 +24,7 @@ from fastpref.train.speed import (
     convert_linear_to_fp8,
     set_attention_backend,
 )
-from test_loop import make_config
+from helpers.train import make_config
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)

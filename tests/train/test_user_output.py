@@ -13,7 +13,7 @@ import torch
 from fastpref.train.loop import Trainer
 from fastpref.train.metrics import format_summary, memory_usage, read_metrics
 
-from test_loop import make_config
+from helpers.train import make_config
 
 TRAINING_KEYS = {"loss", "implicit_accuracy", "margin", "e_pol", "e_ref", "grad_norm"}
 LOGGED_KEYS = TRAINING_KEYS | {"lr", "images_per_s", "nonfinite_total"}

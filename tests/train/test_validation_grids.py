@@ -8,7 +8,7 @@ from PIL import Image
 from fastpref.config import ConfigError, load_config
 from fastpref.train.loop import TrainConfig, Trainer
 from fastpref.train.metrics import read_metrics
-from test_loop import make_config as train_config
+from helpers.train import make_config as train_config
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
 
