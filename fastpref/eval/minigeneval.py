@@ -495,6 +495,11 @@ def cli(argv: list[str] | None = None) -> int:
         iv = intervals["prompt_mean"]
         print(f"{name} - {first}: prompt-weighted {100 * iv.difference:+.1f} [{100 * iv.low:+.1f}, "
               f"{100 * iv.high:+.1f}] (paired bootstrap {100 * iv.level:.0f}%): {verdict(iv, first)}")
+    from fastpref.eval import diversity  # diversity over each prompt's seeds and the toy rewards, beside MiniGenEval
+
+    for name, result in results.items():
+        summary[name].update(diversity.eval_extras(result))
+        print(f"{name}: {diversity.describe(summary[name])}")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     grid = save_comparison_grid(results, args.out / "grid.png", per_category=args.grid_per_category)
     print(f"wrote {args.out / 'summary.json'} and {grid}")

@@ -1,0 +1,108 @@
+"""Diversity over the seeds of a prompt (fastpref/eval/diversity.py): the pairwise machinery against a brute-force
+float64 loop, the toy distances on the renderer's images, LPIPS through the lpips package, and `fastpref eval`."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+
+import pytest
+import torch
+
+from fastpref.eval import diversity
+from fastpref.eval.minigeneval import cli, evaluate, select_prompts, world_generate
+
+
+def brute_force(values, groups, distance):
+    per_group = []
+    for key in dict.fromkeys(groups):
+        rows = [i for i, g in enumerate(groups) if g == key]
+        if len(rows) >= 2:
+            pairs = [float(distance(values[i][None].double(), values[j][None].double()))
+                     for i, j in itertools.combinations(rows, 2)]
+            per_group.append(sum(pairs) / len(pairs))
+    return sum(per_group) / len(per_group)
+
+
+def test_mean_pairwise_distance_matches_a_brute_force_loop():
+    gen = torch.Generator().manual_seed(0)
+    groups = ["a", "b", "a", "c", "b", "a", "d", "b", "b"]  # ragged: 3, 4, 1 (left out), 1 (left out)
+    images = torch.rand(len(groups), 3, 5, 4, generator=gen)
+    got = diversity.group_diversity(images, groups, diversity.pixel_distance, batch_size=2)  # several batches
+    assert got["groups"] == 2 and got["pairs"] == 3 + 6
+    assert got["mean"] == pytest.approx(brute_force(images, groups, diversity.pixel_distance), rel=1e-6)
+    features = torch.randn(len(groups), 7, generator=gen)
+    got = diversity.group_diversity(features, groups, diversity.cosine_distance)
+    assert got["mean"] == pytest.approx(brute_force(features, groups, diversity.cosine_distance), rel=1e-6)
+    # each prompt counts once: a group with many pairs does not outweigh one with few
+    order = torch.randperm(len(groups), generator=gen)
+    permuted = diversity.group_diversity(images[order], [groups[i] for i in order], diversity.pixel_distance)
+    assert permuted["mean"] == pytest.approx(diversity.group_diversity(images, groups)["mean"], rel=1e-6)
+
+
+def test_distances_have_their_stated_scale_and_edge_cases():
+    black, white = torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)
+    assert float(diversity.pixel_distance(black, white)) == 1.0
+    assert float(diversity.pixel_distance(white, white)) == 0.0
+    assert diversity.group_diversity(torch.rand(3, 3, 2, 2), ["a", "b", "c"])["groups"] == 0
+    with pytest.raises(ValueError, match="3 images but 2 group keys"):
+        diversity.group_diversity(torch.rand(3, 3, 2, 2), ["a", "b"])
+
+
+def test_toy_diversity_of_the_renderer_is_zero_for_one_seed_and_positive_across_seeds():
+    captions = [spec.caption for spec in select_prompts(1)][:3]
+    many = [(c, s) for c in captions for s in range(4)]
+    varied = world_generate([c for c, _ in many], [s for _, s in many])
+    repeated = world_generate([c for c, _ in many], [0] * len(many))
+    groups = [c for c, _ in many]
+    same = diversity.toy_diversity(repeated, groups)
+    assert same["pixel"] == 0.0 and same["shapeclip"] == pytest.approx(0.0, abs=1e-6)
+    spread = diversity.toy_diversity(varied, groups)
+    assert spread["groups"] == 3 and spread["pairs"] == 18
+    assert spread["pixel"] > 0.05 and spread["shapeclip"] > 1e-3
+
+
+def test_eval_extras_report_diversity_and_rewards():
+    result = evaluate(world_generate, seeds_per_prompt=2, max_prompts_per_category=1, min_images_per_category=2)
+    extras = diversity.eval_extras(result)
+    assert extras["diversity"]["groups"] == len({s.caption for s in result.samples})
+    assert extras["reward"]["shapeclip"] > 0.3 and extras["reward"]["quality"] > 0.9  # clean true renders
+    assert "pixel RMS" in diversity.describe(extras)
+
+
+def test_fastpref_eval_writes_diversity_and_rewards_beside_minigeneval(tmp_path, capsys):
+    cli(["--model", "world", "--out", str(tmp_path), "--seeds", "2", "--max-prompts-per-category", "1",
+         "--min-images-per-category", "2", "--grid-per-category", "1"])
+    summary = json.loads((tmp_path / "summary.json").read_text())["world"]
+    assert summary["diversity"]["pixel"] > 0 and summary["diversity"]["shapeclip"] > 0
+    assert set(summary["reward"]) == {"shapeclip", "quality"}
+    assert "diversity over seeds" in capsys.readouterr().out
+
+
+LPIPS_SKIP = (
+    "the lpips package (and the torchvision it imports) is not installed: PyPI's torchvision wheel is CUDA-linked "
+    "and does not load against this machine's CPU torch, so LPIPS runs where a matching torchvision exists (GPU)"
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lpips") is None, reason=LPIPS_SKIP)
+def test_lpips_diversity_on_a_random_weight_backbone():
+    """Pretrained backbone weights cannot be downloaded here: random ones check the wiring, not the numbers."""
+    import lpips
+
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 32, 32)
+    groups = ["a", "a", "a", "b", "b", "b"]
+    distance = diversity.LPIPSDistance("alex", random_backbone=True)
+    got = diversity.group_diversity(images, groups, distance)
+    want = brute_force(images, groups, lambda x, y: distance(x.float(), y.float()))
+    assert got["mean"] == pytest.approx(want, rel=1e-5) and got["mean"] > 0
+    assert float(distance(images[:1], images[:1])) == pytest.approx(0.0, abs=1e-6)
+    assert isinstance(distance.model, lpips.LPIPS)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lpips") is not None, reason="lpips is installed here")
+def test_lpips_without_the_package_says_what_to_install():
+    with pytest.raises(ImportError, match="pip install lpips"):
+        diversity.lpips_diversity(torch.rand(2, 3, 8, 8), ["a", "a"])
