@@ -241,7 +241,8 @@ def test_online_recipes_run_end_to_end_on_tiny_models(tiny_models, tmp_path):
     for name, reward in (("sd3-grpo-geneval", "clipscore"), ("sd3-grpo-pickscore", "pickscore")):
         cfg = load_config(RunConfig, CONFIGS / f"{name}.yaml", [
             f"output_dir={tmp_path / name}", "progress=false", f"train.model.path={tiny_models['sd3']}",
-            "train.parallel=none", "train.speed.mixed_precision=no", "train.max_steps=2", "train.checkpoint_every=2",
+            "train.parallel=none", "train.speed.mixed_precision=\"no\"", "train.max_steps=2",
+            "train.checkpoint_every=2",
             "train.tensorboard=false", "train.validation.every=2", "train.validation.num_inference_steps=2",
             f"train.online.prompts={prompts}", "train.online.prompts_per_rollout=2", "train.online.group_size=2",
             "train.online.num_steps=2", "train.online.resolution=32", "train.online.sample_batch_size=4",
