@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fastpref.models.bundle import toy_vae_config
+from fastpref.train.checkpoint import load_state
 from fastpref.utils.imports import require
 
 FAMILIES = ("vae", "toy-sd", "toy-sdxl", "toy-sd3")
@@ -335,7 +336,7 @@ def latent_pool(vae, vae_dir: Path, seed: int, num_images: int, cache_dir: Path 
     weights = next(iter(sorted(vae_dir.glob("*.safetensors"))), None)
     key = f"latents-{_file_digest(weights) if weights else 'random'}-{num_images}-{seed}.pt"
     if cache_dir is not None and (cache_dir / key).exists():
-        return torch.load(cache_dir / key, weights_only=False)
+        return load_state(cache_dir / key)  # plain data only: a planted cache file cannot run code
     rng = np.random.default_rng(seed + 1000)
     means, stds, captions = [], [], []
     for start in range(0, num_images, 500):
@@ -518,7 +519,7 @@ def _maybe_resume(args: PretrainArgs, modules: dict, optimizer, rng, ema=None, g
     path = args.work_dir / "checkpoint.pt" if args.work_dir else None
     if not (args.resume and path and path.exists()):
         return {"step": 0, "total": None, "rng": rng}
-    payload = torch.load(path, weights_only=False)
+    payload = load_state(path)  # tensors and plain data only, never a pickled object
     for name, module in modules.items():
         module.load_state_dict(payload["modules"][name])
     optimizer.load_state_dict(payload["optimizer"])
@@ -661,7 +662,7 @@ def export_checkpoint(checkpoint: Path, like: Path, family: str, out: Path, shar
     `like` (same family and architecture); returns the checkpoint's step."""
     bundle = family_module(family).load(like)
     params = [p for p in torch.nn.ModuleList([bundle.denoiser, *bundle.text_modules()]).parameters() if p.requires_grad]
-    payload = torch.load(checkpoint, weights_only=False)
+    payload = load_state(checkpoint)
     shadow = payload["ema"]["shadow_params"] if payload.get("ema") else None
     if shadow is None or len(shadow) != len(params):
         raise ValueError(f"{checkpoint}: no EMA weights matching the {len(params)} trainable tensors of {like}")
