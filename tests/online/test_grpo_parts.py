@@ -137,3 +137,32 @@ def test_online_config_errors_name_the_key():
         cfg.check_method("grpo", world_size=2)
     with pytest.raises(ConfigError, match="online.group_size"):
         cfg.check_method("grpo", world_size=1)
+
+
+def test_train_config_online_section_only_for_online_objectives():
+    from fastpref.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="online: set, but objective.name 'rankdpo'"):
+        from_dict(TrainConfig, {"data": {"root": "x"}, "online": {"group_size": 3}})
+    with pytest.raises(ConfigError, match="data.root"):
+        from_dict(TrainConfig, {"objective": {"name": "dpo"}})
+    cfg = from_dict(TrainConfig, {"objective": {"name": "grpo"}, "online": {"grpo": {"kl_beta": 0.04}}})
+    assert cfg.online.grpo.kl_beta == 0.04 and not cfg.data.root  # online methods need no dataset
+
+
+def test_kept_samples_fill_to_an_even_split():
+    from types import SimpleNamespace
+
+    from fastpref.online.config import GRPOConfig
+    from fastpref.online.grpo import GRPOMethod
+
+    method = GRPOMethod.__new__(GRPOMethod)
+    method.cfg = GRPOConfig(steps_per_rollout=2)
+    method.engine = SimpleNamespace(world_size=2, seed=0)
+    advantages = torch.tensor([0.5, 0.0, -0.5, 0.0, 0.0, 1.0, 0.0, -1.0, 0.3, 0.0, 0.0, 0.0])
+    batch = RolloutPrompts(0, 0, prompts_of(3))
+    keep = method._kept_samples(advantages, batch)
+    assert keep[advantages != 0].all() and int(keep.sum()) == 8  # 5 nonzero + 3 zero ones -> a multiple of 4
+    assert torch.equal(keep, method._kept_samples(advantages, batch))  # the same choice on every process
+    method.cfg = GRPOConfig(steps_per_rollout=2, drop_zero_advantage=False)
+    assert method._kept_samples(advantages, batch).all()
