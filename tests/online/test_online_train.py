@@ -23,14 +23,6 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test helpers (tests/helpers)
 
 
-@pytest.fixture(autouse=True)
-def single_thread_torch():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     from fastpref.models import sd, sd3
