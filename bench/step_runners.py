@@ -304,20 +304,31 @@ def base_row(arch: Arch, variant: Variant) -> dict:
 
 
 def step_flops(arch: Arch, variant: Variant) -> tuple[float, float]:
-    """(model FLOPs, hardware FLOPs) of one step; conventions in bench/flops.py and bench/README.md."""
+    """(model FLOPs, hardware FLOPs) of one step; conventions in bench/flops.py and bench/README.md.
+
+    Model FLOPs are what this step executes of the models: the policy forward + backward, the reference forward
+    only when it runs live, the VAE / text encoders only when they run. Work done once by the cache stage (latents,
+    text states, cached reference errors) is charged to that stage (bench/gpu_days.py), not to the step, so the
+    MFU of a cached step is not inflated by work it skipped. Hardware FLOPs add checkpointing's recomputation.
+    """
     work = variant.work
     forward = arch.denoiser_forward_flops(work.images)
     backward = flop_count.backward_flops(forward, work.mode)
-    reference = forward.total  # the recipe needs the reference forward on every image
-    model = forward.total + backward.total + reference
+    model = forward.total + backward.total
+    if variant.system == "baseline" or not variant.cached_reference:
+        model += forward.total
+    if variant.system == "baseline" or not variant.cached_latents:
+        model += arch.encode_flops(work.images, work.groups).total
     checkpointing = (baseline_dpo.uses_checkpointing(arch.family) if variant.system == "baseline"
                      else variant.speed.gradient_checkpointing)
-    hardware = forward.total + backward.total + (forward.recomputed if checkpointing else 0.0)
-    if variant.system == "baseline" or not variant.cached_reference:
-        hardware += reference
-    if variant.system == "baseline" or not variant.cached_latents:
-        hardware += arch.encode_flops(work.images, work.groups).total
+    hardware = model + (forward.recomputed if checkpointing else 0.0)
     return model, hardware
+
+
+def cache_stage_flops(arch: Arch, images: int) -> dict[str, float]:
+    """FLOPs the cache stage spends on `images`: VAE + text encoders once per image (text once per image is an
+    upper bound: the K images of a prompt share a caption), and one reference forward per image and epoch."""
+    return {"encode": arch.encode_flops(images, images).total, "reference": arch.denoiser_forward_flops(images).total}
 
 
 def fill_row(row, arch, variant, times, timer, peak, settings):
@@ -334,6 +345,9 @@ def fill_row(row, arch, variant, times, timer, peak, settings):
     model, hardware = step_flops(arch, variant)
     row["model_TFLOP_per_step"] = float(f"{model / 1e12:.5g}")
     row["hardware_TFLOP_per_step"] = float(f"{hardware / 1e12:.5g}")
+    cache = cache_stage_flops(arch, 1)
+    row["cache_encode_TFLOP_per_image"] = float(f"{cache['encode'] / 1e12:.5g}")
+    row["cache_reference_TFLOP_per_image_epoch"] = float(f"{cache['reference'] / 1e12:.5g}")
     row["MFU"] = round(model / median / (settings.peak_tflops * 1e12), 5)
     row["HFU"] = round(hardware / median / (settings.peak_tflops * 1e12), 5)
 
