@@ -89,6 +89,9 @@ class TrainConfig:
     def validate(self):
         if not self.data.root and self.objective.name not in ONLINE_METHODS:  # online methods sample their own data
             raise ConfigError("data.root: required (a dataset folder made by `fastpref cache`)")
+        if self.objective.name not in ONLINE_METHODS and self.online != OnlineConfig():
+            raise ConfigError(f"online: set, but objective.name {self.objective.name!r} trains on a cached dataset and "
+                              f"would ignore it (the online methods: {sorted(ONLINE_METHODS)}); remove the section")
         for key in ("max_steps", "grad_accumulation", "log_every", "checkpoint_every", "data.batch_groups"):
             value = self
             for part in key.split("."):
