@@ -120,10 +120,12 @@ def check_diffusion_model(config: SPMDiffusionConfig, key: str = "diffusion") ->
 
 @dataclasses.dataclass
 class PreferencePairs:
-    """Pairs of one Syn-Pic dataset: images (G, K, S, S, 3) uint8, prompts (G,), pairs (P, 3) int64
-    (group, image 0, image 1) with label_0 (P,) float32 in {1, 0.5, 0} and examples_per_prompt (P,) float32."""
+    """Pairs of one Syn-Pic dataset: images, one (G_s, K, S, S, 3) uint8 array per shard (memory-mapped), with
+    each group's (shard, row) in group_rows (G, 2); prompts (G,); pairs (P, 3) int64 (group, image 0, image 1)
+    with label_0 (P,) float32 in {1, 0.5, 0} and examples_per_prompt (P,) float32."""
 
-    images: np.ndarray
+    images: list
+    group_rows: np.ndarray
     prompts: list[str]
     pairs: np.ndarray
     label_0: np.ndarray
@@ -135,8 +137,12 @@ class PreferencePairs:
         counts: dict[str, int] = {}
         for prompt in prompts:
             counts[prompt] = counts.get(prompt, 0) + 1
-        return PreferencePairs(self.images, self.prompts, pairs, labels,
+        return PreferencePairs(self.images, self.group_rows, self.prompts, pairs, labels,
                                np.asarray([counts[p] for p in prompts], dtype=np.float32))
+
+    def image(self, group: int, index: int) -> np.ndarray:
+        shard, row = self.group_rows[group]
+        return np.asarray(self.images[shard][row, index])
 
 
 def preference_pairs(psi: np.ndarray, mode: str, tie_tolerance: float) -> tuple[np.ndarray, np.ndarray]:
@@ -175,16 +181,18 @@ def load_pairs(config: SPMDataConfig) -> PreferencePairs:
         label = StageDir(root, "label").open()
     except ShardError as err:
         raise ConfigError(f"data.root: {err} (run fastpref synth and fastpref label on it first)") from None
-    images, prompts, psi = [], [], []
+    images, rows, prompts, psi = [], [], [], []
     for index in range(len(synth.shards)):
-        images.append(synth.load(index, "images.npy"))
-        prompts += [g["prompt"] for g in synth.load_json(index, "groups.json")]
+        images.append(synth.load(index, "images.npy", mmap=True))  # real datasets do not fit in memory
+        groups = synth.load_json(index, "groups.json")
+        prompts += [g["prompt"] for g in groups]
+        rows += [(index, row) for row in range(len(groups))]
         psi.append(label.load(index, "psi.npy"))
-    images_all, psi_all = np.concatenate(images), np.concatenate(psi)
-    pairs, label_0 = preference_pairs(psi_all, config.pairs, config.tie_tolerance)
+    pairs, label_0 = preference_pairs(np.concatenate(psi), config.pairs, config.tie_tolerance)
     if len(pairs) == 0:
         raise ConfigError(f"data.root: {root} gives no preference pairs (pairs: {config.pairs})")
-    data = PreferencePairs(images_all, prompts, pairs, label_0, np.ones(len(pairs), dtype=np.float32))
+    data = PreferencePairs(images, np.asarray(rows, dtype=np.int64).reshape(-1, 2), prompts, pairs, label_0,
+                           np.ones(len(pairs), dtype=np.float32))
     return data.subset(np.arange(len(pairs)))
 
 
@@ -251,7 +259,7 @@ class OneStepX0:
 
 def _rows(data: PreferencePairs, rows: np.ndarray):
     pairs = data.pairs[rows]
-    return (data.images[pairs[:, 0], pairs[:, 1]], data.images[pairs[:, 0], pairs[:, 2]],
+    return (np.stack([data.image(g, i) for g, i, _ in pairs]), np.stack([data.image(g, j) for g, _, j in pairs]),
             [data.prompts[g] for g in pairs[:, 0]])
 
 
