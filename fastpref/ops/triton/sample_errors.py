@@ -129,6 +129,10 @@ def _backward_kernel(
 
 def sample_errors_forward(pred, target, ref_pred=None, weight=None, *, block=None, chunk=None):
     """(e_pol, e_ref) like reference.sample_errors_reference; e_ref is empty when ref_pred is None."""
+    return _errors_forward(pred, target, ref_pred, weight, False, block, chunk)
+
+
+def _errors_forward(pred, target, ref_pred, weight, ref_to_pred, block, chunk):
     num_samples = pred.shape[0]
     sample_size = pred.numel() // max(num_samples, 1)
     acc_dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
@@ -143,7 +147,8 @@ def sample_errors_forward(pred, target, ref_pred=None, weight=None, *, block=Non
     _partial_sums_kernel[(num_samples, num_chunks)](
         pred, target, ref_pred if ref_pred is not None else pred, partial_pol, partial_ref,
         sample_size, num_chunks,
-        CHUNK=chunk, BLOCK=block, HAS_REF=ref_pred is not None, ACC=acc, num_warps=num_warps,
+        CHUNK=chunk, BLOCK=block, HAS_REF=ref_pred is not None, ACC=acc, REF_TO_PRED=ref_to_pred,
+        num_warps=num_warps,
     )
     rows = min(32, triton.next_power_of_2(num_samples))
     _finalize_kernel[(triton.cdiv(num_samples, rows),)](
@@ -174,32 +179,9 @@ def sample_errors_backward(grad_e, pred, target, weight=None, *, block=None, chu
 
 
 def step_errors_forward(pred, target, ref_pred, *, block=None, chunk=None):
-    """(e_pol, e_div) like reference.step_errors_reference: the partial-sums kernel of
-    sample_errors with its second sum taken against pred instead of target."""
-    num_samples = pred.shape[0]
-    sample_size = pred.numel() // max(num_samples, 1)
-    acc_dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    e_pol = torch.empty(num_samples, dtype=acc_dtype, device=pred.device)
-    e_div = torch.empty(num_samples, dtype=acc_dtype, device=pred.device)
-    if num_samples == 0:
-        return e_pol, e_div
-    block, chunk, num_chunks, num_warps = launch_plan(num_samples, sample_size, pred.device, block, chunk)
-    acc = _accumulation_tl_dtype(pred.dtype)
-    partial_pol = torch.empty((num_samples, num_chunks), dtype=acc_dtype, device=pred.device)
-    partial_div = torch.empty_like(partial_pol)
-    _partial_sums_kernel[(num_samples, num_chunks)](
-        pred, target, ref_pred, partial_pol, partial_div,
-        sample_size, num_chunks,
-        CHUNK=chunk, BLOCK=block, HAS_REF=True, ACC=acc, REF_TO_PRED=True, num_warps=num_warps,
-    )
-    rows = min(32, triton.next_power_of_2(num_samples))
-    _finalize_kernel[(triton.cdiv(num_samples, rows),)](
-        partial_pol, partial_div, partial_pol, e_pol, e_div,
-        num_samples, num_chunks, sample_size,
-        ROWS=rows, BLOCK_CHUNKS=max(2, triton.next_power_of_2(num_chunks)),
-        HAS_REF=True, HAS_WEIGHT=False, ACC=acc,
-    )
-    return e_pol, e_div
+    """(e_pol, e_div) like reference.step_errors_reference: the sample_errors pass with its second sum taken
+    against pred instead of target."""
+    return _errors_forward(pred, target, ref_pred, None, True, block, chunk)
 
 
 def step_errors_backward(grad_pol, grad_div, pred, target, ref_pred, *, block=None, chunk=None):
