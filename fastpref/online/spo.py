@@ -174,7 +174,12 @@ def resample(bundle, prompts: Sequence[str], prompt_ids: Sequence, preference: P
     if cond is None:
         cond = bundle.encode_prompt(prompts)
     if uncond is None:
-        uncond = bundle.encode_prompt([config.negative_prompt])
+        if config.negative_prompt:
+            uncond = bundle.encode_prompt([config.negative_prompt])
+        else:  # the pipeline's own negative conditioning (SDXL: zeros, force_zeros_for_empty_prompt)
+            from fastpref.online.rollout import unconditional_conditioning
+
+            uncond = unconditional_conditioning(bundle)
     if latent_shape is None:
         unet_config = bundle.denoiser.config
         size = unet_config.sample_size

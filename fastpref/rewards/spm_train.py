@@ -232,7 +232,12 @@ class OneStepX0:
         # the x0 of diffusers' DDIMScheduler.step with set_timesteps(T), as SPO's BatchableDDIMScheduler gives it
         self.schedule = sampling_timesteps(bundle, bundle.num_train_timesteps)
         with torch.no_grad():
-            self.uncond = bundle.encode_prompt([negative_prompt])
+            if negative_prompt:
+                self.uncond = bundle.encode_prompt([negative_prompt])
+            else:  # the pipeline's own negative conditioning (SDXL: zeros, force_zeros_for_empty_prompt)
+                from fastpref.online.rollout import unconditional_conditioning
+
+                self.uncond = unconditional_conditioning(bundle)
 
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray], prompts: list[str], t: torch.Tensor,

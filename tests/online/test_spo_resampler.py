@@ -122,7 +122,9 @@ def test_kept_pairs_are_ddim_eta1_samples_of_their_x_t(bundles):
     pairs, _ = run(bundle, config)
     schedule = sampling_timesteps(bundle, config.num_steps)
     cond = bundle.encode_prompt([pairs.prompts[i] for i in pairs.prompt_index.tolist()])
-    uncond = bundle.encode_prompt([""] * len(pairs))
+    from fastpref.online.rollout import expand_rows, unconditional_conditioning
+
+    uncond = expand_rows(unconditional_conditioning(bundle), len(pairs))
     with torch.no_grad():
         x_t = pairs.latents[:, 0]
         pred = guided_prediction(bundle, x_t, pairs.timesteps, cond, uncond, config.guidance_scale)
