@@ -272,3 +272,18 @@ def test_fullgraph_compile_of_an_online_step(gen, helpers, backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_dtypes_bf16_means_with_a_float32_sample(gen, helpers, backend):
+    """Under autocast the means come out in bf16 while the stored sample is float32: every backend accepts the
+    mix (the C++ one promotes) and the gradient reaches the bf16 mean in its dtype."""
+    policy, ref, sample, std = _step_inputs(gen, helpers, 4, (2, 4, 4), torch.float32, spread=0.2)
+    policy16 = policy.detach().bfloat16().requires_grad_()
+    old, adv = helpers.randn(gen, 4) - 1.0, helpers.randn(gen, 4)
+    out = ops.grpo_loss(policy16, ref.bfloat16(), sample, std, old, adv, clip_range=0.2, kl_beta=0.04, backend=backend)
+    want, *_ = R.grpo_loss_reference(policy16.double(), ref.bfloat16().double(), sample.double(), std.double(),
+                                     old.double(), adv.double(), 0.2, 0.04)
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-4, atol=1e-5)
+    (grad,) = torch.autograd.grad(out.loss + ops.spo_loss(policy16, ref.bfloat16(), sample, std, backend=backend).loss,
+                                  policy16)
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad.float()).all()
