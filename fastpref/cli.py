@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("FASTPREF_DEBUG", "") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
+    from fastpref import _quiet
+
+    _quiet.install(model_libraries=bool(argv) and argv[0] not in ("env", "-h", "--help"))
     try:
         return _run(argv)
     except Exception as err:

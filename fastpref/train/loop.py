@@ -351,7 +351,8 @@ class Trainer:
                     logger.log(self.step, metrics, measurements=memory)
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(progress_postfix(metrics, images_per_s, memory))
+                    # refresh=False: the bar redraws at its own interval (a log file gets a line per few s)
+                    progress.set_postfix(progress_postfix(metrics, images_per_s, memory), refresh=False)
                 if self.validator is not None and self.validator.due(self.step, cfg.max_steps):
                     self.validate(logger)  # before the checkpoint: a run resumed from it has this grid
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
