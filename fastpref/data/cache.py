@@ -255,11 +255,11 @@ class _Encoder:
             for start in range(0, groups, groups_per_batch):
                 rows = slice(start, min(start + groups_per_batch, groups))
                 ids = group_ids[rows]
-                x0 = torch.from_numpy(latents[rows].astype(np.float32))
+                x0 = latents[rows]
                 if latents_flip is not None:
-                    flips = draw_flips(cfg.reference_errors.seed, epoch, ids)
-                    mirrored = torch.from_numpy(latents_flip[rows].astype(np.float32))
-                    x0 = torch.where(flips[:, None, None, None, None], mirrored, x0)
+                    flips = draw_flips(cfg.reference_errors.seed, epoch, ids).numpy()
+                    x0 = np.where(flips[:, None, None, None, None], latents_flip[rows], x0)
+                x0 = torch.from_numpy(x0.astype(np.float32))
                 draw = draw_timesteps_and_noise(cfg.reference_errors.seed, epoch, ids, tuple(x0.shape[2:]), bundle)
                 batch_cond = {key: value[rows] for key, value in cond.items()}
                 if cfg.caption_dropout > 0:

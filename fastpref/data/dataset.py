@@ -11,7 +11,9 @@ A batch is a dict of torch tensors for B prompt groups of K images:
     group_ids (B,) int64; latents (B, K, C, h, w) (the mirrored latents where noise.draw_flips says so, when the
     cache holds them; only the latents used are read);
     flipped (B,) bool; cond {key: (B, ...)}; psi (B, K) float32 when labelled; e_ref (B, K) float32 when the
-    cache holds reference errors for this epoch.
+    cache holds reference errors for this epoch; image_cond {key: (B, K, ...)} when the cache holds per-image
+    conditioning (SDXL time_ids of imported images); caption_dropped (B,) bool when the cache sets caption_dropout
+    (those groups' cond is the cached empty caption's, drawn by noise.draw_caption_dropout as the cache's e_ref was).
 Both backends ("torch": a DataLoader, "dali": NVIDIA DALI's numpy reader) read the same epoch plan and go
 through the same `finish_batch`, so they yield identical batches in the same order.
 """
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from fastpref.data.cache import group_file
-from fastpref.data.noise import draw_flips
+from fastpref.data.noise import draw_caption_dropout, draw_flips
 from fastpref.data.shards import Manifest, StageDir, Verify
 from fastpref.rewards.ensemble import preference_pairs
 
@@ -82,6 +84,15 @@ class CachedDataset:
         self.e_ref = np.concatenate(small["e_ref"]) if small["e_ref"] else None
         self.group_size = int(self.manifest.data["fields"]["latents"]["shape"][0])
         self.cond_keys = [f[len("cond.") :] for f in self.file_fields if f.startswith("cond.")]
+        self.image_cond_keys = [f[len("image_cond.") :] for f in self.file_fields if f.startswith("image_cond.")]
+        self.caption_dropout = float(config.get("caption_dropout", 0.0))
+        self.empty_cond: dict[str, torch.Tensor] = {}
+        if self.caption_dropout > 0:
+            for key in self.cond_keys:
+                if f"empty_cond.{key}" not in self.manifest.data["fields"]:
+                    raise ValueError(f"{self.manifest.path}: caption_dropout {self.caption_dropout} but no "
+                                     f"empty_cond.{key}.npy in the shards; recache")
+                self.empty_cond[key] = torch.from_numpy(self.manifest.load(0, f"empty_cond.{key}.npy"))
 
     def __len__(self) -> int:
         return len(self.group_ids)
@@ -113,6 +124,14 @@ class CachedDataset:
             "flipped": self.flips(positions, epoch).to(device),
             "cond": {key: fields[f"cond.{key}"] for key in self.cond_keys},
         }
+        if self.image_cond_keys:
+            batch["image_cond"] = {key: fields[f"image_cond.{key}"] for key in self.image_cond_keys}
+        if self.caption_dropout > 0:
+            dropped = draw_caption_dropout(self.noise_seed, epoch, self.group_ids[positions], self.caption_dropout)
+            for key, value in batch["cond"].items():
+                empty = self.empty_cond[key].to(value.device, value.dtype)
+                batch["cond"][key] = torch.where(dropped.to(value.device).view(-1, *[1] * empty.ndim), empty, value)
+            batch["caption_dropped"] = dropped.to(device)
         if self.psi is not None:
             batch["psi"] = torch.from_numpy(self.psi[positions]).to(device)
         if self.e_ref is not None and epoch < self.reference_epochs:
@@ -182,6 +201,8 @@ class GroupStream:
         for key in ("latents", "psi", "e_ref"):
             if key in batch:
                 batch[key] = batch[key][rows, slots]
+        for key, value in batch.get("image_cond", {}).items():
+            batch["image_cond"][key] = value[rows, slots]
         return batch
 
     def __len__(self) -> int:
