@@ -156,11 +156,12 @@ class Trainer:
         self.speedups = apply_model_speedups(denoiser, cfg.speed, self.device)
         self.attention = set_attention_backend(denoiser, cfg.speed.attention, self.device,
                                                cfg.speed.mixed_precision)
+        # diffusers' get_scheduler("constant_with_warmup"): lr * step / warmup, so the first update runs at lr 0
         warmup = cfg.lr_warmup_steps
         module, self.optimizer, self.scheduler = self.parallel.wrap(
             denoiser,
             lambda params: build_optimizer(params, cfg.speed.optimizer, cfg.lr, cfg.weight_decay),
-            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0),
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / warmup) if warmup else 1.0),
         )
         self.step_fn = TrainStep(self.bundle, module, cfg.objective, reference, self.dataset.noise_seed,
                                  autocast(self.device, cfg.speed.mixed_precision), cfg.loss_backend)

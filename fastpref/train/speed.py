@@ -59,7 +59,8 @@ class SpeedConfig:
     fp8: bool = False
     # auto: torchao's H100 size heuristic (small matmuls are faster in bf16); all: every Linear with dims % 16 == 0
     fp8_layers: Literal["auto", "all"] = "auto"
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    # adafactor: transformers' Adafactor with the Diffusion-DPO SDXL settings (see build_optimizer)
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
     gradient_checkpointing: bool = False
     attention: AttentionName = "sdpa"
     channels_last: bool = False
@@ -213,7 +214,14 @@ def build_optimizer(params, kind: str, lr: float, weight_decay: float, betas=(0.
     if kind == "adamw8bit":
         bnb = require("bitsandbytes", "speed.optimizer=adamw8bit")
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-    raise ValueError(f"speed.optimizer must be 'adamw' or 'adamw8bit', got {kind!r}")
+    if kind == "adafactor":
+        # SalesforceAIResearch/DiffusionDPO train.py with --sdxl: transformers.Adafactor(lr, weight_decay,
+        # clip_threshold=1.0, scale_parameter=False, relative_step=False), i.e. a fixed lr, no momentum (beta1 None)
+        transformers = require("transformers", "speed.optimizer=adafactor")
+        return transformers.optimization.Adafactor(params, lr=lr, weight_decay=weight_decay, clip_threshold=1.0,
+                                                   scale_parameter=False, relative_step=False, warmup_init=False,
+                                                   beta1=None)
+    raise ValueError(f"speed.optimizer must be 'adamw', 'adamw8bit' or 'adafactor', got {kind!r}")
 
 
 class SDPAKernel(contextlib.AbstractContextManager):

@@ -195,12 +195,20 @@ class TrainStep:
         cond = {key: expand_groups(value, kept, per_group).to(device, self.bundle.dtype if value.is_floating_point()
                                                                    else value.dtype)
                 for key, value in batch["cond"].items()}
+        for key, value in batch.get("image_cond", {}).items():  # per image (SDXL time_ids of imported images)
+            cond[key] = gather_images(value, kept, index).to(device, self.bundle.dtype if value.is_floating_point()
+                                                             else value.dtype)
         noisy = self.bundle.add_noise(x0, noise, t)
         target = self.bundle.target(x0, noise, t)
         weight = None
         if self.objective.min_snr_gamma is not None:
             weight = min_snr_weight(self.bundle.noise_scheduler.alphas_cumprod, t, self.objective.min_snr_gamma,
                                     self.bundle.prediction_type)
+        # flow models: the error in objective.error_space (x0 by default, as diffusers' SD3 scripts) is a per-sample
+        # weight on the velocity error, applied to e_pol and e_ref alike (the cached e_ref stay unweighted)
+        space_weight = self.bundle.error_space_weight(t, getattr(self.objective, "error_space", "auto"))
+        if space_weight is not None:
+            weight = space_weight if weight is None else weight * space_weight
         scores = gather_images(psi, kept, index).to(device) if psi is not None else None
         e_ref = ref_pred = None
         if self.objective.compares_to_reference:
