@@ -49,6 +49,10 @@ class ObjectiveConfig:
     # live reference only); ncp_layers: "multiscale" (conv_in + every down block + mid block), "mid", "down"
     feature_space: Literal["latent", "ncp"] = "latent"
     ncp_layers: Literal["multiscale", "mid", "down"] = "multiscale"
+    # flow models (sd3): what the per-sample error measures (ModelBundle.error_space_weight), a per-timestep weight on
+    # the velocity error: x0 = sigma^2 x, eps = (1 - sigma)^2 x, velocity = 1 x; auto = x0, what diffusers' SD3
+    # scripts train (--precondition_outputs 1). eps / v-prediction models: auto only
+    error_space: Literal["auto", "velocity", "x0", "eps"] = "auto"
 
     def __post_init__(self):
         if self.beta is None:
