@@ -27,6 +27,10 @@ if str(ROOT) not in sys.path:
 
 RESULTS_DIR = ROOT / "bench" / "results"
 
+from fastpref import _quiet  # noqa: E402
+
+_quiet.install(model_libraries=False)  # a benchmark's log shows its numbers, not optional libraries' import notices
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
