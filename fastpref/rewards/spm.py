@@ -323,6 +323,50 @@ class StepAwareModel(nn.Module):
         return model.to(device).eval()
 
 
+def spo_checkpoint_key(key: str) -> str | None:
+    """A key of SPO's released SPM state dict (StepAwarePreferenceModel around HFTimeConditionedCLIPModel,
+    RockeyCoss/SPO spo_training_and_inference/spo/preference_models/models/) -> this module's key (None: skip)."""
+    if not key.startswith("model."):
+        return None
+    key = key[len("model."):]
+    if key.startswith("t_embedder."):
+        return key
+    prefix = "vision_model.encoder.layers."
+    if key.startswith(prefix) and ".adaLN_modulation." in key:
+        layer, rest = key[len(prefix):].split(".adaLN_modulation.", 1)
+        return f"layer_modulations.{layer}.{rest}"
+    if key.startswith("vision_model.adaLN_modulation."):
+        return "pooled_modulation." + key[len("vision_model.adaLN_modulation."):]
+    return "base." + key
+
+
+def convert_spo_checkpoint(checkpoint: str | Path, base: str | Path, processor: str | Path | None,
+                           out: str | Path) -> StepAwareModel:
+    """SPO's released step-aware preference model (e.g. sd-v1-5_step-aware_preference_model.bin, a torch state dict
+    of the whole model) -> a saved fastpref SPM folder; `base` / `processor`: the CLIP it was built on
+    (yuvalkirstain/PickScore_v1, laion/CLIP-ViT-H-14-laion2B-s32B-b79K). Every weight of the model must be in the
+    checkpoint (position-id buffers excepted)."""
+    model = StepAwareModel.from_base("clip", base, processor)
+    try:
+        state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"spm convert: cannot read {checkpoint} as a torch state dict ({err})") from None
+    mapped = {}
+    for key, value in state.items():
+        target = spo_checkpoint_key(key)
+        if target is not None:
+            mapped[target] = value
+    own = model.state_dict()
+    unknown = sorted(k for k in mapped if k not in own and not k.endswith("position_ids"))
+    missing = sorted(k for k in own if k not in mapped and not k.endswith("position_ids"))
+    if unknown or missing:
+        raise ValueError(f"spm convert: {checkpoint} does not match the SPM around {base}: missing {missing[:5]}, "
+                         f"unexpected {unknown[:5]}")
+    model.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
+    model.save_pretrained(out, extra={"converted_from": str(checkpoint)})
+    return model
+
+
 @register_reward
 class StepAwarePreferenceReward(Reward):
     """SPO's step-aware preference score, logit_scale * cos, of images (predicted x0) at diffusion timesteps."""

@@ -406,7 +406,22 @@ def cli(argv: list[str]) -> int:
     train = sub.add_parser("train", help="train an SPM from Syn-Pic preference pairs (configs/spm/)")
     train.add_argument("-c", "--config", required=True, help="YAML config (configs/spm/*.yaml)")
     train.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
+    convert = sub.add_parser("convert", help="SPO's released SPM checkpoint (.bin) -> a fastpref SPM folder")
+    convert.add_argument("--spo-checkpoint", required=True, help="e.g. sd-v1-5_step-aware_preference_model.bin")
+    convert.add_argument("--base", default="yuvalkirstain/PickScore_v1", help="the CLIP the checkpoint extends")
+    convert.add_argument("--processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    convert.add_argument("--out", required=True, help="output folder (build_reward('spm', out) loads it)")
     args = parser.parse_args(argv)
+    if args.action == "convert":
+        from fastpref.rewards.spm import convert_spo_checkpoint
+
+        try:
+            convert_spo_checkpoint(args.spo_checkpoint, args.base, args.processor, args.out)
+        except (ValueError, OSError) as err:
+            print(f"fastpref spm convert: {err}", file=sys.stderr)
+            return 2
+        print(f"fastpref spm convert: {args.spo_checkpoint} -> {args.out}")
+        return 0
     try:
         config = load_config(SPMTrainConfig, args.config, args.overrides)
         check_diffusion_model(config.diffusion)

@@ -176,3 +176,91 @@ def test_bad_spo_configs_are_refused_before_any_model_loads(models, tmp_path, mo
             train(spo_config(models, tmp_path, **overrides))
     with pytest.raises(ConfigError, match="model.path: .*flow-matching"):
         train(spo_config(models, tmp_path, **{"model.path": str(toy_model_path("toy-sd3"))}))
+
+
+# ---------------------------------------------------------------------------------------------- processes, resume
+
+
+def read_metrics(out) -> list[dict]:
+    return [r for r in metrics_of(out) if "spo_pairs" in r]
+
+
+def resume_config(models, out, **overrides) -> TrainConfig:
+    # 2 prompts x 3 trainable transitions each, all kept (threshold 0): an even pair count, so the 2-process split
+    # drops none and 1 and 2 processes train on the same pairs
+    return spo_config(models, out, max_steps=4, checkpoint_every=2, **{"online.num_steps": 4, **overrides})
+
+
+def write_config(cfg, path):
+    import yaml
+
+    from fastpref.config import to_dict
+
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return path
+
+
+def launch(config_path, nproc=1, resume=False):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    args = ["-m", "fastpref.cli", "train", "--config", str(config_path)] + (["--resume"] if resume else [])
+    if nproc > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_exact(models, tmp_path):
+    """Killed (SIGKILL) once step 3 is logged, resumed from the step-2 checkpoint: the same metrics and final LoRA
+    weights as the uninterrupted run, bit for bit (the rollout is keyed by seed / epoch / prompt id / step, the
+    prompt position is checkpointed)."""
+    from helpers.train import start_and_kill_when, train_command
+
+    straight = write_config(resume_config(models, tmp_path / "straight"), tmp_path / "s.yaml")
+    done = launch(straight)
+    assert done.returncode == 0, done.stderr[-4000:]
+    killed = write_config(resume_config(models, tmp_path / "killed"), tmp_path / "k.yaml")
+
+    def step_3_logged():
+        path = tmp_path / "killed" / "metrics.jsonl"
+        return path.exists() and any(json.loads(line)["step"] == 3 for line in path.read_text().splitlines()
+                                     if line.strip())
+
+    status = start_and_kill_when(train_command(killed), step_3_logged, tmp_path / "killed.log")
+    assert status == -9, (tmp_path / "killed.log").read_text()[-3000:]
+    resumed = launch(killed, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    expected = {r["step"]: r for r in read_metrics(tmp_path / "straight")}
+    got = {r["step"]: r for r in read_metrics(tmp_path / "killed")}
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("loss", "spo_pairs", "spm_score_final", "log_ratio", "grad_norm"):
+            assert got[step][key] == expected[step][key], (step, key)
+    a, b = lora_state(tmp_path / "straight", 4), lora_state(tmp_path / "killed", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_equal_one(models, tmp_path, strategy):
+    """2 gloo processes (each resamples half the prompts; the kept pairs all-gathered, permuted and split evenly)
+    train as 1 process does at the same global batch."""
+    one = write_config(resume_config(models, tmp_path / "one"), tmp_path / "one.yaml")
+    proc = launch(one)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = write_config(resume_config(models, tmp_path / "two", parallel=strategy), tmp_path / "two.yaml")
+    proc = launch(two, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("spo_pairs", "spo_candidates", "spo_kept_rate"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    for key in ("spm_score_final", "loss", "log_ratio", "grad_norm"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=2e-3, abs=1e-6), key
+    wa, wb = lora_state(tmp_path / "one", 4), lora_state(tmp_path / "two", 4)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=2e-3, atol=1e-5)

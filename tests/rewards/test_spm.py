@@ -293,3 +293,42 @@ def test_bad_spm_configs_are_refused_before_any_model_loads(synpic, tmp_path):
                       f"diffusion: {{model: {synpic['model']}}}\n")
     assert cli(["train", "--config", str(config), "progress=false"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def spo_named_state_dict(model: StepAwareModel) -> dict:
+    """The model's weights under the names SPO's StepAwarePreferenceModel(HFTimeConditionedCLIPModel) gives them
+    (time_conditioned_clip.py: vision_model.encoder.layers.{i}.adaLN_modulation, vision_model.adaLN_modulation,
+    t_embedder.mlp; the CLIP weights unchanged), all under `model.`."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("base."):
+            state["model." + key[5:]] = value
+        elif key.startswith("layer_modulations."):
+            layer, rest = key[len("layer_modulations."):].split(".", 1)
+            state[f"model.vision_model.encoder.layers.{layer}.adaLN_modulation.{rest}"] = value
+        elif key.startswith("pooled_modulation."):
+            state["model.vision_model.adaLN_modulation." + key[len("pooled_modulation."):]] = value
+        else:
+            state["model." + key] = value
+    return state
+
+
+def test_convert_spo_released_checkpoint(tiny_clip, tmp_path):
+    from fastpref.rewards.spm_train import cli
+
+    model = StepAwareModel.from_base("clip", tiny_clip)
+    randomize_time_conditioning(model)
+    with torch.no_grad():
+        model.base.logit_scale.fill_(2.0)  # a base weight that differs from the CLIP it starts from
+    torch.save(spo_named_state_dict(model), tmp_path / "spo.bin")
+    assert cli(["convert", "--spo-checkpoint", str(tmp_path / "spo.bin"), "--base", tiny_clip,
+                "--processor", tiny_clip, "--out", str(tmp_path / "converted")]) == 0
+    reward = build_reward("spm", str(tmp_path / "converted"))
+    x, t = pixels(), torch.tensor([0, 300, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(reward(x, PROMPTS, timesteps=t), model(x, PROMPTS, t), rtol=0, atol=1e-6)
+    state = spo_named_state_dict(model)
+    state.pop("model.t_embedder.mlp.0.weight")
+    torch.save(state, tmp_path / "partial.bin")
+    assert cli(["convert", "--spo-checkpoint", str(tmp_path / "partial.bin"), "--base", tiny_clip,
+                "--processor", tiny_clip, "--out", str(tmp_path / "bad")]) == 2
