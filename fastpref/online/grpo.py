@@ -20,6 +20,7 @@ same batches; the rollout's noise is keyed by (seed, epoch, prompt id) rather th
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -129,14 +130,17 @@ class GRPOMethod:
         """Sample, reward and turn one rollout into this process's micro-batches: one list per optimizer step."""
         engine, online, g = self.engine, self.online, self.online.group_size
         mine = prompts.shard(engine.rank, engine.world_size)
+        started = time.perf_counter()
         cond = engine.encode(mine.texts)
         traj = sample_trajectories(
             engine.sampling_policy, self.schedule, mine, cond, engine.uncond if online.guidance_scale > 1 else None,
             group_size=g, shape=self.shape, seed=engine.seed, guidance_scale=online.guidance_scale, eta=online.eta,
             noise_level=online.noise_level, batch_size=online.sample_batch_size, device=engine.device,
             dtype=engine.bundle.dtype, autocast=engine.autocast)
+        sampled = time.perf_counter()
         pixels = decode_images(engine.bundle, traj.final.to(engine.device))
         rewards = engine.reward(pixels, traj.texts)
+        rewarded = time.perf_counter()
         terms = {name: value.clone() for name, value in engine.reward.last_terms.items()}
         keys = global_sample_keys(mine, g)
 
@@ -172,6 +176,8 @@ class GRPOMethod:
             **stats,
             "advantage_abs_mean": float(advantages.abs().mean()),
             "kept_fraction": float(keep.float().mean()),
+            # this process's seconds: encoding + sampling, decoding + reward (the step's own time is the rest)
+            "rollout_sample_s": sampled - started, "rollout_reward_s": rewarded - sampled,
         }
         self.rollout_metrics = metrics
         return [self._micro_batches(part, placeholder) for part in parts]
