@@ -29,6 +29,8 @@ KNOWN_NOTICES = (
      "the same optional hub kernel, looked up while the hub is offline"),
     ("diffusers.quantizers.torchao.torchao_quantizer", r"^Unable to import `torchao` Tensor objects",
      "only matters when loading a torchao-quantized checkpoint"),
+    ("diffusers.models.modeling_utils", r"^There are modules in \w+ that should be kept in float32: \[\]\.",
+     "the list is empty: no module of that model needs float32, so casting it with to() loses nothing"),
     ("transformers.utils.import_utils", r"requires torchvision \(not installed\); falling back to `\w+Pil`",
      "the reward models' image processors have a PIL backend, which fastpref's inputs use"),
 )
