@@ -38,6 +38,7 @@ from fastpref.toy import verifier, world
 from fastpref.utils.imports import require
 
 SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "shapeclip"
+SHIPPED_WEIGHTS_BY_WORLD = {"v1": SHIPPED_WEIGHTS, "v2": SHIPPED_WEIGHTS.with_name("shapeclip-v2")}
 NUM_NEGATIVES = 7  # hard negatives per image in hard_negative_accuracy (chance = 1/8)
 
 
@@ -148,11 +149,12 @@ def uint8_to_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255.0)
 
 
-def load_shipped(device: str | torch.device = "cpu") -> ShapeCLIP:
-    """The weights shipped in fastpref/toy/weights/shapeclip, in eval mode."""
-    if not (SHIPPED_WEIGHTS / "config.json").is_file():
-        raise FileNotFoundError(f"ShapeCLIP: no shipped weights in {SHIPPED_WEIGHTS}")
-    return ShapeCLIP.from_pretrained(SHIPPED_WEIGHTS).to(device).eval()
+def load_shipped(device: str | torch.device = "cpu", world_name: str = "v1") -> ShapeCLIP:
+    """The weights shipped for `world_name` (fastpref/toy/weights/shapeclip, shapeclip-v2), in eval mode."""
+    folder = SHIPPED_WEIGHTS_BY_WORLD.get(world.get_world(world_name).name)
+    if folder is None or not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"ShapeCLIP: no shipped weights for world {world_name!r} in {folder}")
+    return ShapeCLIP.from_pretrained(folder).to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,3 +114,17 @@ def test_v2_training_batches_and_evaluation_use_v2_captions():
     model = shapeclip.ShapeCLIP(words=world.vocabulary("v2"), **TINY)
     result = shapeclip.hard_negative_accuracy(model, num_images=12, world_name="v2")
     assert result["num_images"] == 12 and 0.0 <= result["accuracy"] <= 1.0
+
+
+_V2_WEIGHTS = shapeclip.SHIPPED_WEIGHTS_BY_WORLD["v2"]
+
+
+@pytest.mark.skipif(not (_V2_WEIGHTS / "config.json").is_file(), reason="v2 weights not shipped")
+def test_shipped_v2_weights_rank_the_true_caption_above_hard_negatives():
+    model = shapeclip.load_shipped(world_name="v2")
+    assert set(model.words) == set(world.vocabulary("v2"))
+    result = shapeclip.hard_negative_accuracy(model, num_images=150, seed=99, world_name="v2")
+    assert result["accuracy"] >= 0.5, result  # chance 1/8; see the model card for the per-category numbers
+    assert sum(f.stat().st_size for f in _V2_WEIGHTS.iterdir()) < 2 * 2**20
+    with pytest.raises(ValueError, match="world"):
+        shapeclip.load_shipped(world_name="v3")
