@@ -81,3 +81,16 @@ def test_plain_pip_install_compiles_the_native_ops_on_first_use(tmp_path):
     assert "native matches the reference" in first.stdout
     second = check()  # cached build: no second compile
     assert "compiling" not in second.stderr and "native matches the reference" in second.stdout
+
+
+def test_cuda_fallback_to_the_reference_is_said_once(monkeypatch, capsys):
+    import torch
+
+    from fastpref.ops import library
+
+    monkeypatch.setattr(library, "_SLOW_PATH_SAID", set())
+    monkeypatch.setitem(library._UNAVAILABLE_REASON, "triton", "triton kernels could not be imported: no triton")
+    cuda = torch.device("cuda")
+    assert [library.resolve_backend("auto", cuda) for _ in range(3)] == ["reference"] * 3
+    lines = [line for line in capsys.readouterr().err.splitlines() if "CUDA losses use the PyTorch reference" in line]
+    assert lines == ["fastpref: CUDA losses use the PyTorch reference: triton kernels could not be imported: no triton"]

@@ -21,12 +21,15 @@ Backends, one semantics (fastpref/ops/reference.py):
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from fastpref.ops import reference
 from fastpref.ops.reference import LOSS_TYPES, PAIR_WEIGHTINGS
 
 BACKENDS = ("auto", "triton", "native", "reference")
+_SLOW_PATH_SAID: set[str] = set()
 MAX_TRITON_GROUP_SIZE = 64
 LOSS_TYPE_NAMES = {code: name for name, code in LOSS_TYPES.items()}
 PAIR_WEIGHTING_NAMES = {code: name for name, code in PAIR_WEIGHTINGS.items()}
@@ -99,6 +102,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cuda" and not triton_unavailable_reason():
             return "triton"
+        if device.type == "cuda" and "cuda" not in _SLOW_PATH_SAID:
+            # Once per process: CUDA losses fall back to the unfused PyTorch reference (the CPU case is said
+            # by fastpref.ops.native when it finds the C++ ops off).
+            _SLOW_PATH_SAID.add("cuda")
+            print(f"fastpref: CUDA losses use the PyTorch reference: {triton_unavailable_reason()}", file=sys.stderr)
         if device.type == "cpu" and not native_unavailable_reason():
             return "native"
         return "reference"
