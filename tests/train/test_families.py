@@ -172,3 +172,97 @@ def test_family_cases_cover_every_family_and_prediction_type():
     from fastpref.models import FAMILIES
 
     assert {family for family, _, _ in CASES.values()} == set(FAMILIES)
+
+
+def test_flow_error_spaces_equal_each_other_up_to_the_stated_per_timestep_factor():
+    """x0 error = sigma^2 x velocity error, eps error = (1 - sigma)^2 x velocity error, per sample: the x0 / eps a
+    velocity prediction implies (x_t - sigma v', x_t + (1 - sigma) v') against the true x0 / eps, in float64 on a
+    tiny random SD3 transformer at shift 3, fresh random inputs."""
+    from fastpref.models import sd3
+    from fastpref.toy.tokenizer import build_tokenizer
+
+    config = sd3.tiny_config("tiny")
+    config["scheduler"] = {**config["scheduler"], "shift": 3.0}
+    bundle = sd3.build_random(config, build_tokenizer(), seed=0)
+    bundle.denoiser.double()
+    generator = torch.Generator().manual_seed(3)
+    x0 = torch.randn(6, 4, 8, 8, generator=generator, dtype=torch.float64)
+    eps = torch.randn(6, 4, 8, 8, generator=generator, dtype=torch.float64)
+    t = bundle.sample_timesteps(6, generator=generator).double()
+    cond = {"encoder_hidden_states": torch.randn(6, 3, 32, generator=generator, dtype=torch.float64),
+            "pooled_projections": torch.randn(6, 16, generator=generator, dtype=torch.float64)}
+    noisy = bundle.add_noise(x0, eps, t)
+    with torch.no_grad():
+        velocity = bundle.denoise(noisy, t, cond)
+    sigma = (t / bundle.num_train_timesteps).view(-1, 1, 1, 1)
+
+    def mse(a, b):
+        return (a - b).square().mean(dim=(1, 2, 3))
+
+    errors = {"velocity": mse(velocity, bundle.target(x0, eps, t)),
+              "x0": mse(noisy - sigma * velocity, x0),  # diffusers' SD3 scripts' preconditioned output vs the latents
+              "eps": mse(noisy + (1 - sigma) * velocity, eps)}
+    for space in ("velocity", "x0", "eps"):
+        weight = bundle.error_space_weight(t, space)
+        weighted = errors["velocity"] * (1.0 if weight is None else weight.double())
+        torch.testing.assert_close(weighted, errors[space], rtol=1e-5, atol=0)  # weight: float32 sigma^2
+    auto = bundle.error_space_weight(t, "auto")
+    assert torch.equal(auto, bundle.error_space_weight(t, "x0"))
+    assert not torch.allclose(errors["x0"], errors["eps"])  # the spaces do differ
+    with pytest.raises(ValueError, match="error_space 'x0' is for flow-matching models"):
+        from fastpref.models import sd
+
+        sd.build_random(sd.tiny_config("tiny"), build_tokenizer()).error_space_weight(t, "x0")
+
+
+@pytest.mark.parametrize("space", ["velocity", "eps"])
+def test_the_training_step_weighs_each_flow_error_by_its_space(family_dataset, tmp_path, space):
+    """The step's per-sample e_pol / e_ref under error_space x0 (the default) are those under `space` times
+    sigma^2 / (the space's factor), at the same draw; the cached e_ref (unweighted velocity errors) serve every space."""
+    import fastpref.train.step as step
+
+    ds = family_dataset("sd3-shift3")
+    outputs = {}
+    original = step.compute_loss
+    try:
+        for name in ("auto", space):
+            captured = []
+
+            def recording(*args, **kwargs):
+                out = original(*args, **kwargs)
+                captured.append((out, kwargs.get("weight", args[6] if len(args) > 6 else None)))
+                return out
+
+            step.compute_loss = recording
+            trainer = Trainer(train_config(ds, tmp_path / name, mode="lora", max_steps=1,
+                                           **{"objective.error_space": name}))
+            assert trainer.reference_mode == "cached"
+            epoch, batch = next(trainer.batches())
+            trainer.step_fn.forward(batch, epoch)
+            outputs[name] = (captured[0][0], records_t(trainer, batch, epoch))
+    finally:
+        step.compute_loss = original
+    (x0_out, t), (other, _) = outputs["auto"], outputs[space]
+    sigma = t / 1000.0
+    factor = sigma.square() / (1.0 if space == "velocity" else (1 - sigma).square())
+    torch.testing.assert_close(x0_out.e_pol, other.e_pol * factor, rtol=1e-5, atol=0)
+    torch.testing.assert_close(x0_out.e_ref, other.e_ref * factor, rtol=1e-5, atol=0)
+
+
+def records_t(trainer, batch, epoch):
+    """The per-image timesteps of a rankdpo step on `batch` (every group, K images each)."""
+    from fastpref.data.noise import draw_timesteps_and_noise
+
+    draw = draw_timesteps_and_noise(trainer.dataset.noise_seed, epoch, batch["group_ids"],
+                                    tuple(batch["latents"].shape[2:]), trainer.bundle)
+    return draw.timesteps.float().repeat_interleave(batch["latents"].shape[1])
+
+
+def test_error_space_is_refused_for_a_family_without_flow_matching(family_dataset, tmp_path, monkeypatch):
+    import fastpref.models
+    from fastpref.config import ConfigError
+
+    ds = family_dataset("sd-v")
+    monkeypatch.setattr(fastpref.models, "load", lambda *a, **k: pytest.fail("loaded before the config error"))
+    with pytest.raises(ConfigError, match="objective.error_space: 'eps' is for the flow-matching families"):
+        Trainer(train_config(ds, tmp_path, **{"objective.error_space": "eps"}))
