@@ -74,6 +74,55 @@ class GRPOConfig:
 
 
 @dataclass
+class DRaFTConfig:
+    """The `online.draft` section (objective.name: draft): DRaFT-K / DRaFT-LV / DRaFT+ / AlignProp-style truncation
+    (fastpref/online/draft.py). Defaults: NeMo-Aligner's examples/mm/stable_diffusion/conf/draftp_sd.yaml (names in
+    brackets); the sampler settings it shares with the other methods live in `online:` (num_steps [infer.
+    inference_steps], guidance_scale [infer.unconditional_guidance_scale], eta 0 [infer.eta]), the reward in
+    online.reward (it must be differentiable)."""
+
+    variant: Literal["k", "lv", "alignprop"] = "k"
+    k: int = 1  # differentiable (last) sampling steps [model.truncation_steps]; alignprop: the largest K drawn
+    k_min: int = 1  # alignprop: K is drawn uniformly from [k_min, k] for every optimizer step (seeded)
+    lv_samples: int = 2  # DRaFT-LV: re-noisings n of the stop-grad x0 at the last step (the paper's n = 2)
+    # DRaFT+: weight of the mean over the last K steps of mean((eps_pol - eps_ref)^2) [model.kl_coeff]; 0: DRaFT
+    kl_coeff: float = 0.0
+    batch_size: int = 1  # images per micro-batch, per process [model.micro_batch_size]
+    vae_batch_size: int = 8  # images per differentiable VAE decode [infer.vae_batch_size]
+    # every differentiable denoiser call and VAE decode recomputed in the backward instead of keeping activations
+    checkpointing: bool = True
+
+    def validate(self) -> None:
+        for key in ("k", "k_min", "lv_samples", "batch_size", "vae_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.variant == "alignprop" and self.k_min > self.k:
+            raise ConfigError(f"k_min: {self.k_min} must be <= k ({self.k}), the range K is drawn from")
+        if self.variant == "lv" and self.k != 1:
+            raise ConfigError(f"k: DRaFT-LV differentiates the last step only (k: 1), got {self.k}")
+        if not (self.kl_coeff >= 0 and math.isfinite(self.kl_coeff)):
+            raise ConfigError(f"kl_coeff: must be >= 0, got {self.kl_coeff}")
+
+
+def check_draft(online) -> None:
+    """What DRaFT needs of the shared `online:` settings, before any model loads; errors name the key."""
+    from fastpref.rewards.base import require_differentiable
+
+    for name in online.reward:
+        require_differentiable(name, f"online.reward.{name}")
+    draft = online.draft
+    if draft.k > online.num_steps:
+        raise ConfigError(f"online.draft.k: {draft.k} differentiable steps > online.num_steps ({online.num_steps})")
+    if online.eta != 0:
+        raise ConfigError(f"online.eta: DRaFT samples deterministically (DDIM eta 0, NeMo's infer.eta), set it to 0, "
+                          f"got {online.eta}")
+    if (online.prompts_per_rollout * online.group_size) % draft.batch_size:
+        raise ConfigError(f"online.draft.batch_size: {draft.batch_size} does not divide the "
+                          f"{online.prompts_per_rollout * online.group_size} images of a step (prompts_per_rollout x "
+                          "group_size)")
+
+
+@dataclass
 class OnlineConfig:
     # the training prompts: a .txt / .jsonl / .parquet file or toy:train / toy:train-balanced (fastpref.data.prompts)
     prompts: str = "toy:train"
@@ -93,6 +142,7 @@ class OnlineConfig:
     reward_batch_size: int = 64
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     spo: SPOConfig = field(default_factory=SPOConfig)
+    draft: DRaFTConfig = field(default_factory=DRaFTConfig)
 
     def validate(self) -> None:
         for key in ("prompts_per_rollout", "group_size", "num_steps", "sample_batch_size", "reward_batch_size"):
@@ -128,6 +178,8 @@ class OnlineConfig:
                               f"evenly over {world_size} processes (make it a multiple of {world_size})")
         if method == "spo":
             check_spo(self)
+        if method == "draft":
+            check_draft(self)
         if method == "grpo":
             if self.group_size < 2:
                 raise ConfigError(f"online.group_size: GRPO compares the images of a prompt, it needs >= 2, got "

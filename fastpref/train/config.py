@@ -92,6 +92,10 @@ class TrainConfig:
         if self.objective.name not in ONLINE_METHODS and self.online != OnlineConfig():
             raise ConfigError(f"online: set, but objective.name {self.objective.name!r} trains on a cached dataset and "
                               f"would ignore it (the online methods: {sorted(ONLINE_METHODS)}); remove the section")
+        if self.objective.name == "draft":  # a reward without gradients is refused here, before any model loads
+            from fastpref.online.config import check_draft
+
+            check_draft(self.online)
         for key in ("max_steps", "grad_accumulation", "log_every", "checkpoint_every", "data.batch_groups"):
             value = self
             for part in key.split("."):
