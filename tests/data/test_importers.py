@@ -6,6 +6,7 @@ import io
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from fastpref.config import from_dict
@@ -146,3 +147,55 @@ def test_stage_cli_reads_yaml_overrides_and_worker_flags(tmp_path, pickapic, cap
     with pytest.raises(SystemExit):
         cli(["-c", str(tmp_path / "import.yaml"), "image_sise=16"])
     assert "image_sise: unknown key" in capsys.readouterr().err
+
+
+def test_sdxl_time_ids_follow_each_imported_images_source_size_and_crop(tmp_path, tiny_family_path):
+    """The importer records each image's source (height, width) and its center crop's top-left in the frame resized
+    to image_size (diffusers' SDXL DPO script: shorter side resized, y1 = round((h' - size) / 2)); the SDXL cache
+    turns them into per-image time_ids (original size, crop, target size), which the stream serves per image."""
+    from data_helpers import cache_config
+
+    from fastpref.data.cache import run_cache
+    from fastpref.data.dataset import CachedDataset
+
+    sizes = {"a0.png": (48, 32), "a1.png": (32, 64), "b0.png": (20, 20), "b1.png": (37, 50)}
+    (tmp_path / "src").mkdir()
+    rng = np.random.default_rng(2)
+    for name, (h, w) in sizes.items():
+        PIL.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(tmp_path / "src" / name)
+    rows = [{"prompt": "a red circle", "images": ["a0.png", "a1.png"], "scores": [0.2, 0.9]},
+            {"prompt": "a blue square", "images": ["b0.png", "b1.png"], "scores": [0.7, 0.1]}]
+    (tmp_path / "src" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_import(import_config(tmp_path / "src", tmp_path / "out", fmt="jsonl", image_size=32))
+    groups = StageDir(tmp_path / "out", "synth").open().load_json(0, "groups.json")
+    recorded = [(im["original_size"], im["crop_top_left"]) for g in groups for im in g["images"]]
+    # 48x32 -> 48x32 (shorter side 32), crop y (48-32)/2 = 8; 32x64 -> x 16; 20x20 -> 32x32, none; 37x50 -> 32x43,
+    # x round(5.5) = 6 (Python's round half to even, as diffusers' script)
+    assert recorded == [([48, 32], [8, 0]), ([32, 64], [0, 16]), ([20, 20], [0, 0]), ([37, 50], [0, 6])]
+
+    run_cache(cache_config(str(tmp_path / "out"), tiny_family_path("sdxl"), family="sdxl", flip=False,
+                           reference_errors={"epochs": 1, "seed": 0}))
+    dataset = CachedDataset(tmp_path / "out")
+    assert dataset.image_cond_keys == ["time_ids"] and "time_ids" not in dataset.cond_keys
+    want = {0: [[48, 32, 8, 0, 32, 32], [32, 64, 0, 16, 32, 32]], 1: [[20, 20, 0, 0, 32, 32], [37, 50, 0, 6, 32, 32]]}
+    batch = next(iter(dataset.stream(2, shuffle=False)))
+    for row, group_id in enumerate(batch["group_ids"].tolist()):
+        np.testing.assert_array_equal(batch["image_cond"]["time_ids"][row].numpy(), want[group_id])
+    pairs = next(iter(dataset.stream(2, shuffle=False, select="best_worst")))  # winner first: b0 before b1, a1 first
+    np.testing.assert_array_equal(pairs["image_cond"]["time_ids"].numpy(),
+                                  [want[0][::-1], want[1]])
+    # training: each image's own time_ids reach the denoiser, and the cached e_ref were computed with them too
+    from helpers.train import make_config
+
+    from fastpref.train.loop import Trainer
+
+    trainer = Trainer(make_config({"root": str(tmp_path / "out"), "model": tiny_family_path("sdxl")},
+                                  tmp_path / "train", mode="full", max_steps=1, **{"objective.name": "dpo"}))
+    assert trainer.reference_mode == "cached"
+    seen, denoise = [], trainer.step_fn.policy.denoise
+    trainer.step_fn.policy.denoise = lambda x, t, cond: seen.append(cond["time_ids"].clone()) or denoise(x, t, cond)
+    epoch, batch = next(trainer.batches())
+    out = trainer.step_fn.forward(batch, epoch)
+    rows = [want[g][::-1] if g == 0 else want[g] for g in batch["group_ids"].tolist()]
+    np.testing.assert_array_equal(seen[0].numpy(), np.concatenate(rows))
+    torch.testing.assert_close(out.metrics["e_pol"], out.metrics["e_ref"], rtol=1e-5, atol=0)
