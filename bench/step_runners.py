@@ -173,8 +173,7 @@ class FastprefRunner:
                 out = self.step_fn.forward(batch, epoch)
                 parallel.backward(out.loss)
         with timer("optimizer"):
-            parallel.clip_grad_norm(1.0)
-            parallel.step()
+            parallel.step()  # clips to max_grad_norm (1.0, as the baseline) itself
 
     @contextlib.contextmanager
     def instrumented(self, timer: PhaseTimer):
