@@ -50,7 +50,8 @@ def test_real_recipes_load_hub_weights_and_document_their_sources(name):
     assert main.model.path == hub_id  # the policy starts from the model the cache encoded with
     assert main.mode == "full" and main.speed.mixed_precision == "bf16"
     # the cache computes e_ref in the training precision (else the trainer would run the reference live)...
-    assert stages.cache.dtype == "bfloat16"
+    # e_ref cached as the training step computes the policy's: the trained weights' dtype under its autocast
+    assert (stages.cache.dtype, stages.cache.mixed_precision) == (main.model.dtype, main.speed.mixed_precision)
     assert main.objective.beta == 2500.0  # Diffusion-DPO's beta_dpo 5000 in fastpref's convention
     assert main.lr == pytest.approx(1e-8 * 2048)  # Diffusion-DPO: 1e-8 x scale_lr over its 2048 batch
     assert main.max_steps == 2000 and main.weight_decay == 0.01 and main.max_grad_norm == 1.0
