@@ -38,6 +38,7 @@ from fastpref.online.rollout import (
     global_sample_keys,
     latent_shape,
     sample_trajectories,
+    step_stds,
     take_step,
 )
 from fastpref.online.sampler import guided_prediction, sampling_timesteps
@@ -88,6 +89,13 @@ class GRPOMethod:
             raise ValueError("online.noise_level: GRPO on a flow model needs a stochastic SDE step (> 0)")
         self.schedule = sampling_timesteps(bundle, self.online.num_steps)
         self.train_steps = self.cfg.num_train_timesteps(self.online.num_steps)
+        stds = step_stds(self.schedule, eta=self.online.eta, noise_level=self.online.noise_level)
+        stochastic = int(torch.cumprod(stds > 0, 0).sum())  # the leading steps with a log-density
+        if stochastic == 0:
+            raise ValueError("online: the sampler's first step is deterministic; GRPO needs eta > 0 (DDIM) or "
+                             "noise_level > 0 (flow)")
+        # a deterministic final step (DDIM to alpha = 1, e.g. SDXL's set_alpha_to_one) is never trained
+        self.train_steps = min(self.train_steps, stochastic)
         world = engine.world_size
         samples = self.online.prompts_per_rollout * self.online.group_size
         split = world * self.cfg.steps_per_rollout

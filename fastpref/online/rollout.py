@@ -215,6 +215,14 @@ def take_step(schedule: SamplingSchedule, index, prediction: torch.Tensor, sampl
                      prev_sample=prev_sample, noise=noise)
 
 
+def step_stds(schedule: SamplingSchedule, *, eta: float, noise_level: float) -> torch.Tensor:
+    """(S,) the std of each step's Gaussian. 0 marks a deterministic step, e.g. DDIM's last step to
+    final_alpha_cumprod = 1 (set_alpha_to_one, SDXL's scheduler): it has no log-density to train a ratio on."""
+    index = torch.arange(schedule.num_steps)
+    zeros = torch.zeros(schedule.num_steps, 1)
+    return take_step(schedule, index, zeros, zeros, eta=eta, noise_level=noise_level, prev_sample=zeros).std.reshape(-1)
+
+
 @torch.no_grad()
 def sample_trajectories(policy, schedule: SamplingSchedule, prompts: RolloutPrompts, cond: dict[str, torch.Tensor],
                         uncond: dict[str, torch.Tensor] | None, *, group_size: int, shape: tuple[int, ...],

@@ -25,13 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from fastpref.models import sd, sd3
+    from fastpref.models import sd, sd3, sdxl
     from fastpref.toy.tokenizer import build_tokenizer
 
     root = tmp_path_factory.mktemp("online-models")
     sd3.build_random(sd3.tiny_config("tiny"), build_tokenizer(), seed=0).save_pretrained(root / "sd3")
     sd.build_random(sd.tiny_config("tiny"), build_tokenizer(), seed=0).save_pretrained(root / "sd")
-    return {"sd3": str(root / "sd3"), "sd": str(root / "sd")}
+    sd.build_random(sd.tiny_config("tiny", prediction_type="v_prediction"), build_tokenizer(),
+                    seed=0).save_pretrained(root / "sd-v")
+    sdxl.build_random(sdxl.tiny_config("tiny"), build_tokenizer(), seed=0).save_pretrained(root / "sdxl")
+    return {name: str(root / name) for name in ("sd3", "sd", "sd-v", "sdxl")}
 
 
 def grpo_config(model, out, **overrides):
@@ -64,7 +67,7 @@ def trainable(out, step):
     return load_file(Path(out) / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
 
 
-@pytest.mark.parametrize("family, mode", [("sd3", "lora"), ("sd", "full")])
+@pytest.mark.parametrize("family, mode", [("sd3", "lora"), ("sd", "full"), ("sd-v", "lora"), ("sdxl", "lora")])
 def test_grpo_trains_end_to_end(tiny_models, tmp_path, family, mode):
     from fastpref.train.loop import train
 
@@ -96,7 +99,7 @@ def test_first_update_sees_the_rollouts_own_log_probs(tiny_models, tmp_path):
     forward of the unchanged policy reproduces every stored old log-prob."""
     from fastpref.train.online import OnlineTrainer
 
-    for family in ("sd3", "sd"):
+    for family in ("sd3", "sd", "sdxl"):
         cfg = grpo_config(tiny_models[family], tmp_path / family, max_steps=1, checkpoint_every=1)
         trainer = OnlineTrainer(cfg)
         epoch, batch = next(trainer.batches())
