@@ -140,16 +140,20 @@ def run_probe(p: Probe, root: Path, workdir: Path, timeout: float = 900.0) -> Re
         apply_edits(p, copy)
     except AnchorError as err:
         return Result(p, "anchor", str(err), time.perf_counter() - start)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *p.tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", "-rfE", *p.tests]
     try:
         proc = subprocess.run(cmd, cwd=copy, env=test_env(copy), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return Result(p, "broken", f"its tests ran past {timeout:.0f} s", time.perf_counter() - start)
     output = proc.stdout[-6000:] + proc.stderr[-3000:]
     seconds = time.perf_counter() - start
-    if proc.returncode == 1:  # pytest: some tests failed
-        failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-        return Result(p, "caught", failed[0] if failed else "tests failed", seconds, output)
+    if proc.returncode == 1:  # pytest: some tests failed or errored
+        failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+        if failed:
+            return Result(p, "caught", failed[0], seconds, output)
+        # only errors in fixtures / setup: as likely the environment as the bug, so never counted as a catch
+        return Result(p, "broken", "no test failed, only setup errors (the environment? fix the probe or its tests)",
+                      seconds, output)
     if proc.returncode == 0:
         return Result(p, "survived", "every listed test passed with the bug in place", seconds, output)
     # 2: interrupted / collection error, 3: internal error, 4: usage (e.g. unknown node id), 5: nothing collected

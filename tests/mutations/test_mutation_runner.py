@@ -58,8 +58,12 @@ def test_a_probe_whose_tests_cannot_run_is_broken_not_caught(tree):
     wrong_id = probe("typo", "node id does not exist", ["tests/test_mod.py::test_nothing"],
                      ("toypkg/mod.py", "a + b", "a - b"))
     syntax = probe("syntax", "patch breaks the import", ["tests/test_mod.py"], ("toypkg/mod.py", "a + b", "a +"))
-    results, code, _ = run(tree, [wrong_id, syntax])
-    assert [r.status for r in results] == ["broken", "broken"] and code == 1
+    fixture = probe("fixture", "only a fixture breaks", ["tests/test_fixture.py"], ("toypkg/mod.py", "a * 2", "a / 0"))
+    (tree / "tests/test_fixture.py").write_text(
+        "import pytest\nfrom toypkg.mod import unused\n\n\n@pytest.fixture\ndef two():\n    return unused(1)\n\n\n"
+        "def test_two(two):\n    assert two == 2\n")
+    results, code, _ = run(tree, [wrong_id, syntax, fixture])
+    assert [r.status for r in results] == ["broken"] * 3 and code == 1
 
 
 def test_the_repository_probes_are_at_least_12_with_unique_names_and_current_anchors():
