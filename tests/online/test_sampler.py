@@ -216,3 +216,15 @@ def test_gaussian_step_fields():
     assert isinstance(step, GaussianStep)
     assert step.std.shape == (2, 1, 1, 1) and step.log_prob.shape == (2,)
     assert step.pred_original_sample.shape == (2, 1, 2, 2)
+
+
+def test_step_stds_mark_deterministic_steps():
+    from fastpref.online.rollout import step_stds
+
+    config = {**ddpm_scheduler_config("epsilon"), "set_alpha_to_one": True, "timestep_spacing": "trailing"}
+    stds = step_stds(sampling_timesteps(diffusers.DDIMScheduler(**config), 4), eta=1.0, noise_level=0.7)
+    assert (stds[:-1] > 0).all() and stds[-1] == 0  # the last step lands on alpha = 1: a point, no density
+    assert (step_stds(ddim("epsilon"), eta=1.0, noise_level=0.7) > 0).all()  # final_alpha_cumprod < 1
+    assert (step_stds(ddim("epsilon"), eta=0.0, noise_level=0.7) == 0).all()
+    flow = sampling_timesteps(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), 4)
+    assert (step_stds(flow, eta=1.0, noise_level=0.7) > 0).all()
