@@ -333,6 +333,14 @@ def run_cache(config: CacheConfig, bundle=None) -> Manifest | None:
 
     drawn = planned_flow_timesteps(config, bundle)
     stage = StageDir(config.output or config.input, "cache")
+    if config.mixed_precision != "no":  # before the model loads: fp16 autocast needs a device that has it
+        from fastpref.train.speed import UnsupportedSpeedOption, autocast_dtype
+
+        device = bundle.device if bundle is not None else require("torch").device(resolve_device(config.device))
+        try:
+            autocast_dtype(device, config.mixed_precision)
+        except UnsupportedSpeedOption as err:
+            raise ConfigError(f"mixed_precision: {config.mixed_precision}: {err}") from None
 
     def load() -> _Encoder:
         model = bundle or load_bundle(config.family, config.model, config.dtype, resolve_device(config.device))
