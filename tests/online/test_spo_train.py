@@ -262,5 +262,7 @@ def test_two_processes_equal_one(models, tmp_path, strategy):
     for key in ("spm_score_final", "loss", "log_ratio", "grad_norm"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=2e-3, abs=1e-6), key
     wa, wb = lora_state(tmp_path / "one", 4), lora_state(tmp_path / "two", 4)
+    # Adam turns a float-rounding difference of a near-zero gradient element into up to lr (1e-3) per step: the
+    # weights agree to a small fraction of one step
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=2e-3, atol=1e-5)
+        torch.testing.assert_close(wa[k], wb[k], rtol=2e-3, atol=1e-4)
