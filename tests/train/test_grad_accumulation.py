@@ -122,8 +122,8 @@ def assert_same_training(whole, split, reference, lr, weight_rtol):
         assert CheckpointManager(trainer.out / "checkpoints").latest().name == f"step-{MAX_STEPS:06d}"
         assert trainer.scheduler.last_epoch == MAX_STEPS
         assert {float(state["step"]) for state in trainer.optimizer.state.values()} == {float(MAX_STEPS)}
-        # LambdaLR(min(1, (s + 1) / warmup)) after s optimizer steps
-        expected_lr = [lr * min(1.0, (s + 1) / WARMUP) for s in range(1, MAX_STEPS + 1)]
+        # LambdaLR(min(1, s / warmup)) after s optimizer steps (diffusers' constant_with_warmup, from 0)
+        expected_lr = [lr * min(1.0, s / WARMUP) for s in range(1, MAX_STEPS + 1)]
         assert [r["lr"] for r in metrics] == pytest.approx(expected_lr, rel=1e-12)
         assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected_lr[-1], rel=1e-12)
 
