@@ -80,7 +80,8 @@ def test_a_run_reports_to_every_sink_and_ends_with_a_summary(cached_dataset, tmp
         assert all(math.isfinite(row[k]) for k in LOGGED_KEYS) and row["images_per_s"] > 0 and row["grad_norm"] > 0
     assert set(rows[1]) == {"step", "loss", "skipped", "lr", "images_per_s", "nonfinite_total"}
     assert math.isnan(rows[1]["loss"]) and rows[1]["skipped"] == 1 and rows[1]["nonfinite_total"] == 1
-    assert [r["lr"] for r in rows] == pytest.approx([2e-3 / 3, 1e-3, 1e-3])  # warmup 3: the skipped step counts
+    # warmup 3 from 0 (diffusers' constant_with_warmup): the skipped step counts
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
     assert [r["nonfinite_total"] for r in rows] == [0, 1, 1]
 
     # (b) TensorBoard: every logged scalar (finite values only: the skipped step's NaN loss is left out) + memory
