@@ -68,13 +68,14 @@ def save_state(state: dict[str, Any], path: Path) -> None:
     torch.save(state, path)
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    """A file written by save_state, unpickled with weights_only=True: anything but tensors and plain data (e.g. a
-    planted object whose unpickling would run code) is refused, never constructed."""
+def load_state(path: Path, allowed: tuple = ()) -> dict[str, Any]:
+    """A file written by save_state, unpickled with weights_only=True: anything but tensors, plain data and the
+    classes in `allowed` (e.g. a planted object whose unpickling would run code) is refused, never constructed."""
     import pickle
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain data (a checkpoint "

@@ -7,84 +7,25 @@ objective (fastpref.train.objectives) in LoRA or full mode, checkpoints atomical
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from fastpref.config import ConfigError, load_config, save_config, to_dict
-from fastpref.models.bundle import FLOW_FAMILIES, LEGACY_FLOW_TIMESTEPS, flow_timestep_record, scheduler_timestep_shift
 from fastpref.online.config import ONLINE_METHODS as ONLINE_OBJECTIVES
 from fastpref.train.checkpoint import CheckpointManager, rng_state, save_trainable, set_rng_state
 from fastpref.train.config import DTYPES, DataConfig, LoraConfig, ModelConfig, TrainConfig  # noqa: F401 (re-exported)
 from fastpref.train.metrics import (MetricsLogger, RunHistory, format_summary, memory_usage,
                                     progress_postfix, write_summary)
 from fastpref.train.parallel import build_parallel, local_device
-from fastpref.train.speed import (apply_model_speedups, autocast, build_optimizer,
-                                  check_speed_support, set_attention_backend)
-from fastpref.train.step import ReferenceModel, TrainStep
+from fastpref.train.reference import (ReferenceModel, plan_reference, reference_precision_gap,  # noqa: F401
+                                      resolve_reference_dtype, training_flow_timesteps)
+from fastpref.train.speed import apply_model_speedups, build_optimizer, check_speed_support, set_attention_backend
+from fastpref.train.step import build_step
 from fastpref.train.validation import Validator, resolve_prompts
 from fastpref.utils.imports import require
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_reference_dtype(setting: str, device: torch.device, weight_dtype: torch.dtype,
-                            mixed_precision: str = "no") -> torch.dtype:
-    """The dtype of full fine-tuning's frozen reference copy for train.reference_dtype (see TrainConfig).
-
-    auto: on a CUDA device the policy's compute dtype (the autocast dtype of speed.mixed_precision, else the weights'
-    dtype): 16-bit under bf16 / fp16 autocast, where the copy costs half the memory and rounds as the policy does;
-    on CPU the weights' dtype.
-    """
-    if setting != "auto":
-        return DTYPES[setting]
-    if device.type != "cuda":
-        return weight_dtype
-    return AUTOCAST_DTYPES.get(mixed_precision, weight_dtype)
-
-
-def reference_precision_gap(reference_dtype: torch.dtype, weight_dtype: torch.dtype,
-                            mixed_precision: str = "no") -> str | None:
-    """Why a frozen reference in `reference_dtype` would not round as the policy does (None: it would)."""
-    name = str(reference_dtype).removeprefix("torch.")
-    autocast_dtype = AUTOCAST_DTYPES.get(mixed_precision)
-    if autocast_dtype is not None:  # the reference runs under the same autocast: only another 16-bit dtype differs
-        if reference_dtype in (torch.bfloat16, torch.float16) and reference_dtype != autocast_dtype:
-            return f"the frozen reference is kept in {name} and the training autocasts to {mixed_precision}"
-        return None
-    if reference_dtype != weight_dtype:
-        return f"the frozen reference runs in {name} and the policy in {str(weight_dtype).removeprefix('torch.')}"
-    return None
-
-
-def cached_flow_timesteps(cache_config: dict) -> dict | None:
-    """The flow_timestep_record a cache's e_ref was drawn with (fastpref/data/cache.py): its manifest's
-    flow_timesteps_drawn; a flow cache without one was made before the record existed (or at the legacy draws,
-    which are not recorded): shift 1.0, logit-normal(0, 1). None for families without flow matching."""
-    if "flow_timesteps_drawn" in cache_config:
-        return cache_config["flow_timesteps_drawn"]
-    return dict(LEGACY_FLOW_TIMESTEPS) if cache_config.get("family") in FLOW_FAMILIES else None
-
-
-def flow_timesteps_gap(cached: dict | None, training: dict | None) -> str | None:
-    """What differs between the flow timestep draws of a cache and of training (None: they draw the same t)."""
-    if cached == training:
-        return None
-    if cached is None or training is None:
-        return (f"the cached reference errors were drawn at {'DDPM' if cached is None else 'flow'} timesteps and "
-                f"training draws {'DDPM' if training is None else 'flow'} timesteps")
-    names = {"shift": "the model scheduler's timestep shift"}
-    diffs = []
-    for key in dict.fromkeys(["shift", "weighting", *sorted({*cached, *training})]):
-        if cached.get(key) != training.get(key):
-            what = names.get(key, f"flow_timesteps.{key}")
-            diffs.append(f"{what}: cache {cached.get(key, 'unused')!r}, training {training.get(key, 'unused')!r}")
-    return "the cached reference errors were drawn at other timesteps than training draws (" + "; ".join(diffs) + ")"
-
 
 def add_lora(denoiser: torch.nn.Module, cfg: LoraConfig) -> None:
     peft = require("peft", "mode: lora")
@@ -121,19 +62,23 @@ class Trainer:
         self.dataset = CachedDataset(cfg.data.root, verify=cfg.data.verify)
         self.family = cfg.model.family or self.dataset.family
         cfg.flow_timesteps.check_family(self.family)
+        from fastpref.models.bundle import FLOW_FAMILIES
+
         if self.family not in FLOW_FAMILIES and cfg.objective.error_space != "auto":
             raise ConfigError(f"objective.error_space: {cfg.objective.error_space!r} is for the flow-matching families "
                               f"{list(FLOW_FAMILIES)}; family {self.family!r} has one error space (leave it auto)")
         # before minutes of model loading: `reference: cached` on a dataset that cannot serve it fails now
-        self.reference_mode = self._reference_mode()
-        self.reference_dtype = self._reference_dtype() if self.reference_mode == "frozen_copy" else None
+        plan = plan_reference(cfg, self.dataset, self.family, self.device, self.parallel.rank,
+                              self.parallel.world_size, stacklevel=3)
+        self.reference_mode, self.reference_dtype = plan.mode, plan.dtype
         self.bundle = load(cfg.model.path, family=self.family, dtype=DTYPES[cfg.model.dtype], device=self.device)
         if self.bundle.prediction_type == "flow":  # before any draw
             self.bundle.flow_timestep_sampling = cfg.flow_timesteps.sampling()
-        if self.reference_mode == "cached" and self.bundle.flow_timestep_record != self._training_flow_timesteps:
+        expected = training_flow_timesteps(cfg, self.family)
+        if self.reference_mode == "cached" and self.bundle.flow_timestep_record != expected:
             raise RuntimeError(f"{cfg.model.path}: the loaded model draws flow timesteps with "
-                               f"{self.bundle.flow_timestep_record}, its scheduler config said "
-                               f"{self._training_flow_timesteps} (what the cached e_ref was checked against)")
+                               f"{self.bundle.flow_timestep_record}, its scheduler config said {expected} (what the "
+                               "cached e_ref was checked against)")
         self.out = Path(cfg.output_dir)
         self.validator = None
         if cfg.validation.enabled:  # encodes its prompts now and keeps the VAE (grids need pixels)
@@ -163,8 +108,7 @@ class Trainer:
             lambda params: build_optimizer(params, cfg.speed.optimizer, cfg.lr, cfg.weight_decay),
             lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / warmup) if warmup else 1.0),
         )
-        self.step_fn = TrainStep(self.bundle, module, cfg.objective, reference, self.dataset.noise_seed,
-                                 autocast(self.device, cfg.speed.mixed_precision), cfg.loss_backend)
+        self.step_fn = build_step(cfg, self.bundle, module, reference, self.dataset.noise_seed, self.device)
         self.stream = self.dataset.stream(cfg.data.batch_groups, seed=cfg.seed, rank=self.parallel.rank,
                                           world_size=self.parallel.world_size, backend=cfg.data.loader,
                                           num_workers=cfg.data.num_workers, device="cpu")
@@ -173,92 +117,6 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self.setup_seconds = time.perf_counter() - created  # loading the model and the data, copying the reference
-
-    def _reference_mode(self) -> str:
-        cfg = self.cfg
-        if not cfg.objective.needs_reference:
-            return "none"
-        if cfg.reference != "auto":
-            if cfg.reference == "cached":
-                if self.dataset.e_ref is None:
-                    raise ConfigError(f"reference: 'cached' but {cfg.data.root} holds no reference errors "
-                                      "(run `fastpref cache` with reference_errors.epochs > 0)")
-                if too_short := self._cached_reference_too_short():
-                    raise ConfigError(f"reference: cached, but {too_short}")
-                if timesteps := self._cached_timesteps_mismatch():
-                    raise ConfigError(f"reference: cached, but {timesteps}; recache with the training's flow_timesteps "
-                                      "and model, set flow_timesteps to the cache's, or use reference: auto (runs the "
-                                      "reference live)")
-                if mismatch := self._cached_reference_mismatch():
-                    warnings.warn(f"reference: cached, but {mismatch}; the margins start biased", stacklevel=2)
-            return cfg.reference
-        live = "adapters_off" if cfg.mode == "lora" else "frozen_copy"
-        if self.dataset.e_ref is None or cfg.objective.feature_space == "ncp":
-            return live
-        if timesteps := self._cached_timesteps_mismatch():
-            warnings.warn(f"{timesteps}: running the reference live ({live}) instead; cache the reference errors "
-                          "with the training's flow_timesteps and model to skip it", stacklevel=2)
-            return live
-        mismatch = self._cached_reference_mismatch() or self._cached_reference_too_short()
-        if mismatch:
-            warnings.warn(f"{mismatch}: running the reference live ({live}) instead; cache the reference errors "
-                          "with the training precision to skip it", stacklevel=2)
-            return live
-        return "cached"
-
-    def _reference_dtype(self) -> torch.dtype:
-        """The frozen copy's dtype (reference_dtype); warns when it does not round as the policy does."""
-        cfg = self.cfg
-        weights = DTYPES[cfg.model.dtype]
-        dtype = resolve_reference_dtype(cfg.reference_dtype, self.device, weights, cfg.speed.mixed_precision)
-        if gap := reference_precision_gap(dtype, weights, cfg.speed.mixed_precision):
-            warnings.warn(f"reference_dtype: {cfg.reference_dtype}: {gap}; at step 0 their errors differ by rounding, "
-                          "which beta magnifies into a biased margin. Set reference_dtype to the training precision "
-                          "to start unbiased (an fp32 copy takes twice the memory of a bf16 one)", stacklevel=3)
-        return dtype
-
-    def _cached_reference_too_short(self) -> str | None:
-        """Why the cached e_ref would run out before max_steps (None: it covers the run)."""
-        cfg = self.cfg
-        per_epoch = len(self.dataset.stream(cfg.data.batch_groups, seed=cfg.seed, rank=self.parallel.rank,
-                                            world_size=self.parallel.world_size))
-        epochs = math.ceil(cfg.max_steps * cfg.grad_accumulation / max(per_epoch, 1))
-        if epochs > self.dataset.reference_epochs:
-            return (f"the cache holds reference errors for {self.dataset.reference_epochs} epochs and training "
-                    f"needs {epochs} (max_steps={cfg.max_steps} at {per_epoch} batches per epoch)")
-        return None
-
-    @functools.cached_property
-    def _training_flow_timesteps(self) -> dict | None:
-        """The flow_timestep_record training will draw with (None: not a flow family), known before the model loads:
-        the shift from cfg.model.path's scheduler config, the sampling from cfg.flow_timesteps."""
-        if self.family not in FLOW_FAMILIES:
-            return None
-        from fastpref.models import resolve_path
-
-        shift = scheduler_timestep_shift(resolve_path(self.cfg.model.path))
-        return flow_timestep_record(shift, self.cfg.flow_timesteps.sampling())
-
-    def _cached_timesteps_mismatch(self) -> str | None:
-        """Why the cached e_ref was drawn at other timesteps than training draws (None: the same). A flow cache
-        whose manifest records no flow_timesteps_drawn counts as shift 1.0 with the default flow_timesteps."""
-        cache_config = self.dataset.manifest.config
-        gap = flow_timesteps_gap(cached_flow_timesteps(cache_config), self._training_flow_timesteps)
-        if gap and "flow_timesteps_drawn" not in cache_config and cache_config.get("family") in FLOW_FAMILIES:
-            gap += (" (the cache records no flow timesteps: it was made before they were recorded, or at the legacy "
-                    "shift 1.0 / default flow_timesteps, and is read as that)")
-        return gap
-
-    def _cached_reference_mismatch(self) -> str | None:
-        """Why the cached e_ref would not equal the live reference's (None: it would).
-
-        beta (2500 for SD) magnifies a precision gap between cache and training into a biased margin at step 0.
-        """
-        from fastpref.data.cache import cached_reference_recipe, reference_recipe, reference_recipe_gap
-
-        cfg = self.cfg
-        training = reference_recipe(cfg.model.dtype, cfg.speed.mixed_precision, cfg.speed.fp8)
-        return reference_recipe_gap(cached_reference_recipe(self.dataset.manifest.config), training)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:

@@ -11,120 +11,17 @@ more noise z per group, from the same seed) and through the frozen initial denoi
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import itertools
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable
 
 import torch
 
 from fastpref.data.noise import draw_timesteps_and_noise
 from fastpref.train import ncp
 from fastpref.train.objectives import ObjectiveConfig, compute_loss, min_snr_weight, select_images
-
-ReferenceMode = Literal["auto", "cached", "adapters_off", "frozen_copy", "none"]
-
-
-@contextlib.contextmanager
-def adapters_disabled(denoiser: torch.nn.Module):
-    """The LoRA reference: the very same network with its adapters switched off."""
-    denoiser.disable_adapters()
-    try:
-        yield
-    finally:
-        denoiser.enable_adapters()
-
-
-@contextlib.contextmanager
-def checkpointing_paused(module: torch.nn.Module):
-    """Gradient checkpointing off for a forward whose graph must stay valid after the context: a checkpointed
-    block would recompute itself in the backward, when the adapters are on again."""
-    paused = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    for m in paused:
-        m.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        for m in paused:
-            m.gradient_checkpointing = True
-
-
-def frozen_copy(denoiser: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A frozen (requires_grad False, eval) deep copy of `denoiser` on its device, its floating-point parameters and
-    buffers in `dtype` (None: as they are).
-
-    The cast tensors go into deepcopy's memo, so no full-precision copy exists even for a moment: copying an fp32
-    SDXL U-Net first and casting it after would need 10 GB more device memory at startup than the 5 GB bf16 copy.
-    """
-    memo: dict[int, Any] = {}
-    if dtype is not None:
-        for tensor in itertools.chain(denoiser.parameters(), denoiser.buffers()):
-            if tensor.is_floating_point() and tensor.dtype != dtype and id(tensor) not in memo:
-                cast = tensor.detach().to(dtype)
-                memo[id(tensor)] = torch.nn.Parameter(cast, requires_grad=False) \
-                    if isinstance(tensor, torch.nn.Parameter) else cast
-    return copy.deepcopy(denoiser, memo).requires_grad_(False).eval()
-
-
-class ReferenceModel:
-    """Where e_ref comes from: the cache, the policy with adapters off (LoRA), or a frozen copy (full FT).
-
-    The frozen copy may run in another dtype than the policy (train.reference_dtype: bf16 on GPUs by default, half
-    the memory of an fp32 copy): `predict` then casts its inputs to the copy's dtype and its prediction back.
-    """
-
-    def __init__(self, mode: str, denoiser: torch.nn.Module, dtype: torch.dtype | None = None):
-        self.mode = mode
-        self.frozen = None
-        if mode == "frozen_copy":
-            # On the device, never offloaded: a CPU reference would make every step wait on PCIe.
-            self.frozen = frozen_copy(denoiser, dtype)
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        """The frozen copy's dtype (None: no frozen copy)."""
-        return next(self.frozen.parameters()).dtype if self.frozen is not None else None
-
-    @torch.no_grad()
-    def predict(self, bundle, noisy, t, cond, autocast) -> torch.Tensor:
-        with autocast:
-            if self.mode == "adapters_off":
-                with adapters_disabled(bundle.denoiser):
-                    return bundle.denoise(noisy, t, cond)
-            if self.mode == "frozen_copy":
-                reference = with_denoiser(bundle, self.frozen)
-                dtype = self.dtype
-                if dtype == bundle.dtype:  # the policy's inputs, as the policy gets them
-                    return reference.denoise(noisy, t, cond)
-                # a copy kept in another dtype (train.reference_dtype): its inputs in its dtype, the prediction back
-                # in the latents' (float32), with or without autocast
-                cond = {key: value.to(dtype) if value.is_floating_point() else value for key, value in cond.items()}
-                return reference.denoise(noisy.to(dtype), t, cond).to(noisy.dtype)
-        raise RuntimeError(f"reference mode {self.mode!r} makes no predictions")
-
-    def encoder_features(self, bundle, latents, t, cond, autocast) -> list[torch.Tensor]:
-        """NCP's feature extractor: the encoder half of the frozen initial denoiser (adapters off / frozen copy).
-
-        Runs with gradients enabled when the caller's are, so they reach `latents` (hence the policy); the
-        encoder's own weights are frozen and get none.
-        """
-        if self.mode not in ("adapters_off", "frozen_copy"):
-            raise RuntimeError(f"reference mode {self.mode!r} has no model to take encoder features from")
-        module = bundle.denoiser if self.mode == "adapters_off" else self.frozen
-        dtype = next(module.parameters()).dtype
-        cond = {key: value.to(dtype) if value.is_floating_point() else value for key, value in cond.items()}
-        with autocast, contextlib.ExitStack() as stack:
-            if self.mode == "adapters_off":
-                stack.enter_context(adapters_disabled(module))
-                stack.enter_context(checkpointing_paused(module))
-            return with_denoiser(bundle, module).encoder_features(latents.to(dtype), t, cond)
-
-
-def with_denoiser(bundle, denoiser: torch.nn.Module):
-    """The same bundle (shared components) running another denoiser module."""
-    return bundle if denoiser is bundle.denoiser else dataclasses.replace(bundle, denoiser=denoiser, _pipeline=None)
-
+# the reference model lives in train/reference.py; its names stay importable from here
+from fastpref.train.reference import (ReferenceMode, ReferenceModel, adapters_disabled,  # noqa: F401
+                                      checkpointing_paused, frozen_copy, with_denoiser)
 
 @dataclass
 class StepOutput:
@@ -157,6 +54,9 @@ class TrainStep:
         self.noise_seed = noise_seed
         self.autocast = autocast or contextlib.nullcontext()
         self.loss_backend = loss_backend
+        # phase(name) -> context manager around the step's phases "data" (the noise draw) and "reference" (a live
+        # reference forward): a profiler's hook (bench/step.py times them); by default nothing
+        self.phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext()
         if objective.feature_space == "ncp":
             ncp.check_supported(bundle, reference.mode)
 
@@ -186,7 +86,8 @@ class TrainStep:
         per_group = index.shape[1]
         device = self.bundle.device
         group_ids = batch["group_ids"][kept.to(batch["group_ids"].device)]
-        draw = draw_timesteps_and_noise(self.noise_seed, epoch, group_ids, tuple(latents.shape[2:]), self.bundle)
+        with self.phase("data"):
+            draw = draw_timesteps_and_noise(self.noise_seed, epoch, group_ids, tuple(latents.shape[2:]), self.bundle)
         x0 = gather_images(latents, kept, index).to(device, torch.float32)
         drawn = torch.arange(kept.numel())  # the draw covers the kept groups only
         noise = expand_groups(draw.noise, drawn, per_group).to(device)
@@ -218,7 +119,8 @@ class TrainStep:
                                        "for every epoch trained (cache.reference_errors.epochs) or use another mode")
                 e_ref = gather_images(batch["e_ref"], kept, index).to(device, torch.float32)
             else:
-                ref_pred = self.reference.predict(self.bundle, noisy, t, cond, self.autocast)
+                with self.phase("reference"):
+                    ref_pred = self.reference.predict(self.bundle, noisy, t, cond, self.autocast)
         with self.autocast:
             pred = self.policy.denoise(noisy, t, cond)
         if self.objective.feature_space == "ncp":
@@ -232,3 +134,14 @@ class TrainStep:
                                                       self.objective.ncp_layers)
         out = compute_loss(self.objective, pred, target, scores, e_ref, ref_pred, weight, per_group, self.loss_backend)
         return StepOutput(out.loss, out.metrics, x0.shape[0])
+
+
+def build_step(cfg, bundle, module: torch.nn.Module, reference: ReferenceModel, noise_seed: int,
+               device: torch.device) -> TrainStep:
+    """The training step of TrainConfig `cfg` (objective, autocast of speed.mixed_precision, loss_backend) on
+    `module` (the denoiser as the strategy wrapped it) with `reference` (ReferenceModel of plan_reference's mode):
+    the one way the Trainer and bench/step.py build it."""
+    from fastpref.train.speed import autocast
+
+    return TrainStep(bundle, module, cfg.objective, reference, noise_seed, autocast(device, cfg.speed.mixed_precision),
+                     cfg.loss_backend)

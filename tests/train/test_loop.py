@@ -329,7 +329,7 @@ def test_zero_logs_this_steps_grad_norm_and_skips_a_nan_gradient_behind_a_finite
     assert result["step1"]["grad_norm"] == pytest.approx(result["none_grad_norm"], rel=1e-4)
     assert result["step2"]["skipped"] == 1 and math.isnan(result["step2"]["loss"])
     assert result["unchanged"]
-    assert result["schedule"] == [2, pytest.approx(0.75e-3)]  # warmup 4: (2 + 1) / 4 after 2 steps, one skipped
+    assert result["schedule"] == [2, pytest.approx(0.5e-3)]  # warmup 4 from 0: 2 / 4 after 2 steps, one skipped
     assert result["counts"] == [1, 1]
     assert result["aborted"] is not None and "2 steps in a row" in result["aborted"]
 
