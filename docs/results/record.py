@@ -1,0 +1,56 @@
+"""Record a `fastpref run` report as a committed result that the README's numbers are checked against.
+
+    fastpref run configs/toy-rankdpo.yaml                 # writes runs/toy-rankdpo/report.json
+    python docs/results/record.py runs/toy-rankdpo        # -> docs/results/toy-rankdpo.json
+
+tests/test_readme_results.py fails when a number the README quotes differs from the recorded one, or when the
+recipe's settings differ from the ones the recorded run used: change the recipe or the code that moves a number,
+rerun, record, and update the README in the same commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def commit_of(repo: Path) -> str:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
+def record(run_dir: Path, name: str | None = None, commit: str | None = None) -> Path:
+    report = json.loads((run_dir / "report.json").read_text())
+    if "eval" not in report:
+        raise SystemExit(f"{run_dir / 'report.json'}: no 'eval' section (was the run's eval stage skipped?)")
+    name = name or run_dir.name
+    result = {
+        "recipe": f"configs/{name}.yaml",
+        "command": f"fastpref run configs/{name}.yaml",
+        "commit": commit or commit_of(HERE.parents[1]),
+        "recorded": datetime.date.today().isoformat(),
+        "config": report["config"],
+        "seconds": report.get("seconds", {}),
+        "eval": report["eval"],
+    }
+    out = HERE / f"{name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a `fastpref run` output_dir (holds report.json)")
+    parser.add_argument("--name", help="result name (default: the run directory's name, e.g. toy-rankdpo)")
+    parser.add_argument("--commit", help="the commit the run was made from (default: this checkout's HEAD)")
+    args = parser.parse_args()
+    print(f"wrote {record(args.run_dir, args.name, args.commit)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The README's quoted results are the committed reports' numbers (docs/results/*.json, written by
+docs/results/record.py from a `fastpref run` report), and those reports were made with the recipes as they are
+now. A README number edited by hand, or a recipe changed without a rerun, fails here."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def result(name: str) -> dict:
+    path = ROOT / "docs" / "results" / f"{name}.json"
+    if not path.is_file():
+        # issue 12: the first recording is pending (the demo could not finish on the shared CPU in that session)
+        pytest.skip(f"{path.relative_to(ROOT)} is not recorded yet: run `fastpref run configs/{name}.yaml`, then "
+                    f"`python docs/results/record.py runs/{name}`")
+    return json.loads(path.read_text())
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def quoted(pattern: str) -> list[tuple[str, ...]]:
+    """Every match in the README, a space in `pattern` matching any run of whitespace (lines are wrapped)."""
+    found = re.findall(pattern.replace(" ", r"\s+"), README)
+    assert found, f"the README no longer quotes /{pattern}/: update tests/test_readme_results.py with it"
+    return [f if isinstance(f, tuple) else (f,) for f in found]
+
+
+def flatten(node, prefix=""):
+    """(dotted key, leaf value) pairs; list items are keyed by index (a recipe sets a subset of each item's keys)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from flatten(value, f"{prefix}{key}.")
+    elif isinstance(node, list) and node and all(isinstance(item, dict) for item in node):
+        for index, item in enumerate(node):
+            yield from flatten(item, f"{prefix}{index}.")
+    else:
+        yield prefix[:-1], node
+
+
+# keys a recording may legitimately override (where the run wrote its outputs)
+WHERE = ("output_dir", "data_root")
+
+
+@pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp"])
+def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
+    recorded = dict(flatten(result(name)["config"]))
+    recipe = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    for key, value in flatten(recipe):
+        if key in WHERE:
+            continue
+        assert key in recorded, f"configs/{name}.yaml sets {key}, which the recorded run's config does not have"
+        assert recorded[key] == value, f"configs/{name}.yaml: {key} = {value!r}, the recorded run used {recorded[key]!r}"
+
+
+def test_the_readme_quotes_the_recorded_demo():
+    ev = result("toy-rankdpo")["eval"]
+    base, rankdpo, dpo = ev["base"], ev["rankdpo"], ev["dpo"]
+    for numbers in quoted(r"base toy-sd (\d+\.\d)%, RankDPO (\d+\.\d)% \(\+(\d+\.\d) points; the base's seed-to-seed "
+                          r"spread is (\d+\.\d) points and RankDPO beats the base on each of the (\d+) seeds\)"):
+        assert numbers[:2] == (pct(base["overall"]), pct(rankdpo["overall"])), numbers
+        # the gain may be quoted as the difference of the rounded scores or the rounded difference
+        gains = {pct(rankdpo["overall"] - base["overall"]), f"{float(numbers[1]) - float(numbers[0]):.1f}"}
+        assert numbers[2] in gains, numbers
+        assert numbers[3:] == (pct(base["seed_spread"]), str(len(base["seed_scores"]))), numbers
+        assert all(r > b for r, b in zip(rankdpo["seed_scores"], base["seed_scores"], strict=True))
+    for (number,) in quoted(r"DPO on the best-vs-worst pairs of the same data at the same lr/beta (\d+\.\d)%"):
+        assert number == pct(dpo["overall"])
+
+
+def test_the_readme_quotes_the_recorded_ncp_run():
+    ev = result("toy-ncp")["eval"]
+    want = {"base": pct(ev["base"]["overall"]), "NCP-RankDPO": pct(ev["ncp-rankdpo"]["overall"]),
+            "NCP-DPO": pct(ev["ncp-dpo"]["overall"])}
+    for rank, dpo in quoted(r"NCP-RankDPO (\d+\.\d)%, NCP-DPO (\d+\.\d)%"):
+        assert (rank, dpo) == (want["NCP-RankDPO"], want["NCP-DPO"])
+    for base, rank, dpo in quoted(r"from (\d+\.\d)% to (\d+\.\d)% with NCP-RankDPO and (\d+\.\d)% with NCP-DPO"):
+        assert (base, rank, dpo) == (want["base"], want["NCP-RankDPO"], want["NCP-DPO"])
