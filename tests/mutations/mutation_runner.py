@@ -161,8 +161,12 @@ def run_probe(p: Probe, root: Path, workdir: Path, timeout: float = 900.0) -> Re
                   output)
 
 
+def say(message: str) -> None:
+    print(message, flush=True)  # CI logs: each probe's line as it finishes
+
+
 def run_probes(probes: list[Probe], root: Path = REPO, jobs: int = 2, keep: bool = False,
-               package: str = "fastpref", log=print) -> list[Result]:
+               package: str = "fastpref", log=say) -> list[Result]:
     bad = check_anchors(probes, root)
     if bad:
         return bad  # loud and early: nothing is run while the list is stale
@@ -185,7 +189,7 @@ def run_probes(probes: list[Probe], root: Path = REPO, jobs: int = 2, keep: bool
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def report(results: list[Result], log=print) -> int:
+def report(results: list[Result], log=say) -> int:
     """0 when every probe was caught; else names each one that was not, with its tests' output."""
     failed = [r for r in results if r.status != "caught"]
     for r in failed:
