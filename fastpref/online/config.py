@@ -187,3 +187,8 @@ class OnlineConfig:
             if self.eta == 0:
                 raise ConfigError("online.eta: GRPO needs a stochastic DDIM step (eta > 0) for its log-probabilities "
                                   "on eps / v families")
+            samples, split = self.prompts_per_rollout * self.group_size, world_size * self.grpo.steps_per_rollout
+            if samples % split:
+                raise ConfigError(f"online.grpo.steps_per_rollout: the {samples} samples of a rollout (prompts_per_"
+                                  f"rollout x group_size) cannot be split evenly over {world_size} processes x "
+                                  f"{self.grpo.steps_per_rollout} optimizer steps")

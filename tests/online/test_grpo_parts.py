@@ -137,6 +137,9 @@ def test_online_config_errors_name_the_key():
         cfg.check_method("grpo", world_size=2)
     with pytest.raises(ConfigError, match="online.group_size"):
         cfg.check_method("grpo", world_size=1)
+    cfg = from_dict(OnlineConfig, {"prompts_per_rollout": 3, "group_size": 3, "grpo": {"steps_per_rollout": 2}})
+    with pytest.raises(ConfigError, match="online.grpo.steps_per_rollout"):
+        cfg.check_method("grpo", world_size=1)
 
 
 def test_train_config_online_section_only_for_online_objectives():
