@@ -295,7 +295,7 @@ def compile_launch(launch: Launch, arch: Arch) -> Result:
     registers, spills = ptxas_usage(ptx, arch.capability)
     names = [p.name for p in jit.params]
     aligned = {names[path[0]] for path, attr in attrs.items() if ["tt.divisibility", 16] in attr}
-    sig = ", ".join(f"{k}:{v}{'/16' if k in aligned else ''}" for k, v in signature.items() if v != "constexpr")
+    sig = ",".join(f"{v}{'/16' if k in aligned else ''}" for k, v in signature.items() if v != "constexpr")
     consts = ", ".join(f"{names[path[0]]}={_short(v)}" for path, v in constexprs.items())
     result = Result(
         kernel=launch.kernel, scenario=launch.scenario, arch=arch, signature=sig, constexprs=consts,
@@ -364,11 +364,12 @@ def markdown(results: list[Result], unlaunched: list[str], seconds: float) -> st
         f">= 1 MiB (`streams`); registers (rounded to 8 per thread) and shared memory allowing >= "
         f"{MIN_PROGRAMS_PER_SM} programs per SM (`progs/SM`) on the streaming launches (a one-wave grid of "
         f"tiny programs, the group loss, needs no residency to hide latency: reported only). Pointers marked `/16` carry the 16-byte "
-        f"divisibility the JIT gives aligned tensors. {len(results)} compiles in {seconds:.0f} s.",
+        f"divisibility the JIT gives aligned tensors (and integers divisible by 16). {len(results)} compiles in "
+        f"{seconds:.0f} s.",
         "",
-        "| kernel | scenario (first launching it) | arch | warps | constexprs | registers | spill B | shared B "
-        "| load bits | streams | progs/SM | ok |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | scenario (first launching it) | arch | argument types | warps | constexprs | registers | spill B "
+        "| shared B | load bits | streams | progs/SM | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r.kernel, r.arch.capability, r.constexprs, r.signature)):
         per_thread = math.ceil(max(r.registers, 1) / 8) * 8
@@ -376,7 +377,8 @@ def markdown(results: list[Result], unlaunched: list[str], seconds: float) -> st
         if r.shared_bytes:
             progs = min(progs, r.arch.shared_per_sm // r.shared_bytes)
         lines.append(
-            f"| {r.kernel} | {r.scenario} | sm_{r.arch.capability} | {r.num_warps} | {r.constexprs} | {r.registers} "
+            f"| {r.kernel} | {r.scenario} | sm_{r.arch.capability} | {r.signature} | {r.num_warps} | {r.constexprs} "
+            f"| {r.registers} "
             f"| {r.spill_bytes} | {r.shared_bytes} | {r.load_bits} | {'yes' if r.streamed else ''} | {progs} "
             f"| {'ok' if not r.violations else 'FAIL: ' + '; '.join(r.violations)} |"
         )
