@@ -34,6 +34,7 @@ def bundle(tmp_path_factory):
     return load(str(folder))
 
 
+@pytest.mark.slow  # builds a tiny SD model and runs 2 x 3 forwards per mode: ~1-3 min on the shared 2-core CPU
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_the_baseline_step_computes_fastprefs_diffusion_dpo_loss(bundle, mode):
     from fastpref.ops import diffusion_dpo_loss

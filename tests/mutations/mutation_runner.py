@@ -150,7 +150,8 @@ def run_probe(p: Probe, root: Path, workdir: Path, timeout: float = 900.0) -> Re
     if proc.returncode == 1:  # pytest: some tests failed or errored
         failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
         if failed:
-            return Result(p, "caught", failed[0], seconds, output)
+            reason = next((line.strip() for line in proc.stdout.splitlines() if line.startswith("E ")), "")
+            return Result(p, "caught", f"{failed[0]}  [{reason[:160]}]" if reason else failed[0], seconds, output)
         # only errors in fixtures / setup: as likely the environment as the bug, so never counted as a catch
         return Result(p, "broken", "no test failed, only setup errors (the environment? fix the probe or its tests)",
                       seconds, output)

@@ -32,6 +32,7 @@ def run(tree, probes):
     return results, report(results, log=lines.append), "\n".join(lines)
 
 
+@pytest.mark.slow  # starts a few pytest processes: ~30-50 s on the shared 2-core CPU
 def test_a_caught_probe_passes_and_a_surviving_one_fails_by_name(tree):
     caught = probe("minus", "add subtracts", ["tests/test_mod.py::test_add"], ("toypkg/mod.py", "a + b", "a - b"))
     survivor = probe("untested", "unused doubles wrongly", ["tests/test_mod.py"], ("toypkg/mod.py", "a * 2", "a * 3"))
@@ -44,6 +45,7 @@ def test_a_caught_probe_passes_and_a_surviving_one_fails_by_name(tree):
     assert code == 0
 
 
+@pytest.mark.slow  # starts a few pytest processes: ~30-50 s on the shared 2-core CPU
 def test_a_stale_anchor_fails_before_anything_runs_naming_the_probe(tree):
     moved = probe("moved", "anchor gone", ["tests/test_mod.py"], ("toypkg/mod.py", "return a+b", "return a-b"))
     twice = probe("twice", "ambiguous", ["tests/test_mod.py"], ("toypkg/mod.py", "return", "return -"))
@@ -54,6 +56,7 @@ def test_a_stale_anchor_fails_before_anything_runs_naming_the_probe(tree):
     assert "PROBE 'moved' ANCHOR" in log and "old text not found in toypkg/mod.py" in log
 
 
+@pytest.mark.slow  # starts a few pytest processes: ~30-50 s on the shared 2-core CPU
 def test_a_probe_whose_tests_cannot_run_is_broken_not_caught(tree):
     wrong_id = probe("typo", "node id does not exist", ["tests/test_mod.py::test_nothing"],
                      ("toypkg/mod.py", "a + b", "a - b"))

@@ -2,6 +2,7 @@
 an uninterrupted one if the checkpoint's RNG state is loaded. In-process, with the RNG scrambled between the two
 halves as a fresh process would have it (the SIGKILL tests do the same across real processes)."""
 
+import pytest
 import torch
 
 from fastpref.train.loop import Trainer
@@ -13,6 +14,7 @@ except ImportError:
     from test_loop import make_config
 
 
+@pytest.mark.slow  # three short runs: ~50 s on the shared 2-core CPU
 def test_resume_with_lora_dropout_continues_the_random_stream(cached_dataset, tmp_path):
     overrides = {"lora.dropout": 0.5, "checkpoint_every": 2}
     Trainer(make_config(cached_dataset, tmp_path / "straight", max_steps=4, **overrides)).train()
