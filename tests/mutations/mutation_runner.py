@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-j", "--jobs", type=int, default=int(os.environ.get("FASTPREF_MUTATION_JOBS", "2")))
     parser.add_argument("--keep", action="store_true", help="keep the patched copies")
     parser.add_argument("--list", action="store_true", help="list the probes and exit")
+    parser.add_argument("--baseline", action="store_true",
+                        help="first run every probe's tests on an unpatched copy: they must pass (CI runs the suite "
+                             "before the probes, so it skips this)")
     args = parser.parse_args(argv)
     names = [p.name for p in PROBES]
     if len(set(names)) != len(names):
@@ -225,6 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     if not probes:
         raise SystemExit(f"no probe matches -k {args.select!r}")
     start = time.perf_counter()
+    if args.baseline:
+        tests = tuple(dict.fromkeys(t for p in probes for t in p.tests))
+        unpatched = Probe("baseline (no patch)", "none", (), tests)
+        with tempfile.TemporaryDirectory(prefix="fastpref-mutations-") as workdir:
+            result = run_probe(unpatched, REPO, Path(workdir))
+        if result.status != "survived":  # "survived" = every test passed
+            say(result.output)
+            raise SystemExit(f"[mutations] the probes' tests do not pass on the unpatched tree ({result.detail}): "
+                             "a catch would prove nothing")
+        say(f"[mutations] baseline: the probes' tests pass unpatched ({result.seconds:.0f} s)")
     code = report(run_probes(probes, jobs=args.jobs, keep=args.keep))
     print(f"[mutations] {time.perf_counter() - start:.0f} s with {args.jobs} jobs")
     return code
