@@ -10,11 +10,12 @@ ptxas bundled with the wheel for `GPUTarget("cuda", 80 | 90, 32)`, and must have
 - registers and shared memory that let >= 2 programs of the launch's warps reside on one SM.
 
 The kernel list is not written here: every @triton.jit object found in the modules of
-fastpref.ops.triton is a kernel, and the specializations are captured from the launchers themselves
+fastpref.ops.triton is a kernel, every function there that launches one (`kernel[grid]`) is a launcher,
+and the specializations are captured from the launchers themselves
 (`kernel[grid](...)` is intercepted, so constexprs, block sizes, num_warps and the 16-byte
 divisibility the JIT gives aligned tensors are the launch's own). SCENARIOS only says which inputs the
 launchers get (the real latent shapes, the dtypes and options the ops dispatch); a kernel that no
-scenario launches fails the check, naming the kernel.
+scenario launches, or a launcher no scenario calls, fails the check, naming it.
 
     python bench/triton_aot.py                 # table -> bench/results/triton-aot.md, exit 1 on a violation
     python bench/triton_aot.py --out /tmp/x.md --arch 90
@@ -107,6 +108,10 @@ def _sample_errors_scenarios(arch: Arch) -> Iterator[tuple[str, Callable[[], obj
             yield (f"{label} backward weight={int(has_weight)}",
                    lambda p=pred, w=has_weight, g=grad_e: se.sample_errors_backward(
                        g, p, p, weight if w else None, block=block, chunk=chunk))
+        # step_errors (GRPO's per-step Gaussian policy): the same kernels with REF_TO_PRED / HAS_DIV
+        yield (f"{label} step_errors", lambda p=pred: se.step_errors_forward(p, p, p, block=block, chunk=chunk))
+        yield (f"{label} step_errors backward", lambda p=pred, g=grad_e: se.step_errors_backward(
+            g, g, p, p, p, block=block, chunk=chunk))
 
 
 def _group_loss_scenarios(arch: Arch) -> Iterator[tuple[str, Callable[[], object]]]:
@@ -160,6 +165,38 @@ def discover_kernels(package: str = KERNEL_PACKAGE) -> dict[str, object]:
             if _is_kernel(obj) and getattr(obj.fn, "__module__", None) == module.__name__:
                 found[f"{info.name.removeprefix(package + '.')}.{name}"] = obj
     return found
+
+
+def discover_launchers(kernels: dict[str, object], package: str = KERNEL_PACKAGE) -> dict[str, object]:
+    """{"module.function": code} for every function of the package whose body launches a kernel (`kernel[grid]`)."""
+    import inspect
+
+    found = {}
+    for qualified, kernel in kernels.items():
+        module = importlib.import_module(f"{package}.{qualified.rsplit('.', 1)[0]}")
+        name = qualified.rsplit(".", 1)[1]
+        for fname, obj in vars(module).items():
+            if inspect.isfunction(obj) and obj.__module__ == module.__name__ and re.search(
+                    rf"\b{re.escape(name)}\[", inspect.getsource(obj)):
+                found[f"{qualified.rsplit('.', 1)[0]}.{fname}"] = obj.__code__
+    return found
+
+
+@contextlib.contextmanager
+def calls_recorded() -> Iterator[set]:
+    """The code objects of the Python functions called inside the block."""
+    seen: set = set()
+
+    def profile(frame, event, _arg):
+        if event == "call":
+            seen.add(frame.f_code)
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        yield seen
+    finally:
+        sys.setprofile(previous)
 
 
 @dataclasses.dataclass
@@ -312,14 +349,18 @@ def _short(value) -> str:
 
 
 def collect_launches(archs: list[Arch], scenarios=SCENARIOS, package: str = KERNEL_PACKAGE):
-    """{(arch, specialization key): Launch}, first scenario that launches it, plus the kernel list."""
+    """(kernels, [(arch, Launch)] one per specialization (the first scenario launching it), launchers no
+    scenario called)."""
     kernels = discover_kernels(package)
+    launchers = discover_launchers(kernels, package)
+    called: set = set()
     unique: dict[tuple, tuple[Arch, Launch]] = {}
     for arch in archs:
         for make in scenarios:
             for label, call in make(arch):
-                with capture_launches(kernels) as launches:
+                with capture_launches(kernels) as launches, calls_recorded() as seen:
                     call()
+                called |= seen
                 for launch in launches:
                     launch.scenario = label
                     _, _, signature, constexprs, attrs, options = specialize(launch, arch)
@@ -328,7 +369,8 @@ def collect_launches(archs: list[Arch], scenarios=SCENARIOS, package: str = KERN
                            tuple((k, str(v)) for k, v in attrs.items()), options.num_warps,
                            options.num_stages, _largest_tensor_bytes(launch) >= STREAMED_BYTES)
                     unique.setdefault(key, (arch, launch))
-    return kernels, list(unique.values())
+    uncalled = sorted(name for name, code in launchers.items() if code not in called)
+    return kernels, list(unique.values()), uncalled
 
 
 def run(archs: list[Arch], scenarios=SCENARIOS, package: str = KERNEL_PACKAGE, log=print):
@@ -337,9 +379,10 @@ def run(archs: list[Arch], scenarios=SCENARIOS, package: str = KERNEL_PACKAGE, l
     if interpreter_enabled():
         # Interpreted @triton.jit helpers (tl.sum, tl.sort, ...) cannot be compiled for a GPU.
         raise RuntimeError("bench/triton_aot.py compiles for the GPU: run it without TRITON_INTERPRET=1")
-    kernels, launches = collect_launches(archs, scenarios, package)
+    kernels, launches, uncalled = collect_launches(archs, scenarios, package)
     launched = {launch.kernel for _, launch in launches}
-    unlaunched = sorted(set(kernels) - launched)
+    # A kernel never launched, or a launcher never called (its specializations would go unchecked), fails.
+    unlaunched = sorted(set(kernels) - launched) + [f"{name} (launcher)" for name in uncalled]
     results = []
     for i, (arch, launch) in enumerate(launches):
         results.append(compile_launch(launch, arch))
@@ -383,7 +426,7 @@ def markdown(results: list[Result], unlaunched: list[str], seconds: float) -> st
             f"| {'ok' if not r.violations else 'FAIL: ' + '; '.join(r.violations)} |"
         )
     if unlaunched:
-        lines += ["", "Kernels no scenario launches (FAIL): " + ", ".join(unlaunched)]
+        lines += ["", "Kernels / launchers no scenario reaches (FAIL): " + ", ".join(unlaunched)]
     return "\n".join(lines) + "\n"
 
 
@@ -401,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in bad:
         print(f"[triton-aot] FAIL {r.kernel} sm_{r.arch.capability} {r.constexprs}: {'; '.join(r.violations)}")
     for name in unlaunched:
-        print(f"[triton-aot] FAIL kernel {name} is launched by no scenario: add its launcher calls to "
+        print(f"[triton-aot] FAIL {name} is reached by no scenario: add its launcher calls to "
               f"bench/triton_aot.py SCENARIOS")
     print(f"[triton-aot] {len(results)} specializations, {len(bad)} failing, {len(unlaunched)} kernels unlaunched, "
           f"{seconds:.0f} s -> {args.out}")
