@@ -3,6 +3,7 @@ versions), the Markdown table with its notes and GPU-days, and the plot."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import gpu_days
@@ -39,6 +40,10 @@ def markdown(rows, env, settings, arch_notes, speed_note, estimates) -> str:
     lines.append(f"- device: {env['device']}; torch {env['torch']}, diffusers {env.get('diffusers', '?')}, "
                  f"transformers {env.get('transformers', '?')}, peft {env.get('peft', '?')}")
     lines.append(f"- peak used for MFU/HFU: {settings.peak_source}")
+    if hasattr(os, "getloadavg"):
+        # on a shared machine the load says how far the absolute times can be trusted (ratios: side by side)
+        lines.append("- machine load when written (1 / 5 / 15-min averages): "
+                     + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores")
     lines.append(f"- timing: {settings.warmup} warm-up, median of {settings.steps} steps; phases from "
                  f"{settings.phase_steps} further steps with a device sync at each phase edge")
     lines.extend(f"- {note}" for note in arch_notes + [speed_note])
