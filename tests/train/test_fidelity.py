@@ -124,7 +124,8 @@ FULL_DPO = {"mode": "full", "objective.name": "dpo", "objective.beta": 5000.0, "
 ROUNDING = {"no": 1e-6, "bf16": 2e-3, "fp16": 5e-4}
 
 
-@pytest.mark.parametrize("mixed_precision", ["no", "bf16", "fp16"])
+# fp16 on CPU: slow kernels, and the loss scaler backs off from 2^16 over a few skipped steps (~25 s here)
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16", pytest.param("fp16", marks=pytest.mark.slow)])
 def test_step_0_loss_is_ln2_for_cached_and_live_references(cached_dataset, tmp_path, mixed_precision):
     """The cache computes e_ref with the trained weights' dtype (float32) under the training autocast, from float32
     latents / noise / targets. At step 0 (policy == reference) the DPO loss (beta 5000) is then ln 2:
