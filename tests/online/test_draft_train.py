@@ -1,0 +1,229 @@
+"""DRaFT through the trainer: toy-sd with the toy recipe, full fine-tuning with the frozen reference, the recipes'
+NeMo-Aligner values, sd15-draftp / sdxl-draftp end to end on tiny random models of their families, exact SIGKILL
+resume, and 2 gloo processes == 1 (DDP, FSDP2)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from fastpref.config import load_config, to_dict  # noqa: E402
+from fastpref.train.metrics import read_metrics  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test helpers (tests/helpers)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_draft import draft_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from fastpref.models import sd, sdxl
+    from fastpref.toy.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("draft-train-models")
+    sd.build_random(sd.tiny_config("tiny"), build_tokenizer(), seed=0).save_pretrained(root / "sd")
+    sdxl.build_random(sdxl.tiny_config("tiny"), build_tokenizer(), seed=0).save_pretrained(root / "sdxl")
+    return {name: str(root / name) for name in ("sd", "sdxl")}
+
+
+def trainable(out, step):
+    from safetensors.torch import load_file
+
+    return load_file(Path(out) / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
+
+
+def test_toy_draft_recipe_trains_toy_sd(tmp_path):
+    """configs/toy-draft.yaml's training on the shipped toy-sd, shrunk: reward and grad norm logged, a validation
+    grid, the LoRA moved; no reference is built without the KL."""
+    from fastpref.train.loop import train, train_config_of_recipe
+
+    cfg = train_config_of_recipe(str(CONFIGS / "toy-draft.yaml"), [
+        f"output_dir={tmp_path / 'run'}", "max_steps=2", "checkpoint_every=2", "progress=false", "tensorboard=false",
+        "lr_warmup_steps=0", "validation.every=2", "validation.num_inference_steps=2", "validation.seeds=[0]",
+        "validation.num_prompts=1", "online.prompts_per_rollout=2", "online.num_steps=3", "online.draft.batch_size=1"])
+    summary = train(cfg)
+    assert summary["steps"] == 2 and summary["reference"] == "none"
+    out = Path(cfg.output_dir)
+    records = read_metrics(out)
+    for record in records:
+        for key in ("loss", "reward", "reward_shapeclip", "grad_norm", "draft_k"):
+            assert key in record and record[key] == record[key], (key, record)
+        assert record["loss"] == pytest.approx(-record["reward"], rel=1e-6)  # DRaFT: no KL term
+    assert (out / "validation" / "step-000002.png").exists()
+    weights = trainable(out, 2)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+
+
+def test_full_fine_tuning_with_the_frozen_reference(tiny_models, tmp_path):
+    """mode full: DRaFT+'s reference is a frozen copy; the KL is 0 at the first step (same weights) and > 0 after."""
+    from fastpref.train.loop import train
+
+    cfg = draft_config(tiny_models["sd"], tmp_path / "run", mode="full", lr=1e-3,
+                       **{"online.draft.variant": "alignprop", "online.draft.k": 2})
+    summary = train(cfg)
+    assert summary["reference"] == "frozen_copy"
+    records = read_metrics(tmp_path / "run")
+    assert records[0]["kl"] == 0.0 and records[1]["kl"] > 0
+    assert records[1]["loss"] == pytest.approx(-records[1]["reward"] + 0.5 * records[1]["kl"], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("name, values", [
+    ("sd15-draftp", {"online.num_steps": 50, "online.guidance_scale": 7.5, "online.eta": 0.0, "lora.rank": 32,
+                     "lr": 1e-4, "online.draft.kl_coeff": 0.2, "online.draft.k": 1, "online.resolution": 512,
+                     "online.reward": {"pickscore": 1.0}, "max_grad_norm": 10.0}),
+    ("sdxl-draftp", {"online.num_steps": 40, "online.guidance_scale": 5.0, "online.draft.kl_coeff": 0.1,
+                     "online.draft.k": 1, "lora.rank": 32, "lr": 1e-4, "online.resolution": 1024,
+                     "online.reward": {"pickscore": 1.0}}),
+])
+def test_real_recipes_carry_nemo_values(name, values):
+    from fastpref.pipeline import RunConfig, online_trains
+
+    train = online_trains(load_config(RunConfig, CONFIGS / f"{name}.yaml", []))["main"]
+    assert train.objective.name == "draft" and train.mode == "lora"
+    for key, expected in values.items():
+        value = train
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert value == expected, key
+
+
+def test_toy_draftp_recipe_is_a_kl_sweep():
+    """One `fastpref run` recipe: DRaFT (kl 0) and DRaFT+ at increasing kl_coeff, the same everything else."""
+    from fastpref.pipeline import RunConfig, online_trains
+
+    trains = online_trains(load_config(RunConfig, CONFIGS / "toy-draftp.yaml", []))
+    coefficients = sorted(t.online.draft.kl_coeff for t in trains.values())
+    assert coefficients[0] == 0 and len(coefficients) >= 4 and len(set(coefficients)) == len(coefficients)
+    reference = to_dict(next(iter(trains.values())))
+    for train in trains.values():
+        data = to_dict(train)
+        data["online"]["draft"]["kl_coeff"] = reference["online"]["draft"]["kl_coeff"]
+        data["output_dir"] = reference["output_dir"]
+        assert data == reference
+
+
+def tiny_pickscore(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from fastpref.toy.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    clip = tmp_path / "tiny-clip"
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8)
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(clip)
+    tokenizer.save_pretrained(clip)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                                    ).save_pretrained(clip)
+    return clip
+
+
+@pytest.mark.slow
+def test_real_recipes_run_end_to_end_on_tiny_models(tiny_models, tmp_path):
+    """configs/sd15-draftp.yaml (DDIM) and sdxl-draftp.yaml (Euler) through `fastpref run` on tiny random models of
+    their families, PickScore on a tiny random CLIP."""
+    from fastpref.pipeline import RunConfig, run
+
+    clip = tiny_pickscore(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    for name, family in (("sd15-draftp", "sd"), ("sdxl-draftp", "sdxl")):
+        cfg = load_config(RunConfig, CONFIGS / f"{name}.yaml", [
+            f"output_dir={tmp_path / name}", "progress=false", f"train.model.path={tiny_models[family]}",
+            "train.parallel=none", "train.speed.mixed_precision=\"no\"", "train.max_steps=2",
+            "train.checkpoint_every=2", "train.tensorboard=false", "train.validation.every=2",
+            "train.validation.num_inference_steps=2", f"train.online.prompts={prompts}",
+            "train.online.prompts_per_rollout=2", "train.online.num_steps=3", "train.online.resolution=32",
+            f"train.online.reward_paths.pickscore={clip}"])
+        report = run(cfg)
+        assert report["train"]["main"]["steps"] == 2
+        records = read_metrics(tmp_path / name / "train" / "main")
+        assert all(r["kl"] == r["kl"] and "reward_pickscore" in r for r in records)
+        assert (tmp_path / name / "train" / "main" / "checkpoints" / "step-000002" / "lora").is_dir()
+
+
+def write_config(cfg, path):
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return path
+
+
+def launch(config_path, nproc=1, resume=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    args = ["-m", "fastpref.cli", "train", "--config", str(config_path)] + (["--resume"] if resume else [])
+    if nproc > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+def resume_config(tiny_models, out, **overrides):
+    return draft_config(tiny_models["sd"], out, max_steps=4, checkpoint_every=2,
+                        **{"online.draft.variant": "alignprop", "online.draft.k": 2, **overrides})
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_exact(tiny_models, tmp_path):
+    """Killed (SIGKILL) once step 3 is logged, resumed from step 2: metrics and weights equal the uninterrupted
+    run's bit for bit (noise and AlignProp's K keyed by seed / epoch / prompt position)."""
+    from helpers.train import start_and_kill_when, train_command
+
+    straight = write_config(resume_config(tiny_models, tmp_path / "straight"), tmp_path / "s.yaml")
+    done = launch(straight)
+    assert done.returncode == 0, done.stderr[-4000:]
+    killed_cfg = write_config(resume_config(tiny_models, tmp_path / "killed"), tmp_path / "k.yaml")
+
+    def step_3_logged():
+        path = tmp_path / "killed" / "metrics.jsonl"
+        return path.exists() and any(json.loads(line)["step"] == 3 for line in path.read_text().splitlines()
+                                     if line.strip())
+
+    status = start_and_kill_when(train_command(killed_cfg), step_3_logged, tmp_path / "killed.log")
+    assert status == -9, (tmp_path / "killed.log").read_text()[-3000:]
+    resumed = launch(killed_cfg, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    expected = {r["step"]: r for r in read_metrics(tmp_path / "straight")}
+    got = {r["step"]: r for r in read_metrics(tmp_path / "killed")}
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("loss", "reward", "kl", "grad_norm", "draft_k"):
+            assert got[step][key] == expected[step][key], (step, key)
+    a, b = trainable(tmp_path / "straight", 4), trainable(tmp_path / "killed", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_equal_one(tiny_models, tmp_path, strategy):
+    """2 gloo processes (each samples and backpropagates half the images of a step) train as 1 process does."""
+    overrides = {"online.draft.batch_size": 1}
+    one = write_config(resume_config(tiny_models, tmp_path / "one", **overrides), tmp_path / "one.yaml")
+    proc = launch(one)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = write_config(resume_config(tiny_models, tmp_path / "two", parallel=strategy, **overrides),
+                       tmp_path / "two.yaml")
+    proc = launch(two, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["draft_k"] for r in a] == [r["draft_k"] for r in b]
+    for key in ("loss", "reward", "kl", "grad_norm"):  # metrics: means over the ranks' equal shares
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=2e-3, abs=1e-7), key
+    wa, wb = trainable(tmp_path / "one", 4), trainable(tmp_path / "two", 4)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=2e-3, atol=1e-5)
