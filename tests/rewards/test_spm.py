@@ -332,3 +332,20 @@ def test_convert_spo_released_checkpoint(tiny_clip, tmp_path):
     torch.save(state, tmp_path / "partial.bin")
     assert cli(["convert", "--spo-checkpoint", str(tmp_path / "partial.bin"), "--base", tiny_clip,
                 "--processor", tiny_clip, "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_shipped_toy_spm_loads_with_trained_time_conditioning():
+    from fastpref.rewards.spm import SHIPPED_TOY_SPM
+
+    reward = build_reward("spm")
+    metrics = json.loads((SHIPPED_TOY_SPM / "metrics.json").read_text())
+    assert set(metrics["accuracy"]) == {"0", "251", "501", "701", "951"} == set(metrics["accuracy_initial"])
+    card = (SHIPPED_TOY_SPM / "MODEL_CARD.md").read_text()
+    for t in ("0", "251", "501"):  # the card's table is this run's numbers
+        assert f"{100 * metrics['accuracy'][t]:.1f}%" in card and f"{100 * metrics['accuracy_initial'][t]:.1f}%" in card
+    fresh = StepAwareModel.from_base("shapeclip")
+    trained = dict(reward.model.named_parameters())
+    assert any(not torch.equal(p, trained[n]) for n, p in fresh.named_parameters() if n.startswith("layer_modulations"))
+    x = pixels()
+    with torch.no_grad():
+        assert (reward(x, PROMPTS, timesteps=0) - reward(x, PROMPTS, timesteps=600)).abs().max() > 1e-4
