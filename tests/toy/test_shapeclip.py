@@ -124,7 +124,7 @@ def test_shipped_v2_weights_rank_the_true_caption_above_hard_negatives():
     model = shapeclip.load_shipped(world_name="v2")
     assert set(model.words) == set(world.vocabulary("v2"))
     result = shapeclip.hard_negative_accuracy(model, num_images=150, seed=99, world_name="v2")
-    assert result["accuracy"] >= 0.5, result  # chance 1/8; see the model card for the per-category numbers
+    assert result["accuracy"] >= 0.85, result  # measured 93.3% (chance 1/8); per category: the model card
     assert sum(f.stat().st_size for f in _V2_WEIGHTS.iterdir()) < 2 * 2**20
     with pytest.raises(ValueError, match="world"):
         shapeclip.load_shipped(world_name="v3")
