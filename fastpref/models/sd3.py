@@ -27,10 +27,12 @@ from fastpref.models.bundle import (
     load_component,
     load_schedulers,
     pipeline_call_kwargs,
+    pipeline_load_kwargs,
     prediction_type_of,
     write_pipeline_metadata,
     toy_vae_config,
 )
+from fastpref.models.null_t5 import write_null_t5
 from fastpref.utils.imports import require
 
 FAMILY = "sd3"
@@ -92,6 +94,8 @@ class SD3Bundle(ModelBundle):
         super().save_pretrained(out_dir, **kwargs)
         missing = {name: None for name in ("text_encoder_3", "tokenizer_3") if getattr(self.pipeline, name) is None}
         write_pipeline_metadata(out_dir, missing, self.pipeline_call_kwargs)
+        if "text_encoder_3" in missing:
+            write_null_t5(out_dir)   # the plain DiffusionPipeline.from_pretrained(out_dir) then loads
 
 
 def load(
@@ -113,7 +117,8 @@ def load(
         load_component(transformers.CLIPTokenizer, path, "tokenizer", None),
         load_component(transformers.CLIPTokenizer, path, "tokenizer_2", None),
     ]
-    if with_t5 and has_subfolder(path, "text_encoder_3"):
+    # a folder whose fastpref.json loads text_encoder_3 as None ships at most the null T5 (models/null_t5.py)
+    if with_t5 and has_subfolder(path, "text_encoder_3") and "text_encoder_3" not in pipeline_load_kwargs(path):
         text_encoders.append(load_component(transformers.T5EncoderModel, path, "text_encoder_3", dtype))
         tokenizers.append(load_component(transformers.T5TokenizerFast, path, "tokenizer_3", None))
     bundle = SD3Bundle(
