@@ -206,11 +206,11 @@ def evaluate_pipeline(pipeline, ev: EvalConfig, call_kwargs: dict | None = None,
     return evaluate(generate, seeds_per_prompt=ev.seeds_per_prompt,
                     max_prompts_per_category=ev.max_prompts_per_category, batch_size=ev.batch_size,
                     seed_offset=ev.seed_offset, progress=progress,
-                    min_images_per_category=ev.min_images_per_category)
+                    min_images_per_category=ev.min_images_per_category, world_name=ev.world)
 
 
 def run_eval(stages: Stages, cfg: RunConfig, out: Path) -> dict[str, Any]:
-    from fastpref.eval.minigeneval import DiffusersGenerate, evaluate, save_comparison_grid
+    from fastpref.eval.minigeneval import save_comparison_grid
     from fastpref.models import load, resolve_path
     from fastpref.models.bundle import pipeline_call_kwargs
 
@@ -221,12 +221,7 @@ def run_eval(stages: Stages, cfg: RunConfig, out: Path) -> dict[str, Any]:
     results = {}
     call_kwargs = pipeline_call_kwargs(resolve_path(main.model.path))  # e.g. toy-sd3: no T5 tokens
     for name, pipeline in pipelines.items():
-        generate = DiffusersGenerate(pipeline, num_inference_steps=ev.steps, guidance_scale=ev.guidance_scale,
-                                     pipeline_kwargs=call_kwargs)
-        result = evaluate(generate, seeds_per_prompt=ev.seeds_per_prompt,
-                          max_prompts_per_category=ev.max_prompts_per_category, batch_size=ev.batch_size,
-                          seed_offset=ev.seed_offset, progress=cfg.progress,
-                          min_images_per_category=ev.min_images_per_category, world_name=ev.world)
+        result = evaluate_pipeline(pipeline, ev, call_kwargs, progress=cfg.progress)
         result.save(out / "eval" / f"{name}.json")
         results[name] = result
         print(f"[fastpref run] MiniGenEval {name}: {100 * result.overall:.1f}%")
