@@ -45,7 +45,8 @@ def trainable(out, step):
 def test_toy_draft_recipe_trains_toy_sd(tmp_path):
     """configs/toy-draft.yaml's training on the shipped toy-sd, shrunk: reward and grad norm logged, a validation
     grid, the LoRA moved; no reference is built without the KL."""
-    from fastpref.train.loop import train, train_config_of_recipe
+    from fastpref.pipeline import train_config_of_recipe
+    from fastpref.train.loop import train
 
     cfg = train_config_of_recipe(str(CONFIGS / "toy-draft.yaml"), [
         f"output_dir={tmp_path / 'run'}", "max_steps=2", "checkpoint_every=2", "progress=false", "tensorboard=false",
