@@ -226,7 +226,15 @@ def run_eval(stages: Stages, cfg: RunConfig, out: Path) -> dict[str, Any]:
         results[name] = result
         print(f"[fastpref run] MiniGenEval {name}: {100 * result.overall:.1f}%")
     save_comparison_grid(results, out / "grid.png")
-    return eval_summary(results, cfg.main_variant)
+    summary = eval_summary(results, cfg.main_variant)
+    # beside MiniGenEval: the diversity over each prompt's seeds and the toy rewards (DRaFT+'s trade-off, reward hacking)
+    from fastpref.eval import diversity
+    from fastpref.toy import shapeclip
+
+    model = shapeclip.load_shipped()
+    for name, result in results.items():
+        summary[name].update(diversity.eval_extras(result, model))
+    return summary
 
 
 def eval_summary(results: dict[str, Any], main_variant: str = "main") -> dict[str, dict[str, Any]]:
