@@ -20,7 +20,7 @@ SUBCOMMANDS = {
     "label": ("fastpref.data.label", "cli", "score images with a reward ensemble and rank them"),
     "cache": ("fastpref.data.cache", "cli", "cache VAE latents, text embeddings and reference errors"),
     "import": ("fastpref.data.importers", "cli", "import Pick-a-Pic parquet or a folder/JSONL dataset"),
-    "train": ("fastpref.train.loop", "cli", "train with a preference objective from a YAML recipe"),
+    "train": ("fastpref.pipeline", "train_cli", "train with a preference objective from a YAML recipe"),
     "run": ("fastpref.pipeline", "cli", "synth -> label -> cache -> train -> eval from one recipe"),
     "study": ("fastpref.study", "cli", "a grid of run variants x training seeds, sharing identical stages"),
     "env": ("fastpref.env_report", "main", "print device, versions and optional components"),

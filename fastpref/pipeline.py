@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -355,4 +356,39 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
     args = parser.parse_args(argv)
     run(load_config(RunConfig, args.config, args.overrides))
+    return 0
+
+
+# a recipe's top-level keys; any other key of a `fastpref train` override belongs to the recipe's `train`
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+def train_config_of_recipe(path: str, overrides: list[str]):
+    """A plain TrainConfig YAML, or a `fastpref run` recipe (its main training, on the data `run` caches)."""
+    import yaml
+
+    from fastpref.train.config import TrainConfig
+
+    try:
+        is_recipe = "train" in (yaml.safe_load(Path(path).read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        is_recipe = False  # load_config reports it, naming the file
+    if not is_recipe:
+        return load_config(TrainConfig, path, overrides)
+    run_cfg = load_config(RunConfig, path, [o if o.split("=", 1)[0].split(".")[0] in RUN_KEYS else f"train.{o}"
+                                            for o in overrides])
+    return build_stages(run_cfg).trains[run_cfg.main_variant]
+
+
+def train_cli(argv: list[str]) -> int:
+    from fastpref.train.loop import train
+
+    parser = argparse.ArgumentParser(prog="fastpref train", description="train with a preference objective "
+                                     "from a YAML recipe (a TrainConfig, or a `fastpref run` recipe's training)")
+    parser.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. lr=1e-5 objective.name=dpo")
+    args = parser.parse_args(argv)
+    summary = train(train_config_of_recipe(args.config, args.overrides), resume=args.resume)
+    print(f"[fastpref train] done: {summary}")
     return 0

@@ -44,13 +44,13 @@ def test_a_bad_key_names_the_file_and_the_key(tmp_path, capsys, monkeypatch):
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only the user's mistakes are shortened: an error of fastpref's own is raised as it is."""
-    import fastpref.train.loop as loop
+    import fastpref.pipeline as pipeline
 
     monkeypatch.delenv("FASTPREF_DEBUG", raising=False)
 
     def broken(argv):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(loop, "cli", broken)
+    monkeypatch.setattr(pipeline, "train_cli", broken)
     with pytest.raises(ZeroDivisionError):
         main(["train", "--config", "x.yaml"])

@@ -70,7 +70,7 @@ def test_every_stage_is_validated_before_work(tmp_path, tiny_model):
 
 
 def test_train_cli_reads_a_run_recipe(tmp_path, tiny_model):
-    from fastpref.train.loop import train_config_of_recipe
+    from fastpref.pipeline import train_config_of_recipe
 
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe(tmp_path, tiny_model)))

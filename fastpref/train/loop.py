@@ -1,4 +1,4 @@
-"""`fastpref train --config configs/<recipe>.yaml [key=value ...]`: the training loop.
+"""The training loop behind `fastpref train` (its CLI and recipe reading: fastpref.pipeline).
 
 Reads a cached Syn-Pic / imported dataset (fastpref.data.dataset), trains the denoiser of a model bundle with one
 objective (fastpref.train.objectives) in LoRA or full mode, checkpoints atomically and resumes exactly.
@@ -6,14 +6,13 @@ objective (fastpref.train.objectives) in LoRA or full mode, checkpoints atomical
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from fastpref.config import ConfigError, load_config, save_config, to_dict
+from fastpref.config import ConfigError, save_config, to_dict
 from fastpref.online.config import ONLINE_METHODS as ONLINE_OBJECTIVES
 from fastpref.train.checkpoint import CheckpointManager, rng_state, save_trainable, set_rng_state
 from fastpref.train.config import DTYPES, DataConfig, LoraConfig, ModelConfig, TrainConfig  # noqa: F401 (re-exported)
@@ -337,36 +336,3 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
         return OnlineTrainer(cfg).train(resume=resume)
     return Trainer(cfg).train(resume=resume)
-
-
-def train_config_of_recipe(path: str, overrides: list[str]) -> TrainConfig:
-    """A plain TrainConfig YAML, or a `fastpref run` recipe (its main training, on the data `run` caches)."""
-    import yaml
-
-    try:
-        is_recipe = "train" in (yaml.safe_load(Path(path).read_text()) or {})
-    except (OSError, yaml.YAMLError):
-        is_recipe = False  # load_config reports it, naming the file
-    if not is_recipe:
-        return load_config(TrainConfig, path, overrides)
-    from fastpref.pipeline import RunConfig, build_stages
-
-    run_cfg = load_config(RunConfig, path, [o if o.split("=", 1)[0].split(".")[0] in RUN_KEYS else f"train.{o}"
-                                            for o in overrides])
-    return build_stages(run_cfg).trains[run_cfg.main_variant]
-
-
-RUN_KEYS = ("output_dir", "synth", "label", "importer", "data_root", "cache", "train", "variants", "main_variant", "eval",
-            "progress")
-
-
-def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fastpref train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. lr=1e-5 objective.name=dpo")
-    args = parser.parse_args(argv)
-    cfg = train_config_of_recipe(args.config, args.overrides)
-    summary = train(cfg, resume=args.resume)
-    print(f"[fastpref train] done: {summary}")
-    return 0
