@@ -20,8 +20,11 @@ import torch
 from fastpref import ops
 from fastpref.config import ConfigError
 
-ObjectiveName = Literal["rankdpo", "dpo", "cpo", "sft", "mapo", "kto"]
-NEEDS_REFERENCE = {"rankdpo": True, "dpo": True, "kto": True, "cpo": False, "sft": False, "mapo": False}
+# grpo / spo / draft: online methods (the policy samples while training), trained by fastpref/train/online.py with
+# their settings in the train config's `online:` section; whether they run a reference depends on those settings
+ObjectiveName = Literal["rankdpo", "dpo", "cpo", "sft", "mapo", "kto", "grpo", "spo", "draft"]
+NEEDS_REFERENCE = {"rankdpo": True, "dpo": True, "kto": True, "cpo": False, "sft": False, "mapo": False,
+                   "grpo": True, "spo": True, "draft": True}
 # the objectives NCP composes with: the paper's DPO, CPO and SFT, and RankDPO (its margins are DPO's)
 NCP_OBJECTIVES = ("rankdpo", "dpo", "cpo", "sft")
 # beta when the recipe sets none, per objective: Diffusion-DPO's published SD1.5/SDXL setting in this convention
