@@ -219,8 +219,43 @@ class DRaFTMethod:
             if lv_noise is not None:
                 batch["lv_noise"] = lv_noise[rows]
             batches.append(batch)
-        self.rollout_metrics = {"draft_k": float(k)}
+        self.rollout_metrics = {"draft_k": float(k), **self.validation_metrics()}
         return [batches]
+
+    def validation_metrics(self) -> dict[str, float]:
+        """At the steps the engine draws validation grids (step 0, every validation.every): the reward and the
+        diversity over the seeds of the validation prompts, sampled with the training sampler (online.num_steps, no
+        gradient) from the validation seeds. Logged with the next step, i.e. of the weights the grid shows. The
+        distances: pixel RMS, and for toy-world models ShapeCLIP 1 - cos (fastpref.eval.diversity)."""
+        engine, validation = self.engine, self.engine.cfg.validation
+        validator = getattr(engine, "validator", None)
+        step = getattr(engine, "step", 0)
+        if validator is None or not validation.enabled or len(validation.seeds) < 2 or step % validation.every:
+            return {}
+        from fastpref.eval import diversity
+
+        texts = list(validator.prompts)
+        count = len(texts) * len(validation.seeds)
+        # seed-major blocks keyed like a rollout's noise (the same images at every validation step)
+        noise = torch.cat([seeded_normal(seed, 0, list(range(len(texts))), 1, self.shape, "draft-validation")
+                           for seed in validation.seeds])
+        rows = texts * len(validation.seeds)
+        cond = {key: value.repeat(len(validation.seeds), *([1] * (value.ndim - 1)))
+                for key, value in engine.encode(texts).items()}
+        latents = self.sample_prefix(self.sampler.initial(noise), cond, self.sampler.num_steps)
+        with torch.no_grad():
+            pixels = torch.cat([self.decode(latents[s:s + self.cfg.vae_batch_size].to(engine.device)).cpu()
+                                for s in range(0, count, self.cfg.vae_batch_size)])
+            reward, _ = self.reward(pixels.to(engine.device), rows)
+            metrics = {"val_reward": float(reward.mean())}
+            metrics["val_diversity_pixel"] = diversity.group_diversity(pixels, rows, diversity.pixel_distance)["mean"]
+            if self._toy():
+                metrics["val_diversity_shapeclip"] = diversity.toy_diversity(pixels, rows)["shapeclip"]
+        return metrics
+
+    def _toy(self) -> bool:
+        """A toy-world model: ShapeCLIP's features mean something for its images."""
+        return str(self.engine.cfg.model.path).startswith("toy-")
 
     def sample_prefix(self, x: torch.Tensor, cond: dict[str, torch.Tensor], stop: int) -> torch.Tensor:
         """Steps [0, stop) of the sampler without gradient, online.sample_batch_size images per call (x2 with CFG)."""

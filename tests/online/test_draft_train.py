@@ -50,7 +50,7 @@ def test_toy_draft_recipe_trains_toy_sd(tmp_path):
 
     cfg = train_config_of_recipe(str(CONFIGS / "toy-draft.yaml"), [
         f"output_dir={tmp_path / 'run'}", "max_steps=2", "checkpoint_every=2", "progress=false", "tensorboard=false",
-        "lr_warmup_steps=0", "validation.every=2", "validation.num_inference_steps=2", "validation.seeds=[0]",
+        "lr_warmup_steps=0", "validation.every=2", "validation.num_inference_steps=2", "validation.seeds=[0,1]",
         "validation.num_prompts=1", "online.prompts_per_rollout=2", "online.num_steps=3", "online.draft.batch_size=1"])
     summary = train(cfg)
     assert summary["steps"] == 2 and summary["reference"] == "none"
@@ -60,6 +60,9 @@ def test_toy_draft_recipe_trains_toy_sd(tmp_path):
         for key in ("loss", "reward", "reward_shapeclip", "grad_norm", "draft_k"):
             assert key in record and record[key] == record[key], (key, record)
         assert record["loss"] == pytest.approx(-record["reward"], rel=1e-6)  # DRaFT: no KL term
+    # the validation prompts' reward and diversity over seeds, of the step-0 weights, logged with step 1
+    assert 0 < records[0]["val_diversity_pixel"] < 1 and 0 < records[0]["val_diversity_shapeclip"] < 2
+    assert 0 < records[0]["val_reward"] <= 1 and "val_reward" not in records[1]
     assert (out / "validation" / "step-000002.png").exists()
     weights = trainable(out, 2)
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
