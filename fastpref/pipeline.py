@@ -106,8 +106,15 @@ class Stages:
     synth: Any  # SynthConfig, or None for an imported dataset
     label: Any  # LabelConfig, or None for an imported dataset
     cache: Any
-    trains: dict[str, Any]
+    trains: dict[str, Any]  # run name ("<variant>", or "<variant>-seed<s>" under train.seeds) -> TrainConfig
     importer: Any = None  # ImportConfig, or None for Syn-Pic data
+    seeds: list[int] | None = None  # train.seeds: every variant trained once per seed
+    variant_of: dict[str, str] = field(default_factory=dict)  # run name -> variant
+
+    @property
+    def main(self):
+        """The first training of the main variant (`fastpref train` on a recipe trains this one)."""
+        return next(iter(self.trains.values()))
 
     @property
     def group_size(self) -> int | None:
@@ -124,7 +131,10 @@ def build_stages(cfg: RunConfig) -> Stages:
     from fastpref.train.loop import TrainConfig
 
     if cfg.is_online:
-        return Stages(None, None, None, online_trains(cfg))
+        if not (cfg.train.get("model") or {}).get("path"):
+            raise ConfigError("train.model.path: required in an online recipe (no cache stage names the model)")
+        trains, seeds, variant_of = variant_trains(cfg)
+        return Stages(None, None, None, trains, seeds=seeds, variant_of=variant_of)
     root = str(Path(cfg.output_dir) / "data")  # the training root: cache/ (and, by default, everything else)
     source = cfg.data_root or root  # synth/ + label/ (Syn-Pic or imported)
 
@@ -142,39 +152,50 @@ def build_stages(cfg: RunConfig) -> Stages:
         label = build(LabelConfig, "label", {**cfg.label, "input": source, "progress": cfg.progress})
     cache_paths = {"input": source} if source == root else {"input": source, "output": root}
     cache = build(CacheConfig, "cache", {**cfg.cache, **cache_paths, "progress": cfg.progress})
-    trains = {}
-    for name, overrides in {cfg.main_variant: {}, **cfg.variants}.items():
-        data = copy.deepcopy(cfg.train)
+
+    def on_the_cache(data: dict[str, Any]) -> None:
         data.setdefault("data", {})["root"] = root
         data.setdefault("model", {}).setdefault("path", cache.model)
         if cfg.cache.get("flow_timesteps") is not None:  # training must draw t as the cached e_ref were drawn
             data.setdefault("flow_timesteps", copy.deepcopy(cfg.cache["flow_timesteps"]))
-        data["output_dir"] = str(Path(cfg.output_dir) / "train" / name)
-        data["progress"] = cfg.progress
-        apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
-        section = "train" if name == cfg.main_variant else f"variants.{name}"
-        trains[name] = build(TrainConfig, section, data)
-    return Stages(synth, label, cache, trains, importer)
+
+    trains, seeds, variant_of = variant_trains(cfg, on_the_cache)
+    return Stages(synth, label, cache, trains, importer, seeds, variant_of)
 
 
-def online_trains(cfg: RunConfig) -> dict[str, Any]:
-    """The train configs of an online recipe: no data root (the policy samples its data), model.path required."""
-    from fastpref.train.loop import TrainConfig
+def variant_trains(cfg: RunConfig, prepare=None) -> tuple[dict[str, Any], list[int] | None, dict[str, str]]:
+    """A TrainConfig per variant, or per (variant, seed) when `train.seeds` lists training seeds (each written into
+    train.seed, named "<variant>-seed<s>"); `prepare` fills in what the data stages decide (an online recipe has
+    none: its policy samples its own data)."""
+    from fastpref.eval.verdicts import seeded_name
+    from fastpref.train.config import TrainConfig
 
-    if not (cfg.train.get("model") or {}).get("path"):
-        raise ConfigError("train.model.path: required in an online recipe (no cache stage names the model)")
-    trains = {}
-    for name, overrides in {cfg.main_variant: {}, **cfg.variants}.items():
-        data = copy.deepcopy(cfg.train)
-        data["output_dir"] = str(Path(cfg.output_dir) / "train" / name)
-        data["progress"] = cfg.progress
-        apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
-        section = "train" if name == cfg.main_variant else f"variants.{name}"
-        try:
-            trains[name] = from_dict(TrainConfig, data)
-        except ConfigError as err:
-            raise ConfigError(f"{section}.{err}") from None
-    return trains
+    train = copy.deepcopy(cfg.train)
+    seeds = train.pop("seeds", None)
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                              or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise ConfigError(f"train.seeds: a non-empty list of distinct integer training seeds, got {seeds!r}")
+    trains, variant_of = {}, {}
+    for variant, overrides in {cfg.main_variant: {}, **cfg.variants}.items():
+        section = "train" if variant == cfg.main_variant else f"variants.{variant}"
+        if "seed" in overrides and seeds is not None:
+            raise ConfigError(f"{section}.seed: set by train.seeds; remove one of the two")
+        for seed in seeds or [None]:
+            name = variant if seed is None else seeded_name(variant, seed)
+            data = copy.deepcopy(train)
+            if prepare is not None:
+                prepare(data)
+            data["output_dir"] = str(Path(cfg.output_dir) / "train" / name)
+            data["progress"] = cfg.progress
+            apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
+            if seed is not None:
+                data["seed"] = seed
+            try:
+                trains[name] = from_dict(TrainConfig, data)
+            except ConfigError as err:
+                raise ConfigError(f"{section}.{err}") from None
+            variant_of[name] = variant
+    return trains, seeds, variant_of
 
 
 def trained_pipeline(train_cfg, device: str = "cpu"):
@@ -216,7 +237,7 @@ def run_eval(stages: Stages, cfg: RunConfig, out: Path) -> dict[str, Any]:
     from fastpref.models.bundle import pipeline_call_kwargs
 
     ev = cfg.eval
-    main = stages.trains[cfg.main_variant]
+    main = stages.main
     pipelines = {"base": load(main.model.path, family=main.model.family).pipeline}
     pipelines.update({name: trained_pipeline(train_cfg) for name, train_cfg in stages.trains.items()})
     results = {}
@@ -291,6 +312,36 @@ def improvement_lines(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def seed_summary(stages: Stages, cfg: RunConfig, out: Path) -> dict[str, Any]:
+    """Under train.seeds: each variant's MiniGenEval as mean ± std over its training seeds, and the verdicts
+    (variant vs base, main variant vs the others) against the combined spread (the base's evaluation-seed spread
+    and both sides' training-seed spreads) and the paired bootstrap interval over all seeds' images."""
+    from fastpref.eval.verdicts import judge_seeded_claim, variant_statistics
+
+    results = {name: json.loads((out / "eval" / f"{name}.json").read_text()) for name in ["base", *stages.trains]}
+    variants = list(dict.fromkeys(stages.variant_of.values()))
+    stats = variant_statistics(results, variants, stages.seeds)
+    pairs = [(v, "base") for v in variants] + [(cfg.main_variant, v) for v in variants if v != cfg.main_variant]
+    return {"seeds": stages.seeds, "variants": stats,
+            "claims": [judge_seeded_claim(results, stats, a, b, stages.seeds) for a, b in pairs]}
+
+
+def seed_table_lines(stats: dict[str, dict[str, Any]]) -> list[str]:
+    """A markdown table of fastpref.eval.verdicts.variant_statistics: mean ± std over training seeds."""
+    categories = list(stats["base"]["per_category"])
+    pct = (lambda m, s: f"{100 * m:.1f} ± {100 * s:.1f}")
+    lines = ["| model | seeds | overall | " + " | ".join(categories) + " |", "|---|---|---|" + "---|" * len(categories)]
+    for name, s in stats.items():
+        cells = " | ".join(pct(s["per_category"][c], s["per_category_std"][c]) for c in categories)
+        lines.append(f"| {name} | {s['seeds']} | **{pct(s['overall'], s['overall_std'])}** | {cells} |")
+    return lines
+
+
+def seed_summary_lines(summary: dict[str, Any]) -> list[str]:
+    return [f"## Over training seeds {summary['seeds']}", "", *seed_table_lines(summary["variants"]), "",
+            *[f"- {c['better']} vs {c['than']}: {c['text']}" for c in summary["claims"]], ""]
+
+
 def write_report(out: Path, report: dict[str, Any]) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# fastpref run: {out}", ""]
@@ -303,7 +354,10 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
             seeds = ", ".join(f"{100 * x:.1f}" for x in r.get("seed_scores", []))
             weighted = f"{100 * r['prompt_mean']:.1f}" if "prompt_mean" in r else "-"
             lines.append(f"| {name} | **{100 * r['overall']:.1f}** | {weighted} | {seeds} | {cells} |")
-        lines += ["", *improvement_lines(report["eval"]), "", "![before/after](grid.png)", ""]
+        lines += ["", *improvement_lines(report["eval"]), ""]
+        if "seeds" in report:
+            lines += seed_summary_lines(report["seeds"])
+        lines += ["![before/after](grid.png)", ""]
     if (out / "training.png").exists():
         lines += ["![training curves: loss, implicit accuracy, margin](training.png)", ""]
     lines += ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
@@ -345,6 +399,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         plot_training_curves({name: t.output_dir for name, t in stages.trains.items()}, out / "training.png")
     if cfg.eval is not None:
         report["eval"] = timed("eval", run_eval, stages, cfg, out)
+        if stages.seeds:
+            report["seeds"] = seed_summary(stages, cfg, out)
     write_report(out, report)
     print(f"[fastpref run] report: {out / 'report.md'}")
     return report
@@ -377,7 +433,7 @@ def train_config_of_recipe(path: str, overrides: list[str]):
         return load_config(TrainConfig, path, overrides)
     run_cfg = load_config(RunConfig, path, [o if o.split("=", 1)[0].split(".")[0] in RUN_KEYS else f"train.{o}"
                                             for o in overrides])
-    return build_stages(run_cfg).trains[run_cfg.main_variant]
+    return build_stages(run_cfg).main
 
 
 def train_cli(argv: list[str]) -> int:

@@ -85,7 +85,9 @@ class Training:
 
     @property
     def name(self) -> str:
-        return f"{self.variant}-seed{self.seed}"
+        from fastpref.eval.verdicts import seeded_name
+
+        return seeded_name(self.variant, self.seed)
 
 
 @dataclass
@@ -304,89 +306,27 @@ def flat_differences(base: dict[str, Any], other: dict[str, Any], prefix: str = 
 # -- the report ------------------------------------------------------------------------------------------------
 
 
-def variant_statistics(cfg: StudyConfig, results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per variant: overall and per-category mean and std over its training seeds (each seed's model evaluated on
-    the same prompts and evaluation seeds)."""
-    import numpy as np
-
-    base = results["base"]
-    stats: dict[str, dict[str, Any]] = {"base": {
-        "seeds": 1, "overall": base["overall"], "overall_std": 0.0, "per_category": dict(base["per_category"]),
-        "per_category_std": {c: 0.0 for c in base["per_category"]}, "eval_seed_spread": base["seed_spread"]}}
-    for variant in cfg.variants:
-        runs = [results[f"{variant}-seed{seed}"] for seed in cfg.seeds]
-        overall = np.array([r["overall"] for r in runs])
-        categories = list(runs[0]["per_category"])
-        per_category = {c: np.array([r["per_category"][c] for r in runs]) for c in categories}
-        std = (lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0)
-        stats[variant] = {"seeds": len(runs), "overall": float(overall.mean()), "overall_std": std(overall),
-                          "per_seed": [float(x) for x in overall],
-                          "per_category": {c: float(v.mean()) for c, v in per_category.items()},
-                          "per_category_std": {c: std(v) for c, v in per_category.items()}}
-    return stats
-
-
-def pooled_outcomes(runs: list[dict[str, Any]]) -> tuple[list[list[float]], list[str]]:
-    """Per prompt, the outcomes of every (training seed, evaluation seed) of a variant's models, in one fixed
-    order, so that two variants evaluated on the same prompts and seeds pair image for image; and each prompt's
-    category."""
-    outcomes: dict[str, list[float]] = {}
-    category: dict[str, str] = {}
-    for run in runs:
-        for sample in sorted(run["samples"], key=lambda s: (s["caption"], s["seed"])):
-            outcomes.setdefault(sample["caption"], []).append(float(sample["passed"]))
-            category[sample["caption"]] = sample["category"]
-    captions = sorted(outcomes)
-    return [outcomes[c] for c in captions], [category[c] for c in captions]
-
-
-def claim_interval(cfg: StudyConfig, results: dict[str, dict[str, Any]], better: str, than: str) -> list[float]:
-    """Paired bootstrap 95% interval of `better` - `than` in MiniGenEval overall (the category mean): prompts
-    resampled within their category, the images of all training seeds x evaluation seeds within each prompt
-    (the base, a single model, paired with each training seed's model)."""
-    from fastpref.eval.minigeneval import bootstrap_difference
-
-    def runs(name: str) -> list[dict[str, Any]]:
-        return [results["base"]] * len(cfg.seeds) if name == "base" else \
-            [results[f"{name}-seed{seed}"] for seed in cfg.seeds]
-
-    a, categories = pooled_outcomes(runs(better))
-    b, _ = pooled_outcomes(runs(than))
-    interval = bootstrap_difference(a, b, categories=categories, n_boot=4000, seed=0)
-    return [interval.low, interval.high]
-
-
 def build_report(cfg: StudyConfig, results: dict[str, dict[str, Any]], seconds: dict[str, float],
                  counts: dict[str, int]) -> dict[str, Any]:
-    from fastpref.eval.verdicts import judge_claim
+    from fastpref.eval.verdicts import judge_seeded_claim, variant_statistics
 
-    stats = variant_statistics(cfg, results)
+    stats = variant_statistics(results, list(cfg.variants), cfg.seeds)
     eval_spread = results["base"]["seed_spread"]
-    claims = []
-    for claim in cfg.claims:
-        a, b = stats[claim.better], stats[claim.than]
-        verdict = judge_claim(a["overall"], a["overall_std"], b["overall"], b["overall_std"], eval_spread,
-                              interval=claim_interval(cfg, results, claim.better, claim.than),
-                              names=(claim.better, claim.than))
-        claims.append({"name": claim.name or f"{claim.better} > {claim.than}", "better": claim.better,
-                       "than": claim.than, **verdict})
+    claims = [{"name": claim.name or f"{claim.better} > {claim.than}",
+               **judge_seeded_claim(results, stats, claim.better, claim.than, cfg.seeds)} for claim in cfg.claims]
     return {"recipe": cfg.recipe, "seeds": cfg.seeds, "counts": counts, "variants": stats, "claims": claims,
             "base_eval_seed_spread": eval_spread, "seconds": seconds}
 
 
 def write_study_report(out: Path, report: dict[str, Any]) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    from fastpref.pipeline import seed_table_lines
+
     stats = report["variants"]
-    categories = list(stats["base"]["per_category"])
-    pct = (lambda m, s: f"{100 * m:.1f} ± {100 * s:.1f}")
     lines = [f"# fastpref study: {out}", "",
              f"Recipe `{report['recipe']}`, training seeds {report['seeds']}; MiniGenEval as mean ± std over the "
              f"training seeds (the base: one model). Seed-to-seed spread of the base's evaluation: "
-             f"{100 * report['base_eval_seed_spread']:.1f} points.", "",
-             "| model | seeds | overall | " + " | ".join(categories) + " |", "|---|---|---|" + "---|" * len(categories)]
-    for name, s in stats.items():
-        cells = " | ".join(pct(s["per_category"][c], s["per_category_std"][c]) for c in categories)
-        lines.append(f"| {name} | {s['seeds']} | **{pct(s['overall'], s['overall_std'])}** | {cells} |")
+             f"{100 * report['base_eval_seed_spread']:.1f} points.", "", *seed_table_lines(stats)]
     lines += ["", "## Claims", ""]
     for c in report["claims"]:
         lines.append(f"- **{c['name']}**: {c['text']}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
+
 
 def combined_spread(eval_spread: float, std_a: float, std_b: float) -> float:
     return math.sqrt(eval_spread**2 + std_a**2 + std_b**2)
@@ -40,3 +42,74 @@ def judge_claim(mean_a: float, std_a: float, mean_b: float, std_b: float, eval_s
         text += f"; paired bootstrap 95% interval [{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]"
     return {"verdict": verdict, "gain": gain, "combined_spread": spread,
             "interval": list(interval) if interval is not None else None, "text": text}
+
+
+# -- several training seeds per variant: results named "<variant>-seed<s>" (MiniGenEvalResult.to_json() dicts) --
+
+
+def seeded_name(variant: str, seed: int) -> str:
+    return f"{variant}-seed{seed}"
+
+
+def variant_statistics(results: dict[str, dict[str, Any]], variants: Sequence[str],
+                       seeds: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """Per variant: MiniGenEval overall and per category, mean and std over its training seeds (every seed's model
+    evaluated on the same prompts and evaluation seeds); the base as one model with its evaluation-seed spread."""
+    base = results["base"]
+    stats: dict[str, dict[str, Any]] = {"base": {
+        "seeds": 1, "overall": base["overall"], "overall_std": 0.0, "per_category": dict(base["per_category"]),
+        "per_category_std": {c: 0.0 for c in base["per_category"]}, "eval_seed_spread": base["seed_spread"]}}
+
+    def std(x) -> float:
+        return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
+    for variant in variants:
+        runs = [results[seeded_name(variant, seed)] for seed in seeds]
+        overall = np.array([r["overall"] for r in runs])
+        per_category = {c: np.array([r["per_category"][c] for r in runs]) for c in runs[0]["per_category"]}
+        stats[variant] = {"seeds": len(runs), "overall": float(overall.mean()), "overall_std": std(overall),
+                          "per_seed": [float(x) for x in overall],
+                          "per_category": {c: float(v.mean()) for c, v in per_category.items()},
+                          "per_category_std": {c: std(v) for c, v in per_category.items()}}
+    return stats
+
+
+def pooled_outcomes(runs: Sequence[dict[str, Any]]) -> tuple[list[list[float]], list[str]]:
+    """Per prompt, the outcomes of every (training seed, evaluation seed) of a variant's models, in one fixed
+    order, so that two variants evaluated on the same prompts and seeds pair image for image; and each prompt's
+    category."""
+    outcomes: dict[str, list[float]] = {}
+    category: dict[str, str] = {}
+    for run in runs:
+        for sample in sorted(run["samples"], key=lambda s: (s["caption"], s["seed"])):
+            outcomes.setdefault(sample["caption"], []).append(float(sample["passed"]))
+            category[sample["caption"]] = sample["category"]
+    captions = sorted(outcomes)
+    return [outcomes[c] for c in captions], [category[c] for c in captions]
+
+
+def seeded_interval(results: dict[str, dict[str, Any]], better: str, than: str,
+                    seeds: Sequence[int]) -> list[float]:
+    """Paired bootstrap 95% interval of `better` - `than` in MiniGenEval overall (the category mean): prompts
+    resampled within their category, the images of all training seeds x evaluation seeds within each prompt
+    (the base, a single model, paired with each training seed's model)."""
+    from fastpref.eval.minigeneval import bootstrap_difference
+
+    def runs(name: str) -> list[dict[str, Any]]:
+        return [results["base"]] * len(seeds) if name == "base" else [results[seeded_name(name, s)] for s in seeds]
+
+    a, categories = pooled_outcomes(runs(better))
+    b, _ = pooled_outcomes(runs(than))
+    interval = bootstrap_difference(a, b, categories=categories, n_boot=4000, seed=0)
+    return [interval.low, interval.high]
+
+
+def judge_seeded_claim(results: dict[str, dict[str, Any]], stats: dict[str, dict[str, Any]], better: str,
+                       than: str, seeds: Sequence[int]) -> dict[str, Any]:
+    """judge_claim on the training-seed means and spreads of two variants (or the base), with their pooled paired
+    interval."""
+    a, b = stats[better], stats[than]
+    verdict = judge_claim(a["overall"], a["overall_std"], b["overall"], b["overall_std"],
+                          results["base"]["seed_spread"], interval=seeded_interval(results, better, than, seeds),
+                          names=(better, than))
+    return {"better": better, "than": than, **verdict}

@@ -3,14 +3,11 @@ NeMo-Aligner values, sd15-draftp / sdxl-draftp end to end on tiny random models 
 resume, and 2 gloo processes == 1 (DDP, FSDP2)."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -23,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_draft import draft_config  # noqa: E402
+from helpers.train import launch_train as launch, write_train_config as write_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +88,9 @@ def test_full_fine_tuning_with_the_frozen_reference(tiny_models, tmp_path):
                      "online.reward": {"pickscore": 1.0}}),
 ])
 def test_real_recipes_carry_nemo_values(name, values):
-    from fastpref.pipeline import RunConfig, online_trains
+    from fastpref.pipeline import RunConfig, build_stages
 
-    train = online_trains(load_config(RunConfig, CONFIGS / f"{name}.yaml", []))["main"]
+    train = build_stages(load_config(RunConfig, CONFIGS / f"{name}.yaml", [])).trains["main"]
     assert train.objective.name == "draft" and train.mode == "lora"
     for key, expected in values.items():
         value = train
@@ -103,9 +101,9 @@ def test_real_recipes_carry_nemo_values(name, values):
 
 def test_toy_draftp_recipe_is_a_kl_sweep():
     """One `fastpref run` recipe: DRaFT (kl 0) and DRaFT+ at increasing kl_coeff, the same everything else."""
-    from fastpref.pipeline import RunConfig, online_trains
+    from fastpref.pipeline import RunConfig, build_stages
 
-    trains = online_trains(load_config(RunConfig, CONFIGS / "toy-draftp.yaml", []))
+    trains = build_stages(load_config(RunConfig, CONFIGS / "toy-draftp.yaml", [])).trains
     coefficients = sorted(t.online.draft.kl_coeff for t in trains.values())
     assert coefficients[0] == 0 and len(coefficients) >= 4 and len(set(coefficients)) == len(coefficients)
     reference = to_dict(next(iter(trains.values())))
@@ -160,19 +158,6 @@ def test_real_recipes_run_end_to_end_on_tiny_models(tiny_models, tmp_path):
         records = read_metrics(tmp_path / name / "train" / "main")
         assert all(r["kl"] == r["kl"] and "reward_pickscore" in r for r in records)
         assert (tmp_path / name / "train" / "main" / "checkpoints" / "step-000002" / "lora").is_dir()
-
-
-def write_config(cfg, path):
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
-    return path
-
-
-def launch(config_path, nproc=1, resume=False):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    args = ["-m", "fastpref.cli", "train", "--config", str(config_path)] + (["--resume"] if resume else [])
-    if nproc > 1:
-        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=900)
 
 
 def resume_config(tiny_models, out, **overrides):

@@ -145,18 +145,17 @@ def test_tiny_study_runs_shares_and_reproduces(tmp_path):
 
 
 def test_claim_interval_pairs_seeds_and_sees_a_uniform_gain():
-    from fastpref.study import claim_interval, pooled_outcomes
+    from fastpref.eval.verdicts import pooled_outcomes, seeded_interval
 
     def result(passed_of):  # a saved MiniGenEval result: 8 prompts in 2 categories, 4 evaluation seeds
         return {"samples": [{"caption": f"p{p}", "category": f"c{p % 2}", "seed": 2000 + s, "passed": passed_of(p, s)}
                             for p in range(8) for s in range(4)]}
 
-    cfg = StudyConfig(recipe="-", output_dir="-", variants={"a": {}, "b": {}}, seeds=[0, 1])
     results = {"base": result(lambda p, s: s == 0), "a-seed0": result(lambda p, s: True),
                "a-seed1": result(lambda p, s: s < 3), "b-seed0": result(lambda p, s: s == 0),
                "b-seed1": result(lambda p, s: s == 0)}
     outcomes, categories = pooled_outcomes([results["a-seed0"], results["a-seed1"]])
     assert len(outcomes) == 8 and all(len(o) == 8 for o in outcomes) and categories[:2] == ["c0", "c1"]
-    low, high = claim_interval(cfg, results, "a", "base")
+    low, high = seeded_interval(results, "a", "base", [0, 1])
     assert 0 < low <= high  # better on every prompt: the interval is above zero
-    assert claim_interval(cfg, results, "b", "base") == [0.0, 0.0]  # identical outcomes: no difference at all
+    assert seeded_interval(results, "b", "base", [0, 1]) == [0.0, 0.0]  # identical outcomes: no difference at all
