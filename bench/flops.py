@@ -255,6 +255,34 @@ def vae_encoder_forward_flops(config: dict, batch: int, image_hw: tuple[int, int
     return total
 
 
+def vae_decoder_forward_flops(config: dict, batch: int, latent_hw: tuple[int, int]) -> Flops:
+    """diffusers AutoencoderKL.decode: post_quant_conv + decoder (conv_in, mid block with one attention, UpDecoderBlock2D
+    x n of layers_per_block + 1 resnets, nearest x2 + conv between them, conv_out). What an online rollout runs on
+    every image it scores (SPO: every candidate's predicted x0; GRPO: the final images)."""
+    channels = list(config["block_out_channels"])
+    layers = config.get("layers_per_block", 2) + 1
+    latent = config.get("latent_channels", 4)
+    h, w = latent_hw
+    total = Flops()
+    if config.get("use_post_quant_conv", True):
+        total += conv(latent, latent, 1, h, w, batch)
+    c = channels[-1]
+    total += conv(latent, c, 3, h, w, batch)
+    total += _resnet(c, c, h, w, batch, None) * 2
+    if config.get("mid_block_add_attention", True):
+        total += linear(c, c, h * w * batch) * 4 + attention_core(h * w, h * w, c, batch)
+    previous = c
+    for i, ch in enumerate(reversed(channels)):
+        for j in range(layers):
+            total += _resnet(previous if j == 0 else ch, ch, h, w, batch, None)
+        previous = ch
+        if i < len(channels) - 1:
+            h, w = h * 2, w * 2
+            total += conv(ch, ch, 3, h, w, batch)
+    total += conv(channels[0], config.get("out_channels", 3), 3, h, w, batch)
+    return total
+
+
 # ------------------------------------------------------------------------------------------------ conventions
 
 

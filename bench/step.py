@@ -19,6 +19,8 @@ of the published SDXL recipes (bench/gpu_days.py) and, with --profile, a torch.p
     python bench/step.py --arch toy-sd toy-sdxl toy-sd3            # CPU: the toy models
     python bench/step.py --arch sdxl --width-scale 0.125 --resolution 256   # CPU: SDXL's shape, narrowed
     python bench/step.py --arch sdxl --device cuda --profile       # GPU: SDXL 1024^2, within 10 minutes
+    python bench/step.py --method spo --arch toy-sd                # one SPO step by phase (bench/step_online.py)
+    python bench/step.py --method grpo --arch toy-sd3 toy-sd       # one GRPO iteration by phase
 
 Layout: step_archs.py (architectures), step_runners.py (workloads, the two steps, measurement of a row),
 step_report.py (ratios, CSV, Markdown, plot), common.py (device sync, timing, CSV with device + versions);
@@ -168,6 +170,8 @@ def run(args) -> dict[str, Path]:
     if args.threads:
         torch.set_num_threads(args.threads)
     peak, peak_source = peak_tflops(device)
+    if args.method != "offline":
+        return run_online(args, device, peak, peak_source)
     tag = args.tag or f"{'-'.join(args.arch)}-{device.type}{'-smoke' if args.smoke else ''}-{stamp()}"
     settings = Settings(device, args.steps, args.warmup, args.phase_steps, args.time_budget, time.perf_counter(),
                         peak, peak_source, args.profile, Path(args.out), tag)
@@ -198,6 +202,34 @@ def run(args) -> dict[str, Path]:
     print(f"device: {env['device']} | torch {env['torch']} | peak for MFU: {peak_source}")
     print_table(rows)
     for key, path in paths.items():
+        print(f"wrote {path}")
+    return paths
+
+
+def run_online(args, device: torch.device, peak: float, peak_source: str) -> dict[str, Path]:
+    """--method spo|grpo: one online step per architecture (bench/step_online.py), CSV + Markdown."""
+    from step_online import OnlineSettings, measure_online, write_online
+
+    settings = OnlineSettings(args.method, prompts=args.prompts, group_size=args.group_size,
+                              num_steps=args.num_steps, divert_start_step=args.divert_start_step,
+                              train_batch_size=args.train_batch_size)
+    rows, notes = [], []
+    for name in args.arch:
+        arch = load_arch(name, args.width_scale, args.resolution)
+        params = sum(p.numel() for p in _denoiser_params(arch))
+        notes.append(f"{arch.describe()}: denoiser {params / 1e6:.1f}M parameters (random weights), latents "
+                     f"{arch.latent_channels}x{arch.latent_hw[0]}x{arch.latent_hw[1]}")
+        row = measure_online(arch, settings, device, args.steps, args.warmup, args.phase_steps, peak)
+        rows.append(row)
+        print(f"  {row['shape']:>20} | {args.method}/{row['mode']}: {fmt(row['step_ms'])} ms, phases "
+              + ", ".join(f"{p} {fmt(row[p + '_ms'])}" for p in ("sampling", "decode", "reward", "reference",
+                                                                  "policy", "optimizer", "other"))
+              + f", MFU {fmt(row['MFU'], 2)}", flush=True)
+    tag = args.tag or f"{args.method}-{'-'.join(args.arch)}-{device.type}-{stamp()}"
+    timing = (f"{args.warmup} warm-up, median of {args.steps} steps; phases from {args.phase_steps} further steps "
+              "with a device sync at each phase edge")
+    paths = write_online(rows, environment(), tag, Path(args.out), peak_source, notes, timing)
+    for path in paths.values():
         print(f"wrote {path}")
     return paths
 
@@ -238,10 +270,23 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of the headline fastpref row")
     parser.add_argument("--threads", type=int, help="torch CPU threads (--smoke: 1, steadier on a shared CPU)")
     parser.add_argument("--smoke", action="store_true", help="toy SD, 2 pairs, 2 timed steps: seconds, for CI")
+    parser.add_argument("--method", default="offline", choices=["offline", "spo", "grpo"],
+                        help="offline: the DPO / RankDPO step vs the baseline; spo: one SPO step (step-wise "
+                             "resampling + SPM scoring + update); grpo: one GRPO iteration (bench/step_online.py)")
+    parser.add_argument("--prompts", type=int, default=1, help="online: prompts per rollout")
+    parser.add_argument("--group-size", type=int, default=None, help="online: SPO's k candidates / GRPO's G images "
+                        "per prompt (default 2 / 4)")
+    parser.add_argument("--num-steps", type=int, default=6, help="online: sampling steps per rollout")
+    parser.add_argument("--divert-start-step", type=int, default=2, help="SPO: steps before the chain branches")
+    parser.add_argument("--train-batch-size", type=int, default=4, help="online: pairs / samples per micro-batch")
     parser.add_argument("--tag", help="results file stem (default: arch-device-date)")
     parser.add_argument("--out", default=str(RESULTS_DIR), help=f"output folder (default {RESULTS_DIR})")
     args = parser.parse_args(argv)
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.group_size is None:
+        args.group_size = 2 if args.method == "spo" else 4
+    if args.method != "offline" and args.arch is None:
+        args.arch = ["toy-sd"] if args.method == "spo" else ["toy-sd3", "toy-sd"]
     if args.smoke:
         defaults = dict(arch=["toy-sd"], pairs=2, steps=5, warmup=1, phase_steps=1, threads=1)
     else:
