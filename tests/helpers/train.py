@@ -25,6 +25,11 @@ def make_config(ds: dict[str, str], out, **overrides) -> TrainConfig:
         "lr": 1e-3,
         "loss_backend": "reference",
     }
+    return train_config(data, **overrides)
+
+
+def train_config(data: dict, **overrides) -> TrainConfig:
+    """TrainConfig of a nested dict after dotted-key overrides (`"objective.name": "dpo"` sets data["objective"]["name"])."""
     for key, value in overrides.items():
         node = data
         *parents, leaf = key.split(".")
@@ -37,6 +42,27 @@ def make_config(ds: dict[str, str], out, **overrides) -> TrainConfig:
 def train_command(config_path: str | Path, resume: bool = False) -> list[str]:
     """`fastpref train` on a config file, as a user runs it."""
     return [sys.executable, "-m", "fastpref.cli", "train", "--config", str(config_path)] + (["--resume"] if resume else [])
+
+
+def write_train_config(cfg: TrainConfig, path: Path) -> Path:
+    """`cfg` as the YAML file a user would pass to `fastpref train --config`."""
+    import yaml
+
+    from fastpref.config import to_dict
+
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return path
+
+
+def launch_train(config_path: str | Path, nproc: int = 1, resume: bool = False,
+                 timeout: float = 900) -> subprocess.CompletedProcess:
+    """`fastpref train` in a subprocess; nproc > 1: that many processes under torch.distributed.run (gloo on CPU)."""
+    command = train_command(config_path, resume)
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   *command[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_train_cli(config_path: str | Path, resume: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:

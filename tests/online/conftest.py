@@ -4,11 +4,4 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-
-@pytest.fixture(autouse=True)
-def single_thread_torch():
-    """One intra-op thread: the machine's few cores are shared, and 1-thread results compare across processes."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from helpers.threads import single_thread_torch  # noqa: E402,F401 (autouse)

@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from fastpref.config import ConfigError, from_dict  # noqa: E402
-from fastpref.train.config import TrainConfig  # noqa: E402
+from fastpref.config import ConfigError  # noqa: E402
+from helpers.train import train_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,7 @@ def draft_config(model, out, **overrides):
                    "guidance_scale": 3.0, "eta": 0.0, "reward": {"quality": 1.0},
                    "draft": {"k": 2, "kl_coeff": 0.5, "batch_size": 2}},
     }
-    for key, value in overrides.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return from_dict(TrainConfig, data)
+    return train_config(data, **overrides)
 
 
 def first_batch(trainer):

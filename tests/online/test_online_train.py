@@ -3,21 +3,19 @@ rollout/training consistency (ratio 1 at the first update), exact SIGKILL resume
 online recipes through `fastpref run`."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from fastpref.config import ConfigError, from_dict, load_config, to_dict  # noqa: E402
-from fastpref.train.config import TrainConfig  # noqa: E402
+from fastpref.config import ConfigError, load_config  # noqa: E402
 from fastpref.train.metrics import read_metrics  # noqa: E402
+from helpers.train import launch_train as launch, train_config  # noqa: E402
+from helpers.train import write_train_config as write_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared test helpers (tests/helpers)
@@ -52,13 +50,7 @@ def grpo_config(model, out, **overrides):
                    "guidance_scale": 3.0, "reward": {"quality": 1.0},
                    "grpo": {"kl_beta": 0.04, "train_batch_size": 4, "timestep_fraction": 1.0, "clip_range": 0.2}},
     }
-    for key, value in overrides.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return from_dict(TrainConfig, data)
+    return train_config(data, **overrides)
 
 
 def trainable(out, step):
@@ -130,19 +122,6 @@ def test_grpo_refuses_bad_online_settings_before_loading(tiny_models, tmp_path):
         OnlineTrainer(grpo_config(tiny_models["sd3"], tmp_path / "b", grad_accumulation=2))
     with pytest.raises(ConfigError, match="online.group_size"):
         OnlineTrainer(grpo_config(tiny_models["sd3"], tmp_path / "c", **{"online.group_size": 1}))
-
-
-def write_config(cfg, path):
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
-    return path
-
-
-def launch(config_path, nproc=1, resume=False):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    args = ["-m", "fastpref.cli", "train", "--config", str(config_path)] + (["--resume"] if resume else [])
-    if nproc > 1:
-        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=900)
 
 
 def resume_config(tiny_models, out, **overrides):

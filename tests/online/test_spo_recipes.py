@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -18,14 +17,6 @@ from fastpref.pipeline import RunConfig, build_stages  # noqa: E402
 from fastpref.rewards.spm_train import SPMTrainConfig  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
-
-
-@pytest.fixture(autouse=True)
-def single_thread_torch():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def main_train(name: str, overrides=()):

@@ -15,14 +15,6 @@ from fastpref.online.spo import SPOSamplingConfig, check_model_family, resample 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow square"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread_torch():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def bundles():
     from fastpref.models import sd, sdxl

@@ -12,16 +12,10 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from fastpref.config import ConfigError, from_dict  # noqa: E402
+from fastpref.config import ConfigError  # noqa: E402
 from fastpref.train.config import TrainConfig  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def single_thread_torch():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from helpers.train import launch_train as launch, train_config  # noqa: E402
+from helpers.train import write_train_config as write_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +59,7 @@ def spo_config(models, out, family="sd", **overrides) -> TrainConfig:
             "spo": {"divert_start_step": 1, "num_candidates": 2, "threshold": 0.0, "train_batch_size": 4},
         },
     }
-    for key, value in overrides.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return from_dict(TrainConfig, data)
+    return train_config(data, **overrides)
 
 
 def metrics_of(out) -> list[dict]:
@@ -189,27 +177,6 @@ def resume_config(models, out, **overrides) -> TrainConfig:
     # 2 prompts x 3 trainable transitions each, all kept (threshold 0): an even pair count, so the 2-process split
     # drops none and 1 and 2 processes train on the same pairs
     return spo_config(models, out, max_steps=4, checkpoint_every=2, **{"online.num_steps": 4, **overrides})
-
-
-def write_config(cfg, path):
-    import yaml
-
-    from fastpref.config import to_dict
-
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
-    return path
-
-
-def launch(config_path, nproc=1, resume=False):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    args = ["-m", "fastpref.cli", "train", "--config", str(config_path)] + (["--resume"] if resume else [])
-    if nproc > 1:
-        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow

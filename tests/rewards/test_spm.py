@@ -23,12 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
 PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread_torch():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from helpers.threads import single_thread_torch  # noqa: E402,F401 (autouse)
 
 
 @pytest.fixture(scope="module")

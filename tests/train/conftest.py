@@ -12,13 +12,7 @@ pytest.importorskip("diffusers")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
 
-
-@pytest.fixture(autouse=True)
-def single_thread_torch():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from helpers.threads import single_thread_torch  # noqa: E402,F401 (autouse)
 
 
 @pytest.fixture(scope="session")
