@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 from fastpref.data.label import RewardSpec, build_rewards  # noqa: E402
 from fastpref.rewards import pretrained  # noqa: E402
 from fastpref.utils.imports import available  # noqa: E402
+from helpers.rewards import save_tiny_clip  # noqa: E402
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
 
@@ -18,24 +19,7 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A saved random CLIPModel (32x32 images) with the toy tokenizer and a CLIP image-processor config."""
-    from fastpref.toy.tokenizer import build_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8,
-    )
-    path = tmp_path_factory.mktemp("tiny-clip")
-    transformers.CLIPModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return str(path)
+    return str(save_tiny_clip(tmp_path_factory.mktemp("tiny-clip")))
 
 
 def images(count=3, size=32, seed=0):

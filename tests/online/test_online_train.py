@@ -191,25 +191,11 @@ def test_two_processes_equal_one(tiny_models, tmp_path, strategy):
 @pytest.mark.slow
 def test_online_recipes_run_end_to_end_on_tiny_models(tiny_models, tmp_path):
     """configs/sd3-grpo-*.yaml through `fastpref run` on a tiny random SD3 (tiny random CLIP for the reward)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from fastpref.pipeline import RunConfig, run
-    from fastpref.toy.tokenizer import build_tokenizer
+    from helpers.rewards import save_tiny_clip
 
-    tokenizer = build_tokenizer()
-    clip = tmp_path / "tiny-clip"
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8)
-    torch.manual_seed(0)
-    transformers.CLIPModel(config).save_pretrained(clip)
-    tokenizer.save_pretrained(clip)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-                                    ).save_pretrained(clip)
+    clip = save_tiny_clip(tmp_path / "tiny-clip")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
     for name, reward in (("sd3-grpo-geneval", "clipscore"), ("sd3-grpo-pickscore", "pickscore")):

@@ -24,29 +24,13 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
 
 
 from helpers.threads import single_thread_torch  # noqa: E402,F401 (autouse)
+from helpers.rewards import save_tiny_clip  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A saved random CLIPModel (2 vision layers, 32x32 images) with the toy tokenizer and an image processor."""
-    from fastpref.toy.tokenizer import build_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8,
-    )
-    path = tmp_path_factory.mktemp("tiny-clip")
-    transformers.CLIPModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return str(path)
+    return str(save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), vision_layers=2))
 
 
 def randomize_time_conditioning(model: StepAwareModel, seed: int = 0, std: float = 0.3) -> None:
