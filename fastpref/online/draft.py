@@ -27,8 +27,8 @@ One optimizer step (objective.name: draft, settings in online.draft, sampler in 
 Samplers (deterministic): eps / v families with a DDIM schedule (SD1.5, toy-sd): DDIM eta 0 (NeMo's draftp_sd
 infer.sampler_type DDIM, eta 0); the SDXL family: the Euler step in sigma space of diffusers' EulerDiscreteScheduler
 (NeMo's draftp_sdxl EulerEDMSampler with s_churn 0 on the LegacyDDPMDiscretization sigmas); flow models: Euler on the
-flow ODE. fastpref decodes the sampler's final x_0 (what the pipeline returns and eval scores); NeMo decodes the last
-step's predicted x0, which differs by the last DDIM step's final-alpha offset only.
+flow ODE. As NeMo, the decoded image is the last step's predicted x0 (see differentiable_steps); the pipeline's final
+x_0 differs from it by the last DDIM step's final-alpha offset only.
 
 Where fastpref differs from NeMo-Aligner: initial noise keyed by (seed, epoch, prompt id) (NeMo: a per-rank CUDA
 generator), so 1 and N processes, and a resumed run, train on the same images.
@@ -107,11 +107,16 @@ class DeterministicSampler:
         return x
 
     def step(self, i: int, prediction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.step_with_x0(i, prediction, x)[0]
+
+    def step_with_x0(self, i: int, prediction: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_{i+1}, the step's predicted x0)."""
         if self.kind == "ddim":
-            return ddim_step(self.scheduler, prediction, self.timesteps[i], x, eta=0.0,
-                             noise=torch.zeros_like(x)).prev_sample
+            step = ddim_step(self.scheduler, prediction, self.timesteps[i], x, eta=0.0, noise=torch.zeros_like(x))
+            return step.prev_sample, step.pred_original_sample
         if self.kind == "flow":
-            return flow_euler_step(self.sigmas[i], self.sigmas[i + 1], prediction, x.float())
+            x0 = x.float() - float(self.sigmas[i]) * prediction.float()
+            return flow_euler_step(self.sigmas[i], self.sigmas[i + 1], prediction, x.float()), x0
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         prediction = prediction.float()
         if self.prediction_type == "epsilon":
@@ -121,7 +126,7 @@ class DeterministicSampler:
         else:
             raise ValueError(f"DRaFT's Euler sampler: prediction_type {self.prediction_type!r} is not epsilon or "
                              "v_prediction")
-        return x + (sigma_next - sigma) * (x - x0) / sigma  # the ODE derivative (x - x0) / sigma, s_churn 0
+        return x + (sigma_next - sigma) * (x - x0) / sigma, x0  # the ODE derivative (x - x0) / sigma, s_churn 0
 
     def renoise(self, x0: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
         """x0 taken to step i's noise level with `noise` (the forward process of the family)."""
@@ -288,8 +293,13 @@ class DRaFTMethod:
 
     def differentiable_steps(self, x: torch.Tensor, start: int, cond, uncond
                              ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Steps [start, N) with gradient through the policy: (x_0, the policy's guided predictions, the reference's
-        at the same x_i (none without the KL))."""
+        """Steps [start, N) with gradient through the policy: (the last step's predicted x0, the policy's guided
+        predictions, the reference's at the same x_i (none without the KL)).
+
+        The last step's predicted x0 is what gets decoded, as NeMo's generate() decodes pred_x0: with DDIM's last
+        step from t = 1 to the final alpha (alphas_cumprod[0]) the sample x_0 itself barely depends on the
+        prediction (sqrt(1 - a_0) - sqrt(1 - a_1) sqrt(a_0 / a_1) ~ 0), so its reward gradient would all but
+        vanish; for Euler and flow steps to sigma 0 the two are the same."""
         engine = self.engine
         predictions, references = [], []
         for i in range(start, self.sampler.num_steps):
@@ -302,8 +312,8 @@ class DRaFTMethod:
                 model_input = self.sampler.model_input(x.detach(), i).to(engine.bundle.dtype)
                 references.append(engine.reference_prediction(
                     model_input, self.sampler.timestep(i, x.shape[0], x.device), cond, uncond, self.scale))
-            x = self.sampler.step(i, prediction, x)
-        return x, predictions, references
+            x, x0 = self.sampler.step_with_x0(i, prediction, x)
+        return x0, predictions, references
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1] with gradient, vae_batch_size images per decode (each checkpointed)."""
