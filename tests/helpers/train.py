@@ -65,6 +65,23 @@ def launch_train(config_path: str | Path, nproc: int = 1, resume: bool = False,
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def sigkill_once_logged_then_resume(config_path: str | Path, out_dir: str | Path, step: int, log: str | Path) -> None:
+    """`fastpref train` on `config_path`, SIGKILLed from outside as soon as its metrics.jsonl logs `step`, then run
+    again with --resume to the end; asserts that the kill happened and that the resumed run succeeded."""
+    import json
+
+    metrics = Path(out_dir) / "metrics.jsonl"
+
+    def logged() -> bool:
+        return metrics.exists() and any(json.loads(line)["step"] == step for line in metrics.read_text().splitlines()
+                                        if line.strip())
+
+    status = start_and_kill_when(train_command(config_path), logged, log)
+    assert status == -9, Path(log).read_text()[-3000:]
+    resumed = launch_train(config_path, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+
+
 def run_train_cli(config_path: str | Path, resume: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(train_command(config_path, resume), env=env, capture_output=True, text=True, timeout=timeout)

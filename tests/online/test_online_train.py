@@ -2,7 +2,6 @@
 rollout/training consistency (ratio 1 at the first update), exact SIGKILL resume, 2 gloo processes == 1, and the
 online recipes through `fastpref run`."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -133,23 +132,14 @@ def resume_config(tiny_models, out, **overrides):
 def test_sigkill_and_resume_is_exact(tiny_models, tmp_path):
     """Killed (SIGKILL, from outside) once step 3 is logged, resumed from the step-2 checkpoint: the same metrics
     and final weights as the uninterrupted run, bit for bit (rollouts keyed by seed/epoch/prompt, EMA restored)."""
-    from helpers.train import start_and_kill_when, train_command
+    from helpers.train import sigkill_once_logged_then_resume
 
     overrides = {"online.grpo.ema": True, "online.grpo.ema_every": 1}
     straight = write_config(resume_config(tiny_models, tmp_path / "straight", **overrides), tmp_path / "s.yaml")
     done = launch(straight)
     assert done.returncode == 0, done.stderr[-4000:]
     killed_cfg = write_config(resume_config(tiny_models, tmp_path / "killed", **overrides), tmp_path / "k.yaml")
-
-    def step_3_logged():
-        path = tmp_path / "killed" / "metrics.jsonl"
-        return path.exists() and any(json.loads(line)["step"] == 3 for line in path.read_text().splitlines()
-                                     if line.strip())
-
-    status = start_and_kill_when(train_command(killed_cfg), step_3_logged, tmp_path / "killed.log")
-    assert status == -9, (tmp_path / "killed.log").read_text()[-3000:]
-    resumed = launch(killed_cfg, resume=True)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    sigkill_once_logged_then_resume(killed_cfg, tmp_path / "killed", 3, tmp_path / "killed.log")
     expected = {r["step"]: r for r in read_metrics(tmp_path / "straight")}
     got = {r["step"]: r for r in read_metrics(tmp_path / "killed")}
     assert sorted(got) == [1, 2, 3, 4]

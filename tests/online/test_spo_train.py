@@ -184,22 +184,13 @@ def test_sigkill_and_resume_is_exact(models, tmp_path):
     """Killed (SIGKILL) once step 3 is logged, resumed from the step-2 checkpoint: the same metrics and final LoRA
     weights as the uninterrupted run, bit for bit (the rollout is keyed by seed / epoch / prompt id / step, the
     prompt position is checkpointed)."""
-    from helpers.train import start_and_kill_when, train_command
+    from helpers.train import sigkill_once_logged_then_resume
 
     straight = write_config(resume_config(models, tmp_path / "straight"), tmp_path / "s.yaml")
     done = launch(straight)
     assert done.returncode == 0, done.stderr[-4000:]
     killed = write_config(resume_config(models, tmp_path / "killed"), tmp_path / "k.yaml")
-
-    def step_3_logged():
-        path = tmp_path / "killed" / "metrics.jsonl"
-        return path.exists() and any(json.loads(line)["step"] == 3 for line in path.read_text().splitlines()
-                                     if line.strip())
-
-    status = start_and_kill_when(train_command(killed), step_3_logged, tmp_path / "killed.log")
-    assert status == -9, (tmp_path / "killed.log").read_text()[-3000:]
-    resumed = launch(killed, resume=True)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    sigkill_once_logged_then_resume(killed, tmp_path / "killed", 3, tmp_path / "killed.log")
     expected = {r["step"]: r for r in read_metrics(tmp_path / "straight")}
     got = {r["step"]: r for r in read_metrics(tmp_path / "killed")}
     assert sorted(got) == [1, 2, 3, 4]
