@@ -7,23 +7,16 @@ import sys
 
 import pytest
 import torch
-import yaml
 
-from fastpref.config import to_dict
 from fastpref.train.metrics import read_metrics
 
-from helpers.train import make_config
+from helpers.train import launch_train, make_config, write_train_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 def launch(cfg, path, nproc, resume=False):
-    path.write_text(yaml.safe_dump(to_dict(cfg)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    args = ["-m", "fastpref.cli", "train", "--config", str(path)] + (["--resume"] if resume else [])
-    if nproc > 1:
-        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
-    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=900)
+    proc = launch_train(write_train_config(cfg, path), nproc, resume)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
