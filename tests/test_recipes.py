@@ -26,6 +26,10 @@ def effective_batch(train) -> int:
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_validates(path):
     stages = build_stages(load_config(RunConfig, path))
+    if load_config(RunConfig, path).is_online:  # online recipes (grpo / spo / draft): prompts only, no data stages
+        assert stages.synth is None and stages.importer is None and stages.cache is None
+        assert all(t.model.path and not t.data.root for t in stages.trains.values())
+        return
     assert stages.trains and all(t.data.root for t in stages.trains.values())
     assert (stages.synth is None) == (stages.importer is not None)  # Syn-Pic or an import, never both
     if stages.synth is not None:
@@ -100,7 +104,7 @@ def test_sdxl_and_sd3_share_syn_pic_but_cache_their_own_latents():
 
 
 def test_train_cli_reads_an_import_recipe():
-    from fastpref.train.loop import train_config_of_recipe
+    from fastpref.pipeline import train_config_of_recipe
 
     cfg = train_config_of_recipe(str(CONFIGS / "sd15-dpo.yaml"), ["max_steps=10", "importer.limit=100"])
     assert cfg.max_steps == 10 and cfg.objective.name == "dpo" and cfg.data.root == "runs/sd15-dpo/data"
