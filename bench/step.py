@@ -218,7 +218,7 @@ def run_online(args, device: torch.device, peak: float, peak_source: str) -> dic
         arch = load_arch(name, args.width_scale, args.resolution)
         params = sum(p.numel() for p in _denoiser_params(arch))
         notes.append(f"{arch.describe()}: denoiser {params / 1e6:.1f}M parameters (random weights), latents "
-                     f"{arch.latent_channels}x{arch.latent_hw[0]}x{arch.latent_hw[1]}")
+                     f"{arch.latent_channels}x{arch.latent_hw[0]}x{arch.latent_hw[1]}, {arch.text_length} text tokens")
         row = measure_online(arch, settings, device, args.steps, args.warmup, args.phase_steps, peak)
         rows.append(row)
         print(f"  {row['shape']:>20} | {args.method}/{row['mode']}: {fmt(row['step_ms'])} ms, phases "
