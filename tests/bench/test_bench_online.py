@@ -134,3 +134,20 @@ def test_instrumentation_does_not_change_the_step(method, arch):
 def test_unknown_recipe_is_refused():
     with pytest.raises(ValueError, match="--method spo --arch sd3"):
         online_config(load_arch("sd3", 0.125, 128), SPO, CPU, "/tmp/unused-bench-online")
+
+
+def test_step_cli_writes_online_results(tmp_path):
+    """bench/step.py --method spo: the CLI path, one tiny row, CSV (with device and versions) + Markdown."""
+    import csv
+
+    import step
+
+    args = step.parse_args(["--method", "spo", "--arch", "toy-sd", "--num-steps", "3", "--divert-start-step", "1",
+                            "--steps", "1", "--warmup", "1", "--phase-steps", "1", "--out", str(tmp_path),
+                            "--tag", "t"])
+    paths = step.run(args)
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert len(rows) == 1 and rows[0]["objective"] == "spo" and rows[0]["env_torch"]
+    assert float(rows[0]["sampling_ms"]) > 0 and int(rows[0]["sampling_denoiser_rows"]) == 2 * (1 + 1 + 1 * 2)
+    text = paths["md"].read_text()
+    assert "machine load" in text and "| toy-sd 32px | spo |" in text
