@@ -16,7 +16,6 @@ import flops as flop_count
 from common import PhaseTimer, summarize, synchronize
 from step_archs import Arch
 
-from fastpref.train.objectives import ObjectiveConfig
 from fastpref.train.speed import SpeedConfig, UnsupportedSpeedOption
 
 PHASES = ("data", "encode", "reference", "policy", "optimizer", "communication")
@@ -108,13 +107,22 @@ class FastprefRunner:
     """fastpref's step as the Trainer runs it (TrainStep + Parallel + speed switches) on cached batches."""
 
     def __init__(self, arch: Arch, variant: Variant, device: torch.device):
+        from fastpref.config import from_dict, to_dict
+        from fastpref.train.config import TrainConfig
         from fastpref.train.loop import LoraConfig, add_lora
         from fastpref.train.parallel import build_parallel
-        from fastpref.train.speed import apply_model_speedups, autocast, build_optimizer, set_attention_backend
-        from fastpref.train.step import ReferenceModel, TrainStep
+        from fastpref.train.reference import frozen_copy_dtype
+        from fastpref.train.speed import apply_model_speedups, build_optimizer, set_attention_backend
+        from fastpref.train.step import ReferenceModel, build_step
 
         self.arch, self.variant, self.device = arch, variant, device
         speed, work = variant.speed, variant.work
+        # the TrainConfig a recipe with these settings would give: the step, its reference dtype and loss backend
+        # are then built by the trainer's own functions
+        cfg = from_dict(TrainConfig, {"model": {"path": arch.name}, "data": {"root": "-"}, "output_dir": "-",
+                                      "mode": work.mode, "objective": {"name": work.objective},
+                                      "speed": to_dict(speed),
+                                      "loss_backend": "auto" if speed.fused_loss else "reference"})
         bundle = arch.build(device)
         self.bundle = bundle
         if variant.cached_latents:
@@ -126,7 +134,7 @@ class FastprefRunner:
                 module.requires_grad_(False).to(dtype=weight_dtype).eval()
         denoiser = bundle.denoiser
         reference_mode = "cached" if variant.cached_reference else ("adapters_off" if work.mode == "lora" else "frozen_copy")
-        ref_dtype = torch.bfloat16 if speed.mixed_precision == "bf16" else None
+        ref_dtype = frozen_copy_dtype(cfg, device) if reference_mode == "frozen_copy" else None
         self.reference = ReferenceModel(reference_mode, denoiser, dtype=ref_dtype)
         if work.mode == "lora":
             add_lora(denoiser, LoraConfig())
@@ -137,10 +145,7 @@ class FastprefRunner:
         module, _, _ = self.parallel.wrap(
             denoiser, lambda params: build_optimizer(params, speed.optimizer, 1e-6, 0.0),
             lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
-        objective = ObjectiveConfig(name=work.objective)
-        self.step_fn = TrainStep(bundle, module, objective, self.reference, noise_seed=0,
-                                 autocast=autocast(device, speed.mixed_precision),
-                                 loss_backend="auto" if speed.fused_loss else "reference")
+        self.step_fn = build_step(cfg, bundle, module, self.reference, noise_seed=0, device=device)
         self.batches = [cached_batch(arch, bundle.dtype, work, seed) for seed in range(2)]
         if not variant.cached_latents:
             self.raw = [raw_inputs(arch, bundle, work.groups, work.group_size, seed)
@@ -177,26 +182,14 @@ class FastprefRunner:
 
     @contextlib.contextmanager
     def instrumented(self, timer: PhaseTimer):
-        """Attribute the noise draw to 'data' and the live reference forward to 'reference'."""
-        import fastpref.train.step as step_module
-
-        draw, predict = step_module.draw_timesteps_and_noise, self.reference.predict
-
-        def timed_draw(*args, **kwargs):
-            with timer("data"):
-                return draw(*args, **kwargs)
-
-        def timed_predict(*args, **kwargs):
-            with timer("reference"):
-                return predict(*args, **kwargs)
-
-        step_module.draw_timesteps_and_noise = timed_draw
-        self.reference.predict = timed_predict
+        """The noise draw timed as 'data' and the live reference forward as 'reference', through the step's own
+        phase hook (TrainStep.phase)."""
+        untimed = self.step_fn.phase
+        self.step_fn.phase = timer
         try:
             yield
         finally:
-            step_module.draw_timesteps_and_noise = draw
-            del self.reference.predict
+            self.step_fn.phase = untimed
 
 
 class BaselineRunner:
