@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from fastpref.config import ConfigError
+from fastpref.online.spo_config import check_candidates
 
 # (pixels in [0, 1] (N, 3, H, W), prompts (N,), timesteps (N,)) -> (N,) preference scores
 PreferenceFn = Callable[[torch.Tensor, list, torch.Tensor], torch.Tensor]
@@ -55,12 +56,7 @@ class SPOSamplingConfig:
     negative_prompt: str = ""
 
     def validate(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"threshold: must be in [0, 1] (a difference of two softmax probabilities), got "
-                              f"{self.threshold}")
-        if self.num_candidates < 2:
-            raise ConfigError(f"num_candidates: must be >= 2 (a best and a worst candidate per step), got "
-                              f"{self.num_candidates}")
+        check_candidates(self.threshold, self.num_candidates)
         if self.num_steps < 2:
             raise ConfigError(f"num_steps: must be >= 2, got {self.num_steps}")
         if not 0 <= self.divert_start_step < self.num_steps:

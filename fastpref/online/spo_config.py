@@ -28,12 +28,7 @@ class SPOConfig:
     cfg: bool = True  # classifier-free guidance in the training forward too [train.cfg]
 
     def validate(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"threshold: must be in [0, 1] (a difference of two softmax probabilities), got "
-                              f"{self.threshold}")
-        if self.num_candidates < 2:
-            raise ConfigError(f"num_candidates: must be >= 2 (a best and a worst candidate per step), got "
-                              f"{self.num_candidates}")
+        check_candidates(self.threshold, self.num_candidates)
         if self.divert_start_step < 0:
             raise ConfigError(f"divert_start_step: must be >= 0, got {self.divert_start_step}")
         if self.num_inner_step < 0:
@@ -45,6 +40,14 @@ class SPOConfig:
         for key in ("train_batch_size", "steps_per_rollout"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+
+
+def check_candidates(threshold: float, num_candidates: int) -> None:
+    """The resampler's pair rule, shared by the trainer's `online.spo` section and the resampler's own config."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"threshold: must be in [0, 1] (a difference of two softmax probabilities), got {threshold}")
+    if num_candidates < 2:
+        raise ConfigError(f"num_candidates: must be >= 2 (a best and a worst candidate per step), got {num_candidates}")
 
 
 def check_spo(online) -> None:
