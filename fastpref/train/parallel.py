@@ -448,12 +448,12 @@ class DeepSpeedZero(Parallel):
         ds_dir = directory / "deepspeed"
         # DeepSpeed unpickles its files with weights_only=False: each must first pass the weights_only check, with
         # the plain DeepSpeed records its ZeRO optimizer state holds allowed
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
 
-        for path in sorted(ds_dir.rglob("*.pt")):
-            load_state(path, allowed=(fragment_address, LossScaler, ZeroStageEnum))
+        for path in sorted(ds_dir.rglob("*.pt")):  # DynamicLossScaler: fp16's dynamic loss scaling
+            load_state(path, allowed=(fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum))
         if not ds_dir.is_dir():
             raise CheckpointError(f"checkpoint {directory}: no DeepSpeed state in {ds_dir}")
         self.engine.load_checkpoint(str(ds_dir), tag="state")
