@@ -65,16 +65,21 @@ def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
 def test_the_readme_quotes_the_recorded_demo():
     ev = result("toy-rankdpo")["eval"]
     base, rankdpo, dpo = ev["base"], ev["rankdpo"], ev["dpo"]
-    for numbers in quoted(r"base toy-sd (\d+\.\d)%, RankDPO (\d+\.\d)% \(\+(\d+\.\d) points; the base's seed-to-seed "
-                          r"spread is (\d+\.\d) points and RankDPO beats the base on each of the (\d+) seeds\)"):
-        assert numbers[:2] == (pct(base["overall"]), pct(rankdpo["overall"])), numbers
-        # the gain may be quoted as the difference of the rounded scores or the rounded difference
-        gains = {pct(rankdpo["overall"] - base["overall"]), f"{float(numbers[1]) - float(numbers[0]):.1f}"}
-        assert numbers[2] in gains, numbers
-        assert numbers[3:] == (pct(base["seed_spread"]), str(len(base["seed_scores"]))), numbers
-        assert all(r > b for r, b in zip(rankdpo["seed_scores"], base["seed_scores"], strict=True))
-    for (number,) in quoted(r"DPO on the best-vs-worst pairs of the same data at the same lr/beta (\d+\.\d)%"):
-        assert number == pct(dpo["overall"])
+    for numbers in quoted(r"base toy-sd (\d+\.\d)% \(prompt-weighted (\d+\.\d)%\), RankDPO (\d+\.\d)% \(prompt-weighted "
+                          r"(\d+\.\d)%\), DPO on the best-vs-worst pairs of the same data at the same lr/beta (\d+\.\d)% "
+                          r"\(prompt-weighted (\d+\.\d)%\)"):
+        assert numbers == tuple(pct(r[key]) for r in (base, rankdpo, dpo) for key in ("overall", "prompt_mean"))
+    intervals = {("RankDPO", "base"): rankdpo["paired"]["base"], ("DPO", "base"): dpo["paired"]["base"],
+                 ("RankDPO", "DPO"): rankdpo["paired"]["dpo"]}
+    found = quoted(r"(RankDPO|DPO) vs (base|DPO) ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] points "
+                   r"\((better than the base|worse than the base|not shown)\)")
+    assert {(a, b) for a, b, *_ in found} == set(intervals)
+    for a, b, difference, low, high, verdict in found:
+        interval = intervals[a, b]["prompt_mean"]
+        assert (difference, low, high) == tuple(f"{100 * interval[k]:+.1f}" for k in ("difference", "low", "high"))
+        expected = ("better than the base" if interval["low"] > 0 else
+                    "worse than the base" if interval["high"] < 0 else "not shown")
+        assert verdict == expected, (a, b, verdict)
 
 
 def test_the_readme_quotes_the_recorded_ncp_run():
