@@ -71,7 +71,9 @@ class SPOSamplingConfig:
             raise ConfigError(f"guidance_scale: must be >= 1, got {self.guidance_scale}")
 
 
-def check_model_family(model: str, family: str | None, key: str = "model") -> str:
+def check_model_family(model: str, family: str | None, key: str = "model",
+                       why: str = "SPO needs DDIM's eta posterior, which exists for eps- / v-prediction (DDPM) models "
+                                  "only (sd, sdxl)", hint: str = "") -> str:
     """The family of a model path / toy name / hub id (family given), refusing flow matching before any load."""
     from fastpref.models import detect_family, resolve_path
     from fastpref.models.bundle import FLOW_FAMILIES
@@ -80,10 +82,9 @@ def check_model_family(model: str, family: str | None, key: str = "model") -> st
         try:
             family = detect_family(resolve_path(model))
         except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"{key}: {err}") from None
+            raise ConfigError(f"{key}: {err}{hint}") from None
     if family in FLOW_FAMILIES:
-        raise ConfigError(f"{key}: {model!r} is a flow-matching model (family {family!r}); SPO needs DDIM's eta "
-                          "posterior, which exists for eps- / v-prediction (DDPM) models only (sd, sdxl)")
+        raise ConfigError(f"{key}: {model!r} is a flow-matching model (family {family!r}); {why}")
     return family
 
 

@@ -100,19 +100,11 @@ class SPMTrainConfig:
 
 def check_diffusion_model(config: SPMDiffusionConfig, key: str = "diffusion") -> str:
     """The family of the base diffusion model, refusing flow matching, before any weights load."""
-    from fastpref.models import detect_family, resolve_path
-    from fastpref.models.bundle import FLOW_FAMILIES
+    from fastpref.online.spo import check_model_family
 
-    family = config.family
-    if family is None:
-        try:
-            family = detect_family(resolve_path(config.model))
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"{key}.model: {err}; set {key}.family") from None
-    if family in FLOW_FAMILIES:
-        raise ConfigError(f"{key}.model: {config.model!r} is a flow-matching model (family {family!r}); the SPM is "
-                          "trained on one-step x0 predictions of a DDPM (eps / v) model, as SPO's are")
-    return family
+    return check_model_family(config.model, config.family, f"{key}.model",
+                              why="the SPM is trained on one-step x0 predictions of a DDPM (eps / v) model, as "
+                                  "SPO's are", hint=f"; set {key}.family")
 
 
 # ---------------------------------------------------------------------------------------------- data
