@@ -22,9 +22,12 @@ FAMILY_OF_PIPELINE = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
 }
-# the shipped toy models (fastpref/toy/weights/<name>) and their families
-TOY_MODELS = {"toy-sd": "sd", "toy-sd-early": "sd", "toy-sdxl": "sdxl", "toy-sd3": "sd3"}
+# the shipped toy models (fastpref/toy/weights/<name>) and their families; "-v2": the same trained on world v2
+TOY_MODELS = {"toy-sd": "sd", "toy-sd-early": "sd", "toy-sdxl": "sdxl", "toy-sd3": "sd3",
+              "toy-sd-v2": "sd", "toy-sd-early-v2": "sd", "toy-sdxl-v2": "sdxl", "toy-sd3-v2": "sd3"}
 TOY_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "toy" / "weights"
+# what toy pretraining (fastpref.toy.pretrain) writes as "family" in a model's metrics.json
+TOY_PRETRAIN_FAMILIES = ("vae", "toy-sd", "toy-sdxl", "toy-sd3")
 
 
 def family_module(family: str):
@@ -63,6 +66,27 @@ def resolve_path(path_or_name: str | Path) -> str:
     return str(path_or_name)
 
 
+def model_world(path_or_name: str | Path) -> str | None:
+    """The toy world (fastpref.toy.world.WORLDS) a model speaks, from its folder's metrics.json, which toy
+    pretraining writes: its "world", or "v1" for a toy model trained before worlds existed (no "world" key).
+    None for anything that is not a toy pretraining output (a hub id, a real checkpoint)."""
+    metrics_file = Path(resolve_path(path_or_name)) / "metrics.json"
+    if not metrics_file.is_file():
+        return None
+    try:
+        metrics = json.loads(metrics_file.read_text())
+    except ValueError as err:
+        raise ValueError(f"{str(metrics_file)!r} is not valid JSON: {err}") from None
+    if not isinstance(metrics, dict) or metrics.get("family") not in TOY_PRETRAIN_FAMILIES:
+        return None
+    world = metrics.get("world", "v1")
+    from fastpref.toy.world import WORLDS
+
+    if world not in WORLDS:
+        raise ValueError(f"{str(metrics_file)!r}: world {world!r} is not one of {tuple(WORLDS)}")
+    return world
+
+
 def load(
     path_or_hub_id: str | Path,
     family: str | None = None,
@@ -84,6 +108,7 @@ __all__ = [
     "detect_family",
     "family_module",
     "load",
+    "model_world",
     "resolve_path",
     "toy_model_path",
 ]

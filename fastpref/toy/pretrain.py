@@ -4,6 +4,10 @@
     python -m fastpref.toy.pretrain --family toy-sd --minutes 20 --seed 0 \\
         --vae fastpref/toy/weights/vae --out fastpref/toy/weights/toy-sd
 
+--world v1 | v2 picks the toy world (default v1, the original one); the saved model records it in its
+metrics.json ("world"), which fastpref.models.model_world reads; a diffusion family refuses a VAE of
+another world.
+
 --minutes is a budget: the first steps are timed and fixed the step count (printed and written to
 the run's metrics.json); --steps N reruns the same schedule exactly. Images come fresh from
 world.sample_batch (train split) every step, so there is no epoch; the diffusion families train
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from fastpref.toy.world import WORLDS
 # one concept per module; the names stay importable from here (shapeclip, tests, the model cards' commands)
 from fastpref.toy.model_card import (CARD_GUIDANCE, CARD_SEEDS_PER_PROMPT, CARD_STEPS,  # noqa: F401
                                      folder_megabytes, score_pipeline, write_model_card)
@@ -59,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> PretrainArgs:
     parser.add_argument("--link-vae", action="store_true",
                         help="replace the saved pipelines' vae/ by a relative symlink to --vae when identical")
     parser.add_argument("--size", default="toy", choices=("toy", "tiny"))
+    parser.add_argument("--world", default="v1", choices=sorted(WORLDS),
+                        help="the toy world to learn (its train split; recorded in the model's metrics.json)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     ns = parser.parse_args(argv)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastpref.models import model_world
 from fastpref.toy.pretrain_checkpoint import maybe_resume, save_checkpoint
 from fastpref.toy.pretrain_loop import (PretrainArgs, command_line, images_to_tensor, loss_summary, optimizer_steps,
                                         resumed_budget, seed_everything)
@@ -25,6 +26,14 @@ LATENT_POOL_IMAGES = 16_000
 LR_WARMUP_STEPS = 100
 
 
+def check_vae_world(vae_dir: Path, world_name: str) -> None:
+    """Refuse a VAE trained on another world: its latent statistics and colors are that world's."""
+    vae_world = model_world(vae_dir)
+    if vae_world is not None and vae_world != world_name:
+        raise ValueError(f"pretrain: --vae {vae_dir} was trained on world {vae_world} (its metrics.json) but --world "
+                         f"is {world_name}: train a VAE with --world {world_name} first")
+
+
 def family_module(family: str):
     from fastpref.models import sd, sd3, sdxl
 
@@ -34,12 +43,12 @@ def family_module(family: str):
     return modules[family]
 
 
-def build_toy_bundle(family: str, vae, size: str = "toy", seed: int = 0):
-    """A randomly initialised toy model of `family` around a trained VAE and the world tokenizer."""
+def build_toy_bundle(family: str, vae, size: str = "toy", seed: int = 0, world_name: str = "v1"):
+    """A randomly initialised toy model of `family` around a trained VAE and `world_name`'s tokenizer."""
     from fastpref.toy.tokenizer import build_tokenizer
 
     module = family_module(family)
-    return module.build_random(module.tiny_config(size), build_tokenizer(), vae=vae, seed=seed)
+    return module.build_random(module.tiny_config(size), build_tokenizer(world_name=world_name), vae=vae, seed=seed)
 
 
 def _file_digest(path: Path) -> str:
@@ -49,22 +58,25 @@ def _file_digest(path: Path) -> str:
 
 
 @torch.no_grad()
-def latent_pool(vae, vae_dir: Path, seed: int, num_images: int, cache_dir: Path | None) -> dict:
-    """Posterior mean/std of `num_images` fresh train images (and their captions), encoded once.
+def latent_pool(vae, vae_dir: Path, seed: int, num_images: int, cache_dir: Path | None, world_name: str = "v1") -> dict:
+    """Posterior mean/std of `num_images` fresh train images of `world_name` (and their captions), encoded once.
 
-    Cached per VAE weights + seed + size so that the three families share one encoding pass; a
+    Cached per VAE weights + seed + size + world so that the three families share one encoding pass; a
     latent is drawn from N(mean, std) at every use, which keeps the VAE's sampling noise.
     """
     from fastpref.toy import world
 
     weights = next(iter(sorted(vae_dir.glob("*.safetensors"))), None)
-    key = f"latents-{_file_digest(weights) if weights else 'random'}-{num_images}-{seed}.pt"
+    # v1's key predates worlds and stays as it was, so existing caches keep serving v1 runs
+    world_tag = "" if world_name == "v1" else f"-{world_name}"
+    key = f"latents-{_file_digest(weights) if weights else 'random'}-{num_images}-{seed}{world_tag}.pt"
     if cache_dir is not None and (cache_dir / key).exists():
         return load_state(cache_dir / key)  # plain data only: a planted cache file cannot run code
     rng = np.random.default_rng(seed + 1000)
     means, stds, captions = [], [], []
     for start in range(0, num_images, 500):
-        images, batch_captions = world.sample_batch(rng, min(500, num_images - start), split="train")
+        images, batch_captions = world.sample_batch(rng, min(500, num_images - start), split="train",
+                                                    world=world_name)
         posterior = vae.encode(images_to_tensor(images)).latent_dist
         means.append(posterior.mean.half())
         stds.append(posterior.std.half())
@@ -111,9 +123,10 @@ def train_diffusion(args: PretrainArgs) -> dict:
     from diffusers.training_utils import EMAModel
 
     rng = seed_everything(args.seed)
+    check_vae_world(args.vae, args.world)
     vae = diffusers.AutoencoderKL.from_pretrained(str(args.vae), torch_dtype=torch.float32).eval()
     vae.requires_grad_(False)
-    bundle = build_toy_bundle(args.family, vae, args.size, args.seed)
+    bundle = build_toy_bundle(args.family, vae, args.size, args.seed, args.world)
     trainable = torch.nn.ModuleList([bundle.denoiser, *bundle.text_modules()]).train()
     params = [p for p in trainable.parameters() if p.requires_grad]
     base_lr = args.lr or DIFFUSION_LR[args.family]
@@ -124,7 +137,7 @@ def train_diffusion(args: PretrainArgs) -> dict:
     start_step, rng = state["step"], state["rng"]
     budget = resumed_budget(args, state)
     pool = latent_pool(vae, args.vae, args.seed, LATENT_POOL_IMAGES if args.size == "toy" else 512,
-                       args.latent_cache or args.work_dir)
+                       args.latent_cache or args.work_dir, args.world)
     budget.start = time.perf_counter()  # the pool is shared by families: time training only
 
     def next_loss() -> torch.Tensor:
@@ -152,6 +165,7 @@ def train_diffusion(args: PretrainArgs) -> dict:
             early_metrics = {
                 "command": command_line(),
                 "family": args.family,
+                "world": args.world,
                 "snapshot_of": str(args.out),
                 "steps": step,
                 "seed": args.seed,
@@ -165,6 +179,7 @@ def train_diffusion(args: PretrainArgs) -> dict:
     metrics = {
         "command": command_line(),
         "family": args.family,
+        "world": args.world,
         "steps": step,
         "seed": args.seed,
         "batch_size": args.batch_size,
@@ -232,6 +247,7 @@ def export_checkpoint(checkpoint: Path, like: Path, family: str, out: Path, shar
     save_toy_pipeline(bundle, out)
     if shared_vae is not None:
         link_identical_vae(out, shared_vae)
-    metrics = {"command": command_line(), "family": family, "steps": payload["step"], "snapshot_of": str(like)}
+    metrics = {"command": command_line(), "family": family, "world": model_world(like), "steps": payload["step"],
+               "snapshot_of": str(like)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return payload["step"]

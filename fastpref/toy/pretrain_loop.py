@@ -38,6 +38,7 @@ class PretrainArgs:
     link_vae: bool = False
     latent_cache: Path | None = None
     size: str = "toy"  # "toy" (shipped) or "tiny" (tests)
+    world: str = "v1"  # the toy world (fastpref.toy.world.WORLDS) whose images and captions the model learns
     threads: int = 2
     progress: bool = True
 

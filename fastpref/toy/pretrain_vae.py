@@ -36,24 +36,26 @@ def vae_loss(vae, pixels: torch.Tensor, sample_generator: torch.Generator | None
 
 
 @torch.no_grad()
-def latent_statistics(vae, rng: np.random.Generator, num_images: int = 2048, batch: int = 256) -> tuple[float, float]:
+def latent_statistics(vae, rng: np.random.Generator, num_images: int = 2048, batch: int = 256,
+                      world_name: str = "v1") -> tuple[float, float]:
     """Mean and std of sampled latents over fresh train images: the VAE's shift/scaling factors."""
     from fastpref.toy import world
 
     chunks = []
     for start in range(0, num_images, batch):
-        images, _ = world.sample_batch(rng, min(batch, num_images - start), split="train")
+        images, _ = world.sample_batch(rng, min(batch, num_images - start), split="train", world=world_name)
         chunks.append(vae.encode(images_to_tensor(images)).latent_dist.sample())
     latents = torch.cat(chunks).double()
     return latents.mean().item(), latents.std().item()
 
 
 @torch.no_grad()
-def reconstruction_pass_rate(vae, rng: np.random.Generator, split: str = "eval", num_images: int = 500) -> float:
+def reconstruction_pass_rate(vae, rng: np.random.Generator, split: str = "eval", num_images: int = 500,
+                             world_name: str = "v1") -> float:
     """Share of VAE reconstructions that the verifier still accepts for the rendered spec."""
     from fastpref.toy import verifier, world
 
-    specs = [world.sample_spec(rng, split) for _ in range(num_images)]
+    specs = [world.sample_spec(rng, split, world_name) for _ in range(num_images)]
     images = np.stack([world.render(spec, rng) for spec in specs])
     passed = 0
     for start in range(0, num_images, 250):
@@ -77,7 +79,7 @@ def train_vae(args: PretrainArgs) -> dict:
     budget = resumed_budget(args, state)
 
     def next_loss() -> torch.Tensor:
-        images, _ = world.sample_batch(rng, args.batch_size, split="train")
+        images, _ = world.sample_batch(rng, args.batch_size, split="train", world=args.world)
         return vae_loss(vae, images_to_tensor(images), sample_generator)
 
     losses: list[float] = []
@@ -89,21 +91,24 @@ def train_vae(args: PretrainArgs) -> dict:
     vae.eval()
     # fewer images for the tests' tiny runs: these are summaries, not what the run trains on
     stat_images, eval_images = (2048, 500) if args.size == "toy" else (128, 32)
-    mean, std = latent_statistics(vae, np.random.default_rng(args.seed + 2), stat_images)
+    mean, std = latent_statistics(vae, np.random.default_rng(args.seed + 2), stat_images, world_name=args.world)
     # SD/SDXL pipelines multiply by scaling_factor only; SD3 subtracts shift_factor first. With
     # both set, one VAE folder serves every family (the bundle follows each family's convention).
     vae.register_to_config(scaling_factor=1.0 / std, shift_factor=mean)
     metrics = {
         "command": command_line(),
         "family": "vae",
+        "world": args.world,
         "steps": step,
         "seed": args.seed,
         "minutes": round(budget.elapsed_minutes(), 2),
         **loss_summary(losses),
         "latent_mean": mean,
         "latent_std": std,
-        "recon_pass_rate_eval": reconstruction_pass_rate(vae, np.random.default_rng(args.seed + 3), "eval", eval_images),
-        "recon_pass_rate_train": reconstruction_pass_rate(vae, np.random.default_rng(args.seed + 4), "train", eval_images),
+        "recon_pass_rate_eval": reconstruction_pass_rate(vae, np.random.default_rng(args.seed + 3), "eval", eval_images,
+                                                         world_name=args.world),
+        "recon_pass_rate_train": reconstruction_pass_rate(vae, np.random.default_rng(args.seed + 4), "train",
+                                                          eval_images, world_name=args.world),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     # fp16 halves the shipped size; diffusers upcasts to the dtype asked for on load
