@@ -330,16 +330,29 @@ def seed_table_lines(stats: dict[str, dict[str, Any]]) -> list[str]:
     """A markdown table of fastpref.eval.verdicts.variant_statistics: mean ± std over training seeds."""
     categories = list(stats["base"]["per_category"])
     pct = (lambda m, s: f"{100 * m:.1f} ± {100 * s:.1f}")
-    lines = ["| model | seeds | overall | " + " | ".join(categories) + " |", "|---|---|---|" + "---|" * len(categories)]
+    weighted = all("prompt_mean" in s for s in stats.values())
+    lines = ["| model | seeds | overall | " + ("prompt-weighted | " if weighted else "") + " | ".join(categories) + " |",
+             "|---|---|---|" + ("---|" if weighted else "") + "---|" * len(categories)]
     for name, s in stats.items():
         cells = " | ".join(pct(s["per_category"][c], s["per_category_std"][c]) for c in categories)
-        lines.append(f"| {name} | {s['seeds']} | **{pct(s['overall'], s['overall_std'])}** | {cells} |")
+        column = f"{pct(s['prompt_mean'], s['prompt_mean_std'])} | " if weighted else ""
+        lines.append(f"| {name} | {s['seeds']} | **{pct(s['overall'], s['overall_std'])}** | {column}{cells} |")
+    return lines
+
+
+def claim_lines(claims: list[dict[str, Any]], name_of=lambda c: f"{c['better']} vs {c['than']}") -> list[str]:
+    """One bullet per claim: the category-mean verdict, then the prompt-weighted one when it was judged."""
+    lines = []
+    for c in claims:
+        lines.append(f"- **{name_of(c)}**: category mean: {c['text']}")
+        if "prompt_weighted" in c:
+            lines.append(f"  prompt-weighted: {c['prompt_weighted']['text']}")
     return lines
 
 
 def seed_summary_lines(summary: dict[str, Any]) -> list[str]:
     return [f"## Over training seeds {summary['seeds']}", "", *seed_table_lines(summary["variants"]), "",
-            *[f"- {c['better']} vs {c['than']}: {c['text']}" for c in summary["claims"]], ""]
+            *claim_lines(summary["claims"]), ""]
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:

@@ -320,16 +320,17 @@ def build_report(cfg: StudyConfig, results: dict[str, dict[str, Any]], seconds: 
 
 def write_study_report(out: Path, report: dict[str, Any]) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    from fastpref.pipeline import seed_table_lines
+    from fastpref.pipeline import claim_lines, seed_table_lines
 
     stats = report["variants"]
     lines = [f"# fastpref study: {out}", "",
              f"Recipe `{report['recipe']}`, training seeds {report['seeds']}; MiniGenEval as mean ± std over the "
              f"training seeds (the base: one model). Seed-to-seed spread of the base's evaluation: "
-             f"{100 * report['base_eval_seed_spread']:.1f} points.", "", *seed_table_lines(stats)]
+             f"{100 * report['base_eval_seed_spread']:.1f} points (category mean)"
+             + (f", {100 * stats['base']['prompt_mean_eval_seed_spread']:.1f} points (prompt-weighted)."
+                if "prompt_mean_eval_seed_spread" in stats["base"] else "."), "", *seed_table_lines(stats)]
     lines += ["", "## Claims", ""]
-    for c in report["claims"]:
-        lines.append(f"- **{c['name']}**: {c['text']}")
+    lines += claim_lines(report["claims"], name_of=lambda c: c["name"])
     lines += ["", "![MiniGenEval per variant](scores.png)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
     lines += ["", "Stages run: " + ", ".join(f"{k} {v}" for k, v in report["counts"].items()), ""]

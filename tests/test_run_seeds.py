@@ -65,7 +65,9 @@ def test_seed_summary_on_hand_made_results(tmp_path):
     # +62.5 points over the base, far above the combined spread (0.02, 0.177, 0) and an interval above zero
     assert verdicts == {("rankdpo", "base"): "shown", ("dpo", "base"): "not shown", ("rankdpo", "dpo"): "shown"}
     text = "\n".join(seed_summary_lines(summary))
-    assert "| rankdpo | 2 | **87.5 ± 17.7** |" in text and "dpo vs base: not shown" in text
+    assert "| rankdpo | 2 | **87.5 ± 17.7** | 87.5 ± 17.7 |" in text  # category mean, then prompt-weighted
+    assert "**dpo vs base**: category mean: not shown" in text and "  prompt-weighted: not shown" in text
+    assert {(c["better"], c["than"]): c["prompt_weighted"]["verdict"] for c in summary["claims"]} == verdicts
 
 
 @pytest.mark.slow

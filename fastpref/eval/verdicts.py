@@ -63,6 +63,9 @@ def variant_statistics(results: dict[str, dict[str, Any]], variants: Sequence[st
     def std(x) -> float:
         return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
 
+    if "samples" in base:
+        stats["base"].update(prompt_mean=prompt_mean_of(base), prompt_mean_std=0.0,
+                             prompt_mean_eval_seed_spread=prompt_mean_seed_spread(base))
     for variant in variants:
         runs = [results[seeded_name(variant, seed)] for seed in seeds]
         overall = np.array([r["overall"] for r in runs])
@@ -71,7 +74,37 @@ def variant_statistics(results: dict[str, dict[str, Any]], variants: Sequence[st
                           "per_seed": [float(x) for x in overall],
                           "per_category": {c: float(v.mean()) for c, v in per_category.items()},
                           "per_category_std": {c: std(v) for c, v in per_category.items()}}
+        if all("samples" in r for r in runs):
+            weighted = np.array([prompt_mean_of(r) for r in runs])
+            stats[variant].update(prompt_mean=float(weighted.mean()), prompt_mean_std=std(weighted),
+                                  prompt_mean_per_seed=[float(x) for x in weighted])
     return stats
+
+
+def _prompt_means(samples: Sequence[dict[str, Any]]) -> float:
+    outcomes: dict[str, list[float]] = {}
+    for sample in samples:
+        outcomes.setdefault(sample["caption"], []).append(float(sample["passed"]))
+    return float(np.mean([np.mean(v) for v in outcomes.values()]))
+
+
+def prompt_mean_of(result: dict[str, Any]) -> float:
+    """Every prompt weighted equally (MiniGenEvalResult.prompt_mean of a saved result)."""
+    return _prompt_means(result["samples"])
+
+
+def prompt_mean_seed_spread(result: dict[str, Any]) -> float:
+    """The prompt-weighted mean's seed-to-seed spread: std over the evaluation-seed folds (fold f = the f-th seed
+    of every prompt), as MiniGenEvalResult.seed_spread is for the category mean."""
+    by_prompt: dict[str, list[dict[str, Any]]] = {}
+    for sample in result["samples"]:
+        by_prompt.setdefault(sample["caption"], []).append(sample)
+    folds = max(len(v) for v in by_prompt.values())
+    scores = []
+    for fold in range(folds):
+        picked = [sorted(v, key=lambda s: s["seed"])[fold] for v in by_prompt.values() if len(v) > fold]
+        scores.append(_prompt_means(picked))
+    return float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
 
 
 def pooled_outcomes(runs: Sequence[dict[str, Any]]) -> tuple[list[list[float]], list[str]]:
@@ -89,10 +122,11 @@ def pooled_outcomes(runs: Sequence[dict[str, Any]]) -> tuple[list[list[float]], 
 
 
 def seeded_interval(results: dict[str, dict[str, Any]], better: str, than: str,
-                    seeds: Sequence[int]) -> list[float]:
-    """Paired bootstrap 95% interval of `better` - `than` in MiniGenEval overall (the category mean): prompts
-    resampled within their category, the images of all training seeds x evaluation seeds within each prompt
-    (the base, a single model, paired with each training seed's model)."""
+                    seeds: Sequence[int], statistic: str = "category_mean") -> list[float]:
+    """Paired bootstrap 95% interval of `better` - `than` in MiniGenEval overall (statistic "category_mean":
+    prompts resampled within their category) or in the prompt-weighted mean ("prompt_mean"), the images of all
+    training seeds x evaluation seeds within each prompt (the base, a single model, paired with each training
+    seed's model)."""
     from fastpref.eval.minigeneval import bootstrap_difference
 
     def runs(name: str) -> list[dict[str, Any]]:
@@ -100,16 +134,24 @@ def seeded_interval(results: dict[str, dict[str, Any]], better: str, than: str,
 
     a, categories = pooled_outcomes(runs(better))
     b, _ = pooled_outcomes(runs(than))
-    interval = bootstrap_difference(a, b, categories=categories, n_boot=4000, seed=0)
+    interval = bootstrap_difference(a, b, categories=categories if statistic == "category_mean" else None,
+                                    n_boot=4000, seed=0)
     return [interval.low, interval.high]
 
 
 def judge_seeded_claim(results: dict[str, dict[str, Any]], stats: dict[str, dict[str, Any]], better: str,
                        than: str, seeds: Sequence[int]) -> dict[str, Any]:
     """judge_claim on the training-seed means and spreads of two variants (or the base), with their pooled paired
-    interval."""
+    interval: on the category mean (GenEval's `overall`), and under "prompt_weighted" on the mean over prompts
+    (every prompt counts once, so a category of one prompt cannot carry the claim) when the results keep samples."""
     a, b = stats[better], stats[than]
     verdict = judge_claim(a["overall"], a["overall_std"], b["overall"], b["overall_std"],
                           results["base"]["seed_spread"], interval=seeded_interval(results, better, than, seeds),
                           names=(better, than))
-    return {"better": better, "than": than, **verdict}
+    out = {"better": better, "than": than, **verdict}
+    if "prompt_mean" in a and "prompt_mean" in b and "prompt_mean_eval_seed_spread" in stats["base"]:
+        out["prompt_weighted"] = judge_claim(
+            a["prompt_mean"], a["prompt_mean_std"], b["prompt_mean"], b["prompt_mean_std"],
+            stats["base"]["prompt_mean_eval_seed_spread"],
+            interval=seeded_interval(results, better, than, seeds, statistic="prompt_mean"), names=(better, than))
+    return out

@@ -159,3 +159,28 @@ def test_claim_interval_pairs_seeds_and_sees_a_uniform_gain():
     low, high = seeded_interval(results, "a", "base", [0, 1])
     assert 0 < low <= high  # better on every prompt: the interval is above zero
     assert seeded_interval(results, "b", "base", [0, 1]) == [0.0, 0.0]  # identical outcomes: no difference at all
+
+
+def test_a_one_prompt_category_carries_the_category_mean_but_not_the_prompt_weighted_claim():
+    """Issue 13's complaint in miniature: 1 prompt in one category, 30 in the other; a model that fixes only the
+    lone prompt gains half a category (shown on the category mean) and nothing weighted by prompt (not shown)."""
+    from fastpref.eval.verdicts import judge_seeded_claim, prompt_mean_seed_spread, variant_statistics
+
+    def result(passed_of):
+        samples = [{"caption": f"p{p}", "category": "lone" if p == 0 else "many", "seed": 2000 + s,
+                    "passed": passed_of(p, s)} for p in range(31) for s in range(4)]
+        per_category = {c: float(np.mean([x["passed"] for x in samples if x["category"] == c])) for c in ("lone", "many")}
+        return {"samples": samples, "per_category": per_category, "overall": float(np.mean(list(per_category.values()))),
+                "seed_spread": 0.01}
+
+    base = result(lambda p, s: p != 0 and (p + s) % 2 == 0)
+    fixed = result(lambda p, s: p == 0 or (p + s) % 2 == 0)
+    results = {"base": base, "a-seed0": fixed, "a-seed1": fixed}
+    stats = variant_statistics(results, ["a"], [0, 1])
+    assert stats["a"]["prompt_mean"] - stats["base"]["prompt_mean"] == pytest.approx(1 / 31)
+    claim = judge_seeded_claim(results, stats, "a", "base", [0, 1])
+    assert claim["verdict"] == "shown" and claim["gain"] == pytest.approx(0.5)
+    assert claim["prompt_weighted"]["verdict"] == "not shown"
+    # the base's prompt-weighted spread over its evaluation-seed folds: folds alternate 15/31 and 15/31 pass rates
+    folds = [np.mean([float(p != 0 and (p + s) % 2 == 0) for p in range(31)]) for s in range(4)]
+    assert prompt_mean_seed_spread(base) == pytest.approx(np.std(folds, ddof=1))
