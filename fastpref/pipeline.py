@@ -35,12 +35,13 @@ class EvalConfig:
     guidance_scale: float = 4.0
     batch_size: int = 64
     seed_offset: int = 1000  # disjoint from the seeds Syn-Pic generated its training images with
-    world: str = "v1"  # the toy world whose held-out prompts are evaluated: v1 (the shipped models') or v2
+    # the toy world whose held-out prompts are evaluated (v1, v2); null: the recipe's world (recipe_world)
+    world: str | None = None
 
     def validate(self) -> None:
         from fastpref.toy.world import WORLDS
 
-        if self.world not in WORLDS:
+        if self.world is not None and self.world not in WORLDS:
             raise ConfigError(f"world: {self.world!r} is not one of {tuple(WORLDS)}")
 
 
@@ -110,6 +111,7 @@ class Stages:
     importer: Any = None  # ImportConfig, or None for Syn-Pic data
     seeds: list[int] | None = None  # train.seeds: every variant trained once per seed
     variant_of: dict[str, str] = field(default_factory=dict)  # run name -> variant
+    world: str = "v1"  # the recipe's toy world (recipe_world)
 
     @property
     def main(self):
@@ -134,7 +136,9 @@ def build_stages(cfg: RunConfig) -> Stages:
         if not (cfg.train.get("model") or {}).get("path"):
             raise ConfigError("train.model.path: required in an online recipe (no cache stage names the model)")
         trains, seeds, variant_of = variant_trains(cfg)
-        return Stages(None, None, None, trains, seeds=seeds, variant_of=variant_of)
+        stages = Stages(None, None, None, trains, seeds=seeds, variant_of=variant_of)
+        stages.world = recipe_world(cfg, stages)
+        return stages
     root = str(Path(cfg.output_dir) / "data")  # the training root: cache/ (and, by default, everything else)
     source = cfg.data_root or root  # synth/ + label/ (Syn-Pic or imported)
 
@@ -160,7 +164,83 @@ def build_stages(cfg: RunConfig) -> Stages:
             data.setdefault("flow_timesteps", copy.deepcopy(cfg.cache["flow_timesteps"]))
 
     trains, seeds, variant_of = variant_trains(cfg, on_the_cache)
-    return Stages(synth, label, cache, trains, importer, seeds, variant_of)
+    stages = Stages(synth, label, cache, trains, importer, seeds, variant_of)
+    stages.world = recipe_world(cfg, stages)
+    return stages
+
+
+def recipe_world(cfg: RunConfig, stages: Stages) -> str:
+    """The one toy world (fastpref.toy.world.WORLDS) of a recipe, from one place: its toy models (synth
+    generators, cache.model / cache.vae, every training's model.path), whose saved world (fastpref.models.
+    model_world) must agree; with no toy model, its toy prompt sources' world; else v1. What depends on the world
+    follows it: eval.world (null) is set to it, and the toy rewards of label.rewards (verifier, shapeclip, quality)
+    get it as their `world` kwarg. A prompt source, eval.world or reward world that names another world is refused
+    with both keys named, so that a recipe cannot pair a v1 model with v2 prompts, evaluation or rewards."""
+    from fastpref.data.prompts import toy_prompt_world
+    from fastpref.models import model_world
+    from fastpref.rewards.toy import WORLD_REWARDS
+
+    models: list[tuple[str, str]] = []
+    if stages.synth is not None:
+        models += [(f"synth.generators[{i}].model", g.model) for i, g in enumerate(stages.synth.generators)]
+    if stages.cache is not None:
+        models += [("cache.model", stages.cache.model)] + ([("cache.vae", stages.cache.vae)] if stages.cache.vae else [])
+    for name, train in stages.trains.items():
+        variant = stages.variant_of.get(name, cfg.main_variant)
+        section = "train" if variant == cfg.main_variant else f"variants.{variant}"
+        models.append((f"{section}.model.path", train.model.path))
+    prompt_sources: list[tuple[str, str]] = []
+    if stages.synth is not None:
+        prompt_sources.append(("synth.prompts.path", stages.synth.prompts.path))
+    if cfg.is_online:
+        prompt_sources.append(("train.online.prompts", stages.main.online.prompts))
+
+    def decided(key: str, value: str, world: str) -> tuple[str, str]:
+        return world, f"{key} ({value!r}, world {world})"
+
+    world, source = "v1", "the default (no toy model or toy prompts in the recipe)"
+    deciding = [(key, value, model_world(value)) for key, value in models]
+    deciding = [item for item in deciding if item[2] is not None]
+    if not deciding:
+        deciding = [(key, value, toy_prompt_world(value)) for key, value in prompt_sources]
+        deciding = [item for item in deciding if item[2] is not None]
+    if deciding:
+        world, source = decided(*deciding[0])
+
+    def refuse(key: str, value, its_world: str, hint: str = "") -> None:
+        which = "" if value == its_world else f" is toy world {its_world}"  # eval.world names its world itself
+        raise ConfigError(f"{key}: {value!r}{which}, but the recipe's world is {world} from {source}: one recipe, "
+                          f"one world{hint}")
+
+    for key, value in models:
+        its_world = model_world(value)
+        if its_world is not None and its_world != world:
+            refuse(key, value, its_world)
+    for key, value in prompt_sources:
+        its_world = toy_prompt_world(value)
+        if its_world is not None and its_world != world:
+            split = value.partition(":")[2]
+            refuse(key, value, its_world, f" (use {'toy' if world == 'v1' else 'toy-' + world}:{split})")
+    if cfg.eval is not None:
+        if cfg.eval.world is None:
+            cfg.eval.world = world
+        elif cfg.eval.world != world:
+            refuse("eval.world", cfg.eval.world, cfg.eval.world, " (or leave eval.world out: it follows the recipe)")
+    if stages.label is not None:
+        for i, spec in enumerate(stages.label.rewards):
+            if spec.name not in WORLD_REWARDS:
+                continue
+            if "world" in spec.kwargs and spec.kwargs["world"] != world:
+                refuse(f"label.rewards[{i}].kwargs.world", spec.kwargs["world"], spec.kwargs["world"])
+            if world != "v1":  # v1 is the rewards' default: v1 label configs (and their recorded stage) stay as they were
+                spec.kwargs["world"] = world
+    if cfg.is_online and world != "v1":
+        toy_rewards = [name for name in stages.main.online.reward if name in WORLD_REWARDS]
+        if toy_rewards:
+            raise ConfigError(f"train.online.reward.{toy_rewards[0]}: online rewards are built with their default "
+                              f"world v1, but the recipe's world is {world} from {source}; an online recipe on "
+                              "another world is not supported yet")
+    return world
 
 
 def variant_trains(cfg: RunConfig, prepare=None) -> tuple[dict[str, Any], list[int] | None, dict[str, str]]:
@@ -223,6 +303,8 @@ def evaluate_pipeline(pipeline, ev: EvalConfig, call_kwargs: dict | None = None,
     """MiniGenEval of one diffusers pipeline with a run's eval settings (shared by `fastpref run` and `study`)."""
     from fastpref.eval.minigeneval import DiffusersGenerate, evaluate
 
+    if ev.world is None:
+        raise ValueError("eval.world: not resolved; build_stages sets it to the recipe's world (recipe_world)")
     generate = DiffusersGenerate(pipeline, num_inference_steps=ev.steps, guidance_scale=ev.guidance_scale,
                                  pipeline_kwargs=call_kwargs or {})
     return evaluate(generate, seeds_per_prompt=ev.seeds_per_prompt,
@@ -253,7 +335,7 @@ def run_eval(stages: Stages, cfg: RunConfig, out: Path) -> dict[str, Any]:
     from fastpref.eval import diversity
     from fastpref.toy import shapeclip
 
-    model = shapeclip.load_shipped()
+    model = shapeclip.load_shipped(world_name=stages.world)
     for name, result in results.items():
         summary[name].update(diversity.eval_extras(result, model))
     return summary

@@ -242,9 +242,15 @@ class Study:
 
     def evaluate(self) -> dict[str, dict[str, Any]]:
         """MiniGenEval of the base (once) and of every trained model; a finished evaluation is read back."""
-        from fastpref.pipeline import EvalConfig
+        from fastpref.pipeline import EvalConfig, build_stages
 
         ev = from_dict(EvalConfig, self.plan.eval or {})
+        first = self.run_config(next(iter(self.plan.runs)))
+        world = build_stages(first).world  # the recipe's toy world (fastpref.pipeline.recipe_world)
+        if ev.world is None:
+            ev.world = world
+        elif ev.world != world:
+            raise ConfigError(f"eval.world: {ev.world!r}, but the recipe's models speak toy world {world}")
         results = {"base": self._evaluated("base", lambda: self._base_pipeline(), ev)}
         for training in self.plan.trainings:
             run = self.run_config(training.run)

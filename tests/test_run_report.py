@@ -92,10 +92,13 @@ def test_the_eval_world_is_a_validated_config_key():
     from pathlib import Path
 
     from fastpref.config import ConfigError, load_config
-    from fastpref.pipeline import RunConfig
+    from fastpref.pipeline import RunConfig, build_stages
 
     recipe = Path(__file__).resolve().parent.parent / "configs" / "toy-rankdpo.yaml"
-    assert load_config(RunConfig, recipe, []).eval.world == "v1"  # the shipped models' world
+    cfg = load_config(RunConfig, recipe, [])
+    assert cfg.eval.world is None  # unset: it follows the recipe's models (fastpref.pipeline.recipe_world)
+    build_stages(cfg)
+    assert cfg.eval.world == "v1"  # the shipped models' world
     assert load_config(RunConfig, recipe, ["eval.world=v2"]).eval.world == "v2"
     with pytest.raises(ConfigError, match=r"eval\.world: 'v3' is not one of"):
         load_config(RunConfig, recipe, ["eval.world=v3"])

@@ -1,4 +1,4 @@
-"""Prompt lists from text files (one per line), JSONL, parquet, or the toy world (`toy:train`, `toy:eval`).
+"""Prompt lists from text files (one per line), JSONL, parquet, or a toy world (`toy:train`, `toy-v2:eval`, ...).
 
 Each prompt gets a stable string id (the file's id column when there is one, else its line/row number), which
 seeds its images, so editing other lines of the file does not change this prompt's images.
@@ -20,7 +20,8 @@ ID_FIELDS = ("id", "prompt_id", "uid")
 class PromptSource:
     """Where prompts come from. `path`: .txt / .jsonl / .parquet file, or a toy split: `toy:train`, `toy:eval`,
     or `toy:train-balanced` (the training captions category by category in turn, each category's list cycled, so
-    every GenEval category is equally frequent as in pretraining; a caption may repeat under a new id)."""
+    every GenEval category is equally frequent as in pretraining; a caption may repeat under a new id) of world
+    v1; `toy-v2:train`, `toy-v2:eval`, `toy-v2:train-balanced` the same of world v2 (toy_prompt_world)."""
 
     path: str
     field: str | None = None  # the text column/key; default: the first of prompt, caption, text
@@ -77,17 +78,41 @@ def balanced_by_category(specs: list) -> list:
     return [group[i % len(group)] for i in range(rounds) for group in by_category.values()]
 
 
+TOY_SPLITS = ("train", "eval", "train-balanced")
+
+
+def toy_prompt_world(path: str) -> str | None:
+    """The toy world of a prompt source: `toy:<split>` is world v1 (it predates worlds), `toy-<world>:<split>` that
+    world; None for a file. A toy-looking path with an unknown world or split is an error naming both."""
+    from fastpref.toy.world import WORLDS
+
+    prefix, colon, split = path.partition(":")
+    if not colon or not (prefix == "toy" or prefix.startswith("toy-")):
+        return None
+    world_name = "v1" if prefix == "toy" else prefix[len("toy-"):]
+    choices = [f"toy:{s}" for s in TOY_SPLITS] + [f"toy-{w}:{s}" for w in WORLDS if w != "v1" for s in TOY_SPLITS]
+    if world_name not in WORLDS or split not in TOY_SPLITS:
+        raise ValueError(f"prompt source {path!r}: expected a file or one of {choices}")
+    return world_name
+
+
+def _toy_prompts(path: str, world_name: str) -> list[Prompt]:
+    from fastpref.toy import world
+
+    split = path.partition(":")[2]
+    specs = {"train": world.train_prompts, "eval": world.eval_prompts,
+             "train-balanced": lambda w: balanced_by_category(world.train_prompts(w))}[split](world_name)
+    # v1's ids ("train-00000") predate worlds and seed images: they stay; other worlds' say which world
+    id_prefix = split if world_name == "v1" else f"{world_name}-{split}"
+    return [Prompt(f"{id_prefix}-{i:05d}", spec.caption) for i, spec in enumerate(specs)]
+
+
 def read_prompts(source: PromptSource) -> list[Prompt]:
     """The prompt list, in file order; ids must be unique (a duplicate id is an error naming it)."""
     path = source.path
-    if path.startswith("toy:"):
-        from fastpref.toy import world
-
-        splits = {"toy:train": world.train_prompts, "toy:eval": world.eval_prompts,
-                  "toy:train-balanced": lambda: balanced_by_category(world.train_prompts())}
-        if path not in splits:
-            raise ValueError(f"prompt source {path!r}: expected one of {sorted(splits)}")
-        prompts = [Prompt(f"{path[4:]}-{i:05d}", spec.caption) for i, spec in enumerate(splits[path]())]
+    toy_world = toy_prompt_world(path)
+    if toy_world is not None:
+        prompts = _toy_prompts(path, toy_world)
     else:
         file = Path(path)
         if not file.exists():

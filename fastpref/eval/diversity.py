@@ -150,13 +150,14 @@ def eval_extras(result, shapeclip_model=None) -> dict[str, Any]:
     from fastpref.rewards.toy import QualityReward, ShapeCLIPReward
     from fastpref.toy import shapeclip
 
-    model = shapeclip_model if shapeclip_model is not None else shapeclip.load_shipped()
+    world_name = result.settings.get("world", "v1")  # the evaluated prompts' world picks ShapeCLIP and the palette
+    model = shapeclip_model if shapeclip_model is not None else shapeclip.load_shipped(world_name=world_name)
     captions = [sample.caption for sample in result.samples]
     pixels = _pixels(result.images)
     with torch.no_grad():
         rewards = {
-            "shapeclip": float(ShapeCLIPReward(model)(pixels, captions, batch_size=256).mean()),
-            "quality": float(QualityReward()(pixels, captions, batch_size=256).mean()),
+            "shapeclip": float(ShapeCLIPReward(model, world=world_name)(pixels, captions, batch_size=256).mean()),
+            "quality": float(QualityReward(world=world_name)(pixels, captions, batch_size=256).mean()),
         }
     return {"diversity": toy_diversity(pixels, captions, model), "reward": rewards}
 

@@ -447,6 +447,21 @@ def _model_name(spec: str) -> str:
     return WORLD_MODEL if spec == WORLD_MODEL else Path(spec).name or spec
 
 
+def _models_world(models: list[str], asked: str | None) -> str:
+    """The world to evaluate: the one the toy models record (they must agree, and agree with --world if given)."""
+    from fastpref.models import model_world
+
+    recorded = {spec: model_world(spec) for spec in models if spec != WORLD_MODEL}
+    recorded = {spec: w for spec, w in recorded.items() if w is not None}
+    for spec, its_world in recorded.items():
+        wanted = asked or next(iter(recorded.values()))
+        if its_world != wanted:
+            source = f"--world {asked}" if asked else f"--model {next(iter(recorded))} (world {wanted})"
+            raise SystemExit(f"fastpref eval: --model {spec} speaks toy world {its_world}, but {source}: "
+                             "evaluate one world at a time")
+    return asked or next(iter(recorded.values()), "v1")
+
+
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastpref eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", required=True,
@@ -461,10 +476,12 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=4.0, help="guidance_scale")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--world", default="v1", choices=sorted(world.WORLDS),
-                        help="the toy world whose held-out prompts are evaluated (v1: the shipped models')")
+    parser.add_argument("--world", default=None, choices=sorted(world.WORLDS),
+                        help="the toy world whose held-out prompts are evaluated (default: the one the models record, "
+                             "fastpref.models.model_world; v1 when none does)")
     parser.add_argument("--grid-per-category", type=int, default=2)
     args = parser.parse_args(argv)
+    args.world = _models_world(args.model, args.world)
     max_prompts = args.max_prompts_per_category or None
     results: dict[str, MiniGenEvalResult] = {}
     for spec in args.model:

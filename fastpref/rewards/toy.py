@@ -6,6 +6,11 @@
   differentiable -- the CLIP-score / PickScore / HPS stand-in;
 - "quality"   (QualityReward): a prompt-blind, differentiable image-quality score (clean flat colors
   plus contrast) -- the aesthetic-predictor stand-in.
+
+Each takes `world=` ("v1" by default, or "v2"; fastpref.toy.world.WORLDS): the verifier reads captions in that
+world's grammar, ShapeCLIP loads that world's shipped weights, and quality's palette is that world's colors (v2's
+orange / purple / cyan / white would otherwise count as off-palette). `fastpref run` passes the recipe's world
+(fastpref.pipeline.recipe_world), so a recipe does not name it per reward.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import torch
 
 from fastpref.rewards.base import Reward, register_reward, to_uint8
 
+# the rewards of this module, which take `world=` (fastpref.pipeline.recipe_world passes the recipe's)
+WORLD_REWARDS = ("verifier", "shapeclip", "quality")
+
 
 @register_reward
 class VerifierReward(Reward):
@@ -25,15 +33,21 @@ class VerifierReward(Reward):
     name = "verifier"
     differentiable = False
 
-    def __init__(self, partial_credit: bool = False, strict: bool = True):
+    def __init__(self, partial_credit: bool = False, strict: bool = True, world: str = "v1"):
         from fastpref.toy import verifier
+        from fastpref.toy.world import get_world
 
         self._verifier = verifier
         self.partial_credit = partial_credit
         self.config = verifier.VerifierConfig(strict=strict)
+        self.world = get_world(world).name
 
     def score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        results = self._verifier.verify_batch(to_uint8(pixels), prompts, self.config)
+        from fastpref.toy.world import parse_caption
+
+        # a caption outside the world's grammar is an error naming the caption and the word, never a 0
+        specs = [parse_caption(prompt, self.world) for prompt in prompts]
+        results = self._verifier.verify_batch(to_uint8(pixels), specs, self.config)
         values = [r.score if self.partial_credit else float(r.passed) for r in results]
         return torch.tensor(values, dtype=torch.float32, device=pixels.device)
 
@@ -45,23 +59,32 @@ class ShapeCLIPReward(Reward):
     name = "shapeclip"
     differentiable = True
 
-    def __init__(self, model=None):
-        from fastpref.toy import shapeclip
+    def __init__(self, model=None, world: str = "v1"):
+        from fastpref.toy import shapeclip, world as toy_world
 
-        self.model = model if model is not None else shapeclip.load_shipped()
+        self.world = toy_world.get_world(world).name
+        self.model = model if model is not None else shapeclip.load_shipped(world_name=self.world)
         self.model.eval().requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path | None = None, **kwargs: Any) -> "ShapeCLIPReward":
-        """None: the weights shipped in fastpref/toy/weights/shapeclip; else a save_pretrained folder."""
+        """None: the weights shipped for `world` (fastpref/toy/weights/shapeclip, shapeclip-v2); else a
+        save_pretrained folder, which must know every word of `world`."""
         from fastpref.toy import shapeclip
+        from fastpref.toy.world import get_world, vocabulary
 
         if path_or_hub_id is None:
-            return cls(shapeclip.load_shipped(), **kwargs)
+            return cls(None, **kwargs)
         path = Path(path_or_hub_id)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"shapeclip reward: {path} has no config.json (not a ShapeCLIP save_pretrained folder)")
-        return cls(shapeclip.ShapeCLIP.from_pretrained(path), **kwargs)
+        model = shapeclip.ShapeCLIP.from_pretrained(path)
+        world_name = get_world(kwargs.get("world", "v1")).name
+        missing = sorted(set(vocabulary(world_name)) - set(model.words))
+        if missing:
+            raise ValueError(f"shapeclip reward: {path} lacks world {world_name}'s words {missing}: it was trained on "
+                             f"another world (set the reward's world to the one of its weights)")
+        return cls(model, **kwargs)
 
     def to(self, device: str | torch.device) -> "ShapeCLIPReward":
         self.model.to(device)
@@ -87,10 +110,11 @@ class QualityReward(Reward):
     name = "quality"
     differentiable = True
 
-    def __init__(self, contrast_weight: float = 1.0, temperature: float = 0.02):
-        from fastpref.toy import world
+    def __init__(self, contrast_weight: float = 1.0, temperature: float = 0.02, world: str = "v1"):
+        from fastpref.toy import world as toy_world
 
-        colors = [*world.COLORS.values(), world.BACKGROUND]
+        self.world = toy_world.get_world(world).name
+        colors = [*toy_world.get_world(world).colors.values(), toy_world.BACKGROUND]
         self.palette = torch.tensor(colors, dtype=torch.float32) / 255.0  # (K, 3)
         self.contrast_weight = contrast_weight
         self.temperature = temperature

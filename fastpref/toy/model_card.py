@@ -23,8 +23,10 @@ def folder_megabytes(folder: Path) -> float:
 
 
 def score_pipeline(folder: Path, seeds_per_prompt: int = CARD_SEEDS_PER_PROMPT, threads: int = 2):
-    """MiniGenEval of a saved toy pipeline (held-out prompts, verifier), with its call kwargs."""
+    """MiniGenEval of a saved toy pipeline (held-out prompts of the world it records, verifier), with its call
+    kwargs."""
     from fastpref.eval.minigeneval import DiffusersGenerate, evaluate
+    from fastpref.models import model_world
     from fastpref.models.bundle import load_pipeline, pipeline_call_kwargs
 
     torch.set_num_threads(threads)
@@ -32,17 +34,20 @@ def score_pipeline(folder: Path, seeds_per_prompt: int = CARD_SEEDS_PER_PROMPT, 
         load_pipeline(folder), num_inference_steps=CARD_STEPS, guidance_scale=CARD_GUIDANCE,
         pipeline_kwargs=pipeline_call_kwargs(folder),
     )
-    return evaluate(generate, seeds_per_prompt=seeds_per_prompt)
+    return evaluate(generate, seeds_per_prompt=seeds_per_prompt, world_name=model_world(folder) or "v1")
 
 
 def write_model_card(folder: Path, title: str, result=None, notes: str = "") -> str:
     """MODEL_CARD.md from the folder's metrics.json (command, steps, time, seed) and a MiniGenEval result."""
     metrics = json.loads((folder / "metrics.json").read_text())
+    world_name = metrics.get("world", "v1")
+    # v1's sentence is kept word for word: the shipped v1 cards predate worlds
+    world_words = "" if world_name == "v1" else f" {world_name} (`--world {world_name}`, `get_world(\"{world_name}\")`)"
     lines = [f"# {title}", ""]
     if notes:
         lines += [notes, ""]
     lines += [
-        "Trained on the procedural shapes world (fastpref/toy/world.py, train split only).",
+        f"Trained on the procedural shapes world{world_words} (fastpref/toy/world.py, train split only).",
         "",
         "| | |",
         "|---|---|",
@@ -74,8 +79,9 @@ def write_model_card(folder: Path, title: str, result=None, notes: str = "") -> 
             f"{per_category}.",
             "",
             f"{result.settings['num_prompts']} held-out prompts x {result.settings['seeds_per_prompt']} seeds, "
-            f"{CARD_STEPS} sampling steps, guidance {CARD_GUIDANCE} (fastpref.eval.minigeneval, scored by "
-            f"fastpref.toy.verifier); {result.num_images} images in {result.seconds:.0f} s.",
+            f"{CARD_STEPS} sampling steps, guidance {CARD_GUIDANCE} (fastpref.eval.minigeneval"
+            f"{'' if world_name == 'v1' else ', world ' + world_name}, scored by fastpref.toy.verifier); "
+            f"{result.num_images} images in {result.seconds:.0f} s.",
         ]
         call_kwargs = json.loads((folder / "fastpref.json").read_text())["pipeline_call_kwargs"] if (folder / "fastpref.json").exists() else {}
         if call_kwargs:

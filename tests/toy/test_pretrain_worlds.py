@@ -89,3 +89,25 @@ def test_the_shipped_v1_models_are_v1_and_names_resolve():
     assert model_world("stabilityai/stable-diffusion-xl-base-1.0") is None
     assert {n + "-v2" for n in ("toy-sd", "toy-sd-early", "toy-sdxl", "toy-sd3")} <= set(TOY_MODELS)
     assert toy_model_path("toy-sd-v2").name == "toy-sd-v2"
+
+
+def test_the_card_of_a_v2_model_names_its_world(v2_vae):
+    from fastpref.toy.model_card import write_model_card
+
+    card = write_model_card(v2_vae, "vae-v2")
+    assert "procedural shapes world v2 (`--world v2`" in card
+    assert "| verifier pass rate of reconstructions |" in card
+
+
+def test_minigeneval_evaluates_the_world_its_models_record(v2_vae, tmp_path):
+    from fastpref.eval.minigeneval import _models_world
+    from fastpref.models import toy_model_path
+
+    v1_model = str(toy_model_path("toy-sd"))
+    assert _models_world([v1_model, "world"], None) == "v1"
+    assert _models_world([str(v2_vae)], None) == "v2"
+    assert _models_world(["world"], "v2") == "v2"
+    with pytest.raises(SystemExit, match=r"toy-sd speaks toy world v1, but --world v2"):
+        _models_world([v1_model], "v2")
+    with pytest.raises(SystemExit, match=r"speaks toy world v1, but --model .* \(world v2\)"):
+        _models_world([str(v2_vae), v1_model], None)
