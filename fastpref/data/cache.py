@@ -22,7 +22,16 @@ train.speed.mixed_precision), float32 latents / noise / targets, the conditionin
 empty caption where the group's caption-dropout draw says so (fastpref.data.noise.draw_caption_dropout). The plan
 records that recipe as reference_recipe (reference_recipe()), which the trainer compares with its own before it uses
 the cached e_ref (a cache made before the record, or with mixed_precision: no, reads as the legacy recipe: weights
-and inputs in `dtype`, no autocast). What is left between cached and live e_ref is the batch composition's rounding.
+and inputs in `dtype`, no autocast).
+
+Bit-equal e_ref: a sample's error also depends, by float rounding, on the memory layout of the denoiser's input, on
+how many rows its forward has (kernels pick their algorithm by it; which rows, and where, does not matter) and on
+the error kernel. e_ref is computed from contiguous inputs, as the training step's batches are; with
+reference_errors.forward_rows = the training step's images per forward and reference_errors.loss_backend = the
+trainer's loss_backend, the cached e_ref are the policy's errors at step 0 bit for bit (tests/train/
+test_fidelity.py, fp32 / bf16 / fp16 autocast on CPU). Both are runtime fields, like batch_size: not in the plan.
+A training forward of another row count (the last batch, or pairwise groups dropped for ties) and another
+intra-op thread count than the cache's can still differ by rounding (docs/decisions.md).
 
 VAE precision: the images are encoded by `vae` (an AutoencoderKL folder or hub id, e.g. the fp16-fix SDXL VAE)
 when set, else the model's; a VAE whose config sets force_upcast (SDXL's, SD3's) encodes in float32 whatever
@@ -43,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -60,6 +70,13 @@ from fastpref.utils.imports import require
 class ReferenceErrorConfig:
     epochs: int = 0  # epochs of e_ref to precompute; 0 = none (the trainer then runs the reference itself)
     seed: int = 0  # the training noise seed; the trainer must use the same (dataset.noise_seed)
+    # runtime, not in the plan: they change e_ref by float rounding only ("Bit-equal e_ref" in the module docstring)
+    # images per e_ref denoiser forward = the training step's: data.batch_groups x the images its objective uses
+    # per group (K for rankdpo / kto, 2 for dpo); null: batch_size // K whole groups per forward
+    forward_rows: int | None = None
+    # the per-sample error kernel = the trainer's loss_backend ("auto" resolves on the cache's device as the
+    # trainer's does on its own)
+    loss_backend: Literal["auto", "triton", "native", "reference"] = "auto"
 
 
 @dataclasses.dataclass
@@ -94,12 +111,18 @@ class CacheConfig:
     def validate(self) -> None:
         if self.batch_size < 1 or self.reference_errors.epochs < 0:
             raise ConfigError("batch_size must be >= 1 and reference_errors.epochs >= 0")
+        rows = self.reference_errors.forward_rows
+        if rows is not None and rows < 1:
+            raise ConfigError(f"reference_errors.forward_rows: must be >= 1 (the training step's images per "
+                              f"denoiser forward) or null, got {rows}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"caption_dropout: must be in [0, 1), got {self.caption_dropout}")
         self.flow_timesteps.check_family(self.family)
 
 
 RUNTIME_FIELDS = ("input", "output", "device", "shard_index", "num_workers", "overwrite", "progress", "batch_size")
+# reference_errors' fields that decide how e_ref is batched and reduced (rounding), not what it is
+REFERENCE_ERRORS_RUNTIME_FIELDS = ("forward_rows", "loss_backend")
 # in the plan as its effect, the flow_timesteps_drawn record (see the module docstring), not as the section
 PLAN_RECORDED_FIELDS = ("flow_timesteps",)
 # in the plan only when set away from their defaults, so that caches made before they existed keep their plans
@@ -250,7 +273,7 @@ class _Encoder:
         torch, bundle, cfg = self.torch, self.bundle, self.config
         groups, k = latents.shape[:2]
         errors = np.zeros((groups, cfg.reference_errors.epochs, k), dtype=np.float32)
-        groups_per_batch = max(1, cfg.batch_size // k)
+        groups_per_batch = self.groups_per_forward_batch(k)
         for epoch in range(cfg.reference_errors.epochs):
             for start in range(0, groups, groups_per_batch):
                 rows = slice(start, min(start + groups_per_batch, groups))
@@ -271,19 +294,30 @@ class _Encoder:
                 errors[rows, epoch] = e.reshape(len(ids), k).numpy()
         return errors
 
+    def groups_per_forward_batch(self, k: int) -> int:
+        """Groups of K images whose e_ref are computed together: batch_size // K, rounded to a multiple of
+        forward_rows' groups when set (so that only a shard's last batch of an epoch pads a forward)."""
+        rows = self.config.reference_errors.forward_rows
+        if rows is None:
+            return max(1, self.config.batch_size // k)
+        whole = math.lcm(rows, k)  # rows that are both whole forwards and whole groups
+        return whole // k * max(1, self.config.batch_size // whole)
+
     def errors_at(self, x0, timesteps, noise, cond: dict[str, np.ndarray], image_cond: dict[str, np.ndarray] = None):
         """Per-sample reference errors (G*K,) for groups of latents x0 (G, K, ...) under per-group (t, eps), computed
         as fastpref.train.step.TrainStep computes the policy's: float32 latents, noise and target (rounded to the
-        weights' dtype only by the legacy no-autocast 16-bit recipe), conditioning in the weights' dtype, the
-        denoiser under the recipe's autocast, the error accumulated in float32."""
-        from fastpref.ops.reference import sample_errors_reference
-
+        weights' dtype only by the legacy no-autocast 16-bit recipe) in the contiguous layout the step's batches
+        have, conditioning in the weights' dtype, the denoiser under the recipe's autocast in forwards of
+        forward_rows images, the error by the trainer's loss kernel (fastpref.ops.sample_errors of loss_backend)."""
         torch, bundle = self.torch, self.bundle
         groups, k = x0.shape[:2]
         dtype, device = bundle.dtype, bundle.device
         inputs = getattr(torch, self.recipe["inputs"])
-        x0 = x0.reshape(groups * k, *x0.shape[2:]).to(device, inputs)
-        eps = noise.repeat_interleave(k, dim=0).to(device, inputs)
+        # contiguous: latents straight from the VAE are channels_last (the strides of its mid-block attention's
+        # reshape, kept by numpy), which the training step's (np.load'ed) batches are not; CPU group norms reduce
+        # in another order on them, which moved 1 to 4 e_ref in 16 under 16-bit autocast (docs/decisions.md)
+        x0 = x0.reshape(groups * k, *x0.shape[2:]).to(device, inputs).contiguous()
+        eps = noise.repeat_interleave(k, dim=0).to(device, inputs).contiguous()
         t = timesteps.repeat_interleave(k, dim=0).to(device)
         cond_rows = {key: torch.from_numpy(np.ascontiguousarray(value)).repeat_interleave(k, 0).to(device, dtype)
                      for key, value in cond.items()}
@@ -291,10 +325,30 @@ class _Encoder:
             cond_rows[key] = torch.from_numpy(np.ascontiguousarray(value)).flatten(0, 1).to(device, dtype)
         with torch.no_grad():
             noisy, target = bundle.add_noise(x0, eps, t), bundle.target(x0, eps, t)
-            with self.autocast():
-                pred = bundle.denoise(noisy, t, cond_rows)
-            errors, _ = sample_errors_reference(pred, target)
-        return errors.float().cpu()
+            errors = [self.forward_errors(noisy[rows], t[rows], {key: value[rows] for key, value in cond_rows.items()},
+                                          target[rows]) for rows in self.forward_slices(len(x0))]
+        return torch.cat(errors).float().cpu()
+
+    def forward_slices(self, num_rows: int) -> list[slice]:
+        rows = self.config.reference_errors.forward_rows or num_rows
+        return [slice(start, min(start + rows, num_rows)) for start in range(0, num_rows, rows)]
+
+    def forward_errors(self, noisy, t, cond_rows: dict, target):
+        """The errors of one denoiser forward, padded to forward_rows images by repeating its last row when short:
+        CPU kernels pick their algorithm by the row count (float32 GEMMs of 1-2 rows, PyTorch's 1x1 convolutions
+        from 16 rows), so a sample's bits depend on how many rows its forward had, and not on which rows."""
+        from fastpref.ops.library import sample_errors
+
+        torch = self.torch
+        rows, wanted = len(noisy), self.config.reference_errors.forward_rows or len(noisy)
+        if rows < wanted:
+            index = torch.cat([torch.arange(rows), torch.full((wanted - rows,), rows - 1)]).to(noisy.device)
+            noisy, t, target = noisy[index], t[index], target[index]
+            cond_rows = {key: value[index] for key, value in cond_rows.items()}
+        with self.autocast():
+            pred = self.bundle.denoise(noisy, t, cond_rows)
+        errors, _ = sample_errors(pred, target, backend=self.config.reference_errors.loss_backend)
+        return errors[:rows]
 
 
 def check_finite(arrays: dict[str, np.ndarray], group_ids: list[int], where: str) -> None:
@@ -313,6 +367,8 @@ def check_finite(arrays: dict[str, np.ndarray], group_ids: list[int], where: str
 def plan_of(config: CacheConfig, drawn: dict | None) -> dict:
     """What the cache's output depends on (its manifest's config): see the module docstring for the records."""
     plan = stage_config(config, RUNTIME_FIELDS + PLAN_RECORDED_FIELDS)
+    for name in REFERENCE_ERRORS_RUNTIME_FIELDS:
+        plan["reference_errors"].pop(name, None)
     for name, default in PLAN_FIELDS_AT_DEFAULT_OMITTED.items():
         if plan.get(name) == default:
             del plan[name]
@@ -341,6 +397,14 @@ def run_cache(config: CacheConfig, bundle=None) -> Manifest | None:
             autocast_dtype(device, config.mixed_precision)
         except UnsupportedSpeedOption as err:
             raise ConfigError(f"mixed_precision: {config.mixed_precision}: {err}") from None
+    if config.reference_errors.epochs > 0:  # before the model loads, naming the key
+        from fastpref.ops.library import resolve_backend
+
+        device = bundle.device if bundle is not None else require("torch").device(resolve_device(config.device))
+        try:
+            resolve_backend(config.reference_errors.loss_backend, device)
+        except RuntimeError as err:
+            raise ConfigError(f"reference_errors.loss_backend: {config.reference_errors.loss_backend}: {err}") from None
 
     def load() -> _Encoder:
         model = bundle or load_bundle(config.family, config.model, config.dtype, resolve_device(config.device))
