@@ -37,17 +37,40 @@ def score_pipeline(folder: Path, seeds_per_prompt: int = CARD_SEEDS_PER_PROMPT, 
     return evaluate(generate, seeds_per_prompt=seeds_per_prompt, world_name=model_world(folder) or "v1")
 
 
+def caption_blind_chance(world_name: str = "v1", draws_per_prompt: int = 40, seed: int = 0) -> dict[str, float]:
+    """Per category, the share of the card's MiniGenEval prompts that a perfect but caption-blind generator satisfies:
+    for each prompt it renders another held-out prompt of the same category, drawn at random (knowing the category
+    is more than a caption-blind model knows, so this bounds chance from above). A model has learnt a category
+    when it scores clearly above this."""
+    import numpy as np
+
+    from fastpref.eval.minigeneval import select_prompts
+    from fastpref.toy import verifier, world
+
+    rng = np.random.default_rng(seed)
+    chance = {}
+    for category in world.CATEGORIES:
+        prompts = [s for s in select_prompts(12, world_name) if s.category == category]
+        pool = [s for s in world.eval_prompts(world_name) if s.category == category]
+        hits = sum(verifier.verify(world.render(pool[int(rng.integers(len(pool)))], rng), spec)
+                   for spec in prompts for _ in range(draws_per_prompt))
+        chance[category] = hits / (len(prompts) * draws_per_prompt)
+    return chance
+
+
 def write_model_card(folder: Path, title: str, result=None, notes: str = "") -> str:
     """MODEL_CARD.md from the folder's metrics.json (command, steps, time, seed) and a MiniGenEval result."""
     metrics = json.loads((folder / "metrics.json").read_text())
     world_name = metrics.get("world", "v1")
     # v1's sentence is kept word for word: the shipped v1 cards predate worlds
-    world_words = "" if world_name == "v1" else f" {world_name} (`--world {world_name}`, `get_world(\"{world_name}\")`)"
+    trained_on = ("Trained on the procedural shapes world (fastpref/toy/world.py, train split only)." if world_name == "v1"
+                  else f"Trained on world {world_name} of the procedural shapes world (`--world {world_name}`: "
+                       f"fastpref/toy/world.py `get_world(\"{world_name}\")`, train split only).")
     lines = [f"# {title}", ""]
     if notes:
         lines += [notes, ""]
     lines += [
-        f"Trained on the procedural shapes world{world_words} (fastpref/toy/world.py, train split only).",
+        trained_on,
         "",
         "| | |",
         "|---|---|",
@@ -83,6 +106,10 @@ def write_model_card(folder: Path, title: str, result=None, notes: str = "") -> 
             f"{'' if world_name == 'v1' else ', world ' + world_name}, scored by fastpref.toy.verifier); "
             f"{result.num_images} images in {result.seconds:.0f} s.",
         ]
+        if world_name != "v1":  # v1's cards predate this line
+            chance = ", ".join(f"{c} {100 * a:.1f}%" for c, a in caption_blind_chance(world_name).items())
+            lines += ["", f"Caption-blind chance (a perfect render of another held-out prompt of the same category, "
+                          f"fastpref.toy.model_card.caption_blind_chance): {chance}."]
         call_kwargs = json.loads((folder / "fastpref.json").read_text())["pipeline_call_kwargs"] if (folder / "fastpref.json").exists() else {}
         if call_kwargs:
             lines += ["", f"Sample with these pipeline arguments (from fastpref.json): `{call_kwargs}`."]

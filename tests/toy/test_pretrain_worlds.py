@@ -95,7 +95,7 @@ def test_the_card_of_a_v2_model_names_its_world(v2_vae):
     from fastpref.toy.model_card import write_model_card
 
     card = write_model_card(v2_vae, "vae-v2")
-    assert "procedural shapes world v2 (`--world v2`" in card
+    assert "Trained on world v2 of the procedural shapes world (`--world v2`" in card
     assert "| verifier pass rate of reconstructions |" in card
 
 
@@ -111,3 +111,15 @@ def test_minigeneval_evaluates_the_world_its_models_record(v2_vae, tmp_path):
         _models_world([v1_model], "v2")
     with pytest.raises(SystemExit, match=r"speaks toy world v1, but --model .* \(world v2\)"):
         _models_world([str(v2_vae), v1_model], None)
+
+
+def test_caption_blind_chance_is_what_a_prompt_blind_perfect_renderer_scores():
+    from fastpref.toy.model_card import caption_blind_chance
+
+    v1 = caption_blind_chance("v1", draws_per_prompt=10)
+    assert v1["single_object"] == 1.0  # v1 holds out one bare shape: any render of it passes
+    v2 = caption_blind_chance("v2", draws_per_prompt=10)
+    assert set(v2) == set(world.CATEGORIES)
+    assert all(0.0 <= p < 0.15 for p in v2.values()), v2
+    assert v2["position"] < 0.02 and v2["color_attr"] < 0.02
+    assert caption_blind_chance("v2", draws_per_prompt=10) == v2  # seeded
