@@ -32,7 +32,7 @@ import torch.distributed as dist
 from fastpref.train.checkpoint import CheckpointError, load_state, save_state
 from fastpref.train.config import Strategy  # noqa: F401 (the strategy names, re-exported)
 from fastpref.train.speed import (REGIONAL_BLOCK_LISTS, REGIONAL_SINGLE_BLOCKS, UnsupportedSpeedOption,
-                                  make_grad_scaler)
+                                  init_adafactor_state_on_dtensors, is_adafactor, make_grad_scaler)
 from fastpref.utils.imports import require
 
 # Below this loss scale an overflow is the model's, not the scale's (DeepSpeed's min_loss_scale is the same).
@@ -290,6 +290,11 @@ class FSDP2(Parallel):
             fully_shard(block, **kwargs)
         fully_shard(denoiser, **kwargs)
         return denoiser
+
+    def _wrap_optimizer(self, module, optimizer, scheduler):
+        if is_adafactor(optimizer):
+            init_adafactor_state_on_dtensors(optimizer)
+        return module, optimizer, scheduler
 
     @contextlib.contextmanager
     def gathered(self):

@@ -224,6 +224,41 @@ def build_optimizer(params, kind: str, lr: float, weight_decay: float, betas=(0.
     raise ValueError(f"speed.optimizer must be 'adamw', 'adamw8bit' or 'adafactor', got {kind!r}")
 
 
+def is_adafactor(optimizer) -> bool:
+    """Whether `optimizer` is transformers' Adafactor (speed.optimizer: adafactor), without importing transformers."""
+    return any(cls.__name__ == "Adafactor" and cls.__module__.startswith("transformers.")
+               for cls in type(optimizer).__mro__)
+
+
+def init_adafactor_state_on_dtensors(optimizer) -> None:
+    """transformers' Adafactor creates a matrix's factored second moments at its first step as plain tensors
+    (`torch.zeros(shape).to(grad)`), which FSDP2's DTensor parameters refuse to be added to. Created here first, as
+    the DTensors that its own means of the sharded gradient give (a mean over the sharded dim made the replicated
+    value), its step keeps them; every later op is its own, on DTensors, which sum across ranks where the whole
+    tensor counts (the column means, the update's RMS that clip_threshold compares), as one process computes it."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    def replicated_where_pending(tensor):
+        placements = [Replicate() if isinstance(p, Partial) else p for p in tensor.placements]
+        return tensor.redistribute(tensor.device_mesh, placements)
+
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not isinstance(param, DTensor) or optimizer.state[param]:
+                continue
+            factored, use_first_moment = optimizer._get_options(group, param.shape)
+            zeros = torch.zeros_like(param, dtype=torch.float32)  # the state's dtype: Adafactor's float32 grad
+            state: dict = {"step": 0, "RMS": 0}
+            if use_first_moment:
+                state["exp_avg"] = zeros.clone()
+            if factored:
+                state["exp_avg_sq_row"] = replicated_where_pending(zeros.mean(dim=-1))
+                state["exp_avg_sq_col"] = replicated_where_pending(zeros.mean(dim=-2))
+            else:
+                state["exp_avg_sq"] = zeros.clone()
+            optimizer.state[param] = state
+
+
 class SDPAKernel(contextlib.AbstractContextManager):
     """Restricts scaled_dot_product_attention to one kernel while active. Unlike torch's `sdpa_kernel` (a
     one-shot generator context) it can be entered again at every step."""
