@@ -120,7 +120,8 @@ def test_non_finite_latents_are_refused_naming_the_shard(cached_dataset, tmp_pat
 
 FULL_DPO = {"mode": "full", "objective.name": "dpo", "objective.beta": 5000.0, "max_steps": 2}
 CHECKED_EPOCHS = 2
-CACHED_EPOCHS = CHECKED_EPOCHS + 9  # and the optimizer steps after them (fp16: up to 8 skipped; batch_groups 8: 1 a epoch)
+# and the optimizer steps after them (fp16: up to 8 skipped; batch_groups 8: 1 step an epoch)
+CACHED_EPOCHS = CHECKED_EPOCHS + 9
 
 
 # fp16 on CPU: slow kernels, and the loss scaler backs off from 2^16 over a few skipped steps (~25 s here)
