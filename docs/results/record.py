@@ -2,6 +2,8 @@
 
     fastpref run configs/toy-rankdpo.yaml                 # writes runs/toy-rankdpo/report.json
     python docs/results/record.py runs/toy-rankdpo        # -> docs/results/toy-rankdpo.json
+    fastpref study configs/studies/rankdpo-ablations.yaml   # writes runs/study-rankdpo-ablations/report.json
+    python docs/results/record.py runs/study-rankdpo-ablations   # -> docs/results/rankdpo-ablations.{json,md,png}
 
 tests/test_readme_results.py fails when a number the README quotes differs from the recorded one, or when the
 recipe's settings differ from the ones the recorded run used: change the recipe or the code that moves a number,
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,8 +27,23 @@ def commit_of(repo: Path) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
+def record_study(study_dir: Path, report: dict, name: str, commit: str | None) -> Path:
+    """A `fastpref study` report: its json (+ command and commit), its markdown and its bar chart."""
+    result = {"study": f"configs/studies/{name}.yaml", "command": f"fastpref study configs/studies/{name}.yaml",
+              "commit": commit or commit_of(HERE.parents[1]), "recorded": datetime.date.today().isoformat(),
+              **report}
+    out = HERE / f"{name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    markdown = (study_dir / "report.md").read_text().replace("](scores.png)", f"]({name}-scores.png)")
+    (HERE / f"{name}.md").write_text(markdown)
+    shutil.copyfile(study_dir / "scores.png", HERE / f"{name}-scores.png")
+    return out
+
+
 def record(run_dir: Path, name: str | None = None, commit: str | None = None) -> Path:
     report = json.loads((run_dir / "report.json").read_text())
+    if "claims" in report and "variants" in report:
+        return record_study(run_dir, report, name or run_dir.name.removeprefix("study-"), commit)
     if "eval" not in report:
         raise SystemExit(f"{run_dir / 'report.json'}: no 'eval' section (was the run's eval stage skipped?)")
     name = name or run_dir.name

@@ -84,8 +84,9 @@ class Trainer:
             from fastpref.models import resolve_path
             from fastpref.models.bundle import pipeline_call_kwargs
 
-            self.validator = Validator(cfg.validation, self.bundle, resolve_prompts(cfg.validation, cfg.data.root),
-                                       self.out, pipeline_call_kwargs(resolve_path(cfg.model.path)))
+            prompts = resolve_prompts(cfg.validation, cfg.data.root, cfg.model.path)
+            self.validator = Validator(cfg.validation, self.bundle, prompts, self.out,
+                                       pipeline_call_kwargs(resolve_path(cfg.model.path)))
         # The cache holds latents and text embeddings: the VAE and text encoders (T5-XXL alone is ~19 GB in fp32
         # for SD3) would only take device memory.
         self.bundle.vae = None

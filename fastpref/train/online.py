@@ -165,7 +165,7 @@ class OnlineTrainer(Trainer):
             if cfg.validation.prompts == "dataset":  # an online run's dataset is its prompt list
                 validation_prompts = [p.text for p in prompts[:cfg.validation.num_prompts]]
             else:
-                validation_prompts = resolve_prompts(cfg.validation, cfg.data.root)
+                validation_prompts = resolve_prompts(cfg.validation, cfg.data.root, cfg.model.path)
             self.validator = Validator(cfg.validation, self.bundle, validation_prompts, self.out,
                                        pipeline_call_kwargs(resolve_path(cfg.model.path)))
         self.uncond = {key: value.to(self.device) for key, value in unconditional_conditioning(self.bundle).items()}

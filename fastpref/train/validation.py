@@ -79,12 +79,13 @@ class ValidationConfig:
             raise ConfigError(f"cell_size: must be >= 8 pixels, got {self.cell_size}")
 
 
-def toy_prompts(count: int) -> list[str]:
-    """`count` held-out toy-world captions, taking the categories in turn (one of each first)."""
+def toy_prompts(count: int, world_name: str = "v1") -> list[str]:
+    """`count` held-out captions of toy world `world_name`, taking the categories in turn (one of each first)."""
     from fastpref.eval.minigeneval import select_prompts
     from fastpref.toy import world
 
-    by_category = [[s.caption for s in select_prompts(None) if s.category == c] for c in world.CATEGORIES]
+    held_out = select_prompts(None, world_name)
+    by_category = [[s.caption for s in held_out if s.category == c] for c in world.CATEGORIES]
     chosen: list[str] = []
     for depth in range(max(len(c) for c in by_category)):
         chosen += [captions[depth] for captions in by_category if depth < len(captions)]
@@ -110,11 +111,14 @@ def dataset_prompts(root: str | Path, count: int) -> list[str]:
     return prompts
 
 
-def resolve_prompts(cfg: ValidationConfig, data_root: str | Path) -> list[str]:
+def resolve_prompts(cfg: ValidationConfig, data_root: str | Path, model_path: str | Path | None = None) -> list[str]:
+    """The validation captions; "toy" takes the held-out prompts of the world the model speaks (v1 without one)."""
     if not isinstance(cfg.prompts, str):
         return list(cfg.prompts)
     if cfg.prompts == "toy":
-        return toy_prompts(cfg.num_prompts)
+        from fastpref.models import model_world
+
+        return toy_prompts(cfg.num_prompts, (model_world(model_path) if model_path is not None else None) or "v1")
     return dataset_prompts(data_root, cfg.num_prompts)
 
 

@@ -114,6 +114,26 @@ def test_toy_prompts_cover_the_categories():
     assert {world.parse_caption(p).category for p in prompts} == set(world.CATEGORIES)
 
 
+def test_toy_validation_prompts_follow_the_models_world(tmp_path):
+    """A v2 model is validated on v2's held-out prompts (v1 captions would show it words it never trained on)."""
+    import json
+
+    from fastpref.toy import world
+    from fastpref.train.validation import ValidationConfig, resolve_prompts
+
+    model = tmp_path / "toy-sd-v2"
+    model.mkdir()
+    (model / "metrics.json").write_text(json.dumps({"family": "toy-sd", "world": "v2"}))
+    prompts = resolve_prompts(ValidationConfig(prompts="toy", num_prompts=6), tmp_path, model)
+    held_out = {s.caption for s in world.eval_prompts("v2")}
+    assert len(set(prompts)) == 6 and set(prompts) <= held_out
+    assert {world.parse_caption(p, "v2").category for p in prompts} == set(world.CATEGORIES)
+    assert resolve_prompts(ValidationConfig(prompts="toy", num_prompts=6), tmp_path, None) == \
+        resolve_prompts(ValidationConfig(prompts="toy", num_prompts=6), tmp_path, "toy-sd")  # v1 models: v1 prompts
+    v1_words = set(world.vocabulary("v1"))
+    assert any(word not in v1_words for p in prompts for word in p.split())  # v2's own shapes, colors or sizes
+
+
 def test_dataset_prompts_come_from_the_training_data(cached_dataset, tmp_path):
     from fastpref.train.validation import dataset_prompts
 
