@@ -9,6 +9,7 @@ from mutation_runner import probe
 
 EPOCH_REFERENCE = "tests/train/test_epoch_reference.py"
 RESUME = "tests/train/test_multiprocess_resume.py::test_two_processes_stopped_after_step_2_resume_to_the_one_process_run"
+LN2_STEP_0 = "tests/train/test_fidelity.py::test_step_0_loss_is_ln2_for_cached_and_live_references"
 
 PROBES = [
     # --- the five of issue 12's audit
@@ -134,4 +135,27 @@ PROBES = [
           ["tests/ops/test_require_native.py"],
           ("fastpref/ops/native.py", "if reason and native_required_by_env():", "if False:"),
           seconds=25),
+    # --- issue 14: cached e_ref bit-equal to the step's errors; Adafactor with 2 processes
+    probe("cache-e-ref-channels-last",
+          "the cache's e_ref forward takes the VAE's channels_last latents as they come",
+          [f"{LN2_STEP_0}[bf16-2]"],
+          ("fastpref/data/cache.py", "x0 = x0.reshape(groups * k, *x0.shape[2:]).to(device, inputs).contiguous()",
+           "x0 = x0.reshape(groups * k, *x0.shape[2:]).to(device, inputs)"),
+          seconds=30),
+    probe("cache-e-ref-forward-rows-ignored",
+          "the cache's e_ref forwards take a shard's batch whole, whatever reference_errors.forward_rows says",
+          [f"{LN2_STEP_0}[no-8]"],
+          ("fastpref/data/cache.py", "        rows = self.config.reference_errors.forward_rows or num_rows\n",
+           "        rows = num_rows\n"),
+          ("fastpref/data/cache.py",
+           "rows, wanted = len(noisy), self.config.reference_errors.forward_rows or len(noisy)",
+           "rows, wanted = len(noisy), len(noisy)"),
+          seconds=30),
+    probe("adafactor-fsdp2-state-left-to-transformers",
+          "under FSDP2, Adafactor's factored state is left for transformers to create (plain tensors)",
+          ["tests/train/test_adafactor_parallel.py::test_adafactor_two_processes_stopped_after_step_2_resume_exactly"
+           "[fsdp2]"],
+          ("fastpref/train/parallel.py", "            init_adafactor_state_on_dtensors(optimizer)\n",
+           "            pass\n"),
+          seconds=90),
 ]
