@@ -37,6 +37,9 @@ class EvalConfig:
     seed_offset: int = 1000  # disjoint from the seeds Syn-Pic generated its training images with
     # the toy world whose held-out prompts are evaluated (v1, v2); null: the recipe's world (recipe_world)
     world: str | None = None
+    # also evaluate the main variant's checkpoints at these training steps ("<main>@<step>"): DRaFT's path over
+    # training, against which a DRaFT recipe's report compares DRaFT+ at a matched reward (fastpref.eval.tradeoff)
+    main_checkpoints: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         from fastpref.toy.world import WORLDS
@@ -138,6 +141,7 @@ def build_stages(cfg: RunConfig) -> Stages:
         trains, seeds, variant_of = variant_trains(cfg)
         stages = Stages(None, None, None, trains, seeds=seeds, variant_of=variant_of)
         stages.world = recipe_world(cfg, stages)
+        check_main_checkpoints(cfg, stages)
         return stages
     root = str(Path(cfg.output_dir) / "data")  # the training root: cache/ (and, by default, everything else)
     source = cfg.data_root or root  # synth/ + label/ (Syn-Pic or imported)
@@ -166,7 +170,33 @@ def build_stages(cfg: RunConfig) -> Stages:
     trains, seeds, variant_of = variant_trains(cfg, on_the_cache)
     stages = Stages(synth, label, cache, trains, importer, seeds, variant_of)
     stages.world = recipe_world(cfg, stages)
+    check_main_checkpoints(cfg, stages)
     return stages
+
+
+def check_main_checkpoints(cfg: RunConfig, stages: Stages) -> None:
+    """eval.main_checkpoints: steps the main training saves (multiples of checkpoint_every below max_steps) and
+    keeps (keep_checkpoints holds them and the last one), with one training per variant."""
+    steps = cfg.eval.main_checkpoints if cfg.eval is not None else []
+    if not steps:
+        return
+    if stages.seeds:
+        raise ConfigError("eval.main_checkpoints: not supported with train.seeds (one main training to follow)")
+    main = stages.main
+    for step in steps:
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 < step < main.max_steps \
+                or step % main.checkpoint_every:
+            raise ConfigError(f"eval.main_checkpoints: {step!r} is not a step the main training saves (a multiple "
+                              f"of train.checkpoint_every = {main.checkpoint_every} below train.max_steps = "
+                              f"{main.max_steps})")
+    if len(set(steps)) != len(steps):
+        raise ConfigError(f"eval.main_checkpoints: {steps} lists a step twice")
+    # the checkpoints saved from the earliest listed step on (every checkpoint_every steps, and at max_steps)
+    saved = len({*range(min(steps), main.max_steps + 1, main.checkpoint_every), main.max_steps})
+    if main.keep_checkpoints < saved:
+        raise ConfigError(f"train.keep_checkpoints: {main.keep_checkpoints} would delete checkpoints that "
+                          f"eval.main_checkpoints evaluates: the run saves {saved} from step {min(steps)} on; set it "
+                          f">= {saved}")
 
 
 def recipe_world(cfg: RunConfig, stages: Stages) -> str:
@@ -278,15 +308,18 @@ def variant_trains(cfg: RunConfig, prepare=None) -> tuple[dict[str, Any], list[i
     return trains, seeds, variant_of
 
 
-def trained_pipeline(train_cfg, device: str = "cpu"):
-    """The base pipeline with the run's final weights: LoRA loaded with load_lora_weights, or the full denoiser."""
+def trained_pipeline(train_cfg, device: str = "cpu", step: int | None = None):
+    """The base pipeline with the run's final weights (or those of checkpoint `step`): LoRA loaded with
+    load_lora_weights, or the full denoiser."""
     from fastpref.models import load
     from fastpref.train.checkpoint import CheckpointManager
 
     bundle = load(train_cfg.model.path, family=train_cfg.model.family, device=device)
-    latest = CheckpointManager(Path(train_cfg.output_dir) / "checkpoints").latest()
-    if latest is None:
-        raise FileNotFoundError(f"{train_cfg.output_dir}: no checkpoint to evaluate")
+    manager = CheckpointManager(Path(train_cfg.output_dir) / "checkpoints")
+    latest = manager.latest() if step is None else manager.path_for(step)
+    if latest is None or not latest.is_dir():
+        raise FileNotFoundError(f"{train_cfg.output_dir}: no checkpoint to evaluate"
+                                + ("" if step is None else f" at step {step} ({latest} is missing)"))
     if (latest / "ema").is_dir():  # online runs with an EMA (online.grpo.ema) are evaluated with its weights
         latest = latest / "ema"
     pipeline = bundle.pipeline
@@ -313,15 +346,22 @@ def evaluate_pipeline(pipeline, ev: EvalConfig, call_kwargs: dict | None = None,
                     min_images_per_category=ev.min_images_per_category, world_name=ev.world)
 
 
-def run_eval(stages: Stages, cfg: RunConfig, out: Path) -> dict[str, Any]:
+def run_eval(stages: Stages, cfg: RunConfig, out: Path, report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """MiniGenEval of the base and every training (and eval.main_checkpoints), diversity and toy rewards beside it;
+    a DRaFT recipe's reward-diversity trade-off goes into report["tradeoff"] and tradeoff.png."""
     from fastpref.eval.minigeneval import save_comparison_grid
     from fastpref.models import load, resolve_path
     from fastpref.models.bundle import pipeline_call_kwargs
 
     ev = cfg.eval
     main = stages.main
+    main_name = next(iter(stages.trains))
     pipelines = {"base": load(main.model.path, family=main.model.family).pipeline}
-    pipelines.update({name: trained_pipeline(train_cfg) for name, train_cfg in stages.trains.items()})
+    for name, train_cfg in stages.trains.items():
+        if name == main_name:
+            pipelines.update({f"{name}@{step}": trained_pipeline(train_cfg, step=step)
+                              for step in sorted(ev.main_checkpoints)})
+        pipelines[name] = trained_pipeline(train_cfg)
     results = {}
     call_kwargs = pipeline_call_kwargs(resolve_path(main.model.path))  # e.g. toy-sd3: no T5 tokens
     for name, pipeline in pipelines.items():
@@ -338,7 +378,27 @@ def run_eval(stages: Stages, cfg: RunConfig, out: Path) -> dict[str, Any]:
     model = shapeclip.load_shipped(world_name=stages.world)
     for name, result in results.items():
         summary[name].update(diversity.eval_extras(result, model))
+    if report is not None and draft_sweep(stages):
+        from fastpref.eval import tradeoff
+
+        steps = sorted(ev.main_checkpoints)
+        curve = ["base", *[f"{main_name}@{step}" for step in steps], main_name]
+        candidates = [name for name in stages.trains if name != main_name]
+        labels = {"base": {"kl_coeff": None, "step": 0}, **{f"{main_name}@{s}": {"kl_coeff": 0.0, "step": s}
+                                                             for s in steps}}
+        labels.update({name: {"kl_coeff": t.online.draft.kl_coeff, "step": t.max_steps}
+                       for name, t in stages.trains.items()})
+        report["tradeoff"] = tradeoff.measure(results, summary, curve, candidates, labels, shapeclip_model=model)
+        tradeoff.save_plot(report["tradeoff"], out / "tradeoff.png")
     return summary
+
+
+def draft_sweep(stages: Stages) -> bool:
+    """A DRaFT recipe whose main variant is DRaFT (kl_coeff 0) and whose other variants are DRaFT+ (kl_coeff > 0),
+    one training each: its report compares them at a matched reward (fastpref.eval.tradeoff)."""
+    trains = list(stages.trains.values())
+    return (not stages.seeds and len(trains) > 1 and all(t.objective.name == "draft" for t in trains)
+            and trains[0].online.draft.kl_coeff == 0 and all(t.online.draft.kl_coeff > 0 for t in trains[1:]))
 
 
 def eval_summary(results: dict[str, Any], main_variant: str = "main") -> dict[str, dict[str, Any]]:
@@ -453,6 +513,10 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         if "seeds" in report:
             lines += seed_summary_lines(report["seeds"])
         lines += ["![before/after](grid.png)", ""]
+    if "tradeoff" in report:
+        from fastpref.eval.tradeoff import report_lines
+
+        lines += report_lines(report["tradeoff"], "tradeoff.png" if (out / "tradeoff.png").exists() else None)
     if (out / "training.png").exists():
         lines += ["![training curves: loss, implicit accuracy, margin](training.png)", ""]
     lines += ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
@@ -493,7 +557,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
         plot_training_curves({name: t.output_dir for name, t in stages.trains.items()}, out / "training.png")
     if cfg.eval is not None:
-        report["eval"] = timed("eval", run_eval, stages, cfg, out)
+        report["eval"] = timed("eval", run_eval, stages, cfg, out, report)
         if stages.seeds:
             report["seeds"] = seed_summary(stages, cfg, out)
     write_report(out, report)

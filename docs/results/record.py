@@ -1,7 +1,7 @@
 """Record a `fastpref run` report as a committed result that the README's numbers are checked against.
 
     fastpref run configs/toy-rankdpo.yaml                 # writes runs/toy-rankdpo/report.json
-    python docs/results/record.py runs/toy-rankdpo        # -> docs/results/toy-rankdpo.json
+    python docs/results/record.py runs/toy-rankdpo        # -> docs/results/toy-rankdpo.{json,md} + its PNGs
     fastpref study configs/studies/rankdpo-ablations.yaml   # writes runs/study-rankdpo-ablations/report.json
     python docs/results/record.py runs/study-rankdpo-ablations   # -> docs/results/rankdpo-ablations.{json,md,png}
 
@@ -56,8 +56,32 @@ def record(run_dir: Path, name: str | None = None, commit: str | None = None) ->
         "seconds": report.get("seconds", {}),
         "eval": report["eval"],
     }
+    if "tradeoff" in report:  # a DRaFT recipe's reward-diversity trade-off (fastpref.eval.tradeoff)
+        result["tradeoff"] = report["tradeoff"]
     out = HERE / f"{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
+    copy_markdown(run_dir, name)
+    return out
+
+
+# the images a `fastpref run` report links (report.md), recorded as <name>-<image>
+RUN_IMAGES = ("grid.png", "training.png", "tradeoff.png")
+
+
+def copy_markdown(run_dir: Path, name: str) -> Path | None:
+    """The run's report.md as <name>.md, with the images it links copied beside it as <name>-<image>."""
+    source = run_dir / "report.md"
+    if not source.is_file():
+        return None
+    markdown = source.read_text()
+    for image in RUN_IMAGES:
+        if f"]({image})" in markdown:
+            if not (run_dir / image).is_file():
+                raise SystemExit(f"{source} links {image}, which {run_dir} does not hold")
+            shutil.copyfile(run_dir / image, HERE / f"{name}-{image}")
+            markdown = markdown.replace(f"]({image})", f"]({name}-{image})")
+    out = HERE / f"{name}.md"
+    out.write_text(markdown)
     return out
 
 

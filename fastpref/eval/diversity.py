@@ -60,7 +60,8 @@ def group_diversity(
     batch_size: int = 256,
 ) -> dict[str, float]:
     """{"mean": mean over groups of the mean pairwise distance, "groups": groups with >= 2 members,
-    "pairs": pairs measured}. values: (N, ...) images or features, one per entry of `groups`."""
+    "pairs": pairs measured, "per_group": each such group's mean pairwise distance, in order of first appearance}.
+    values: (N, ...) images or features, one per entry of `groups`."""
     if len(values) != len(groups):
         raise ValueError(f"diversity: {len(values)} images but {len(groups)} group keys")
     firsts, seconds, owners = [], [], []
@@ -71,7 +72,7 @@ def group_diversity(
         seconds.append(pairs[:, 1])
         owners.append(torch.full((len(pairs),), owner))
     if not members:
-        return {"mean": float("nan"), "groups": 0, "pairs": 0}
+        return {"mean": float("nan"), "groups": 0, "pairs": 0, "per_group": []}
     first, second, owner = torch.cat(firsts), torch.cat(seconds), torch.cat(owners)
     distances = []
     for start in range(0, len(first), batch_size):
@@ -80,7 +81,8 @@ def group_diversity(
     distances = torch.cat(distances)
     per_group = torch.zeros(len(members), dtype=torch.float64).index_add_(0, owner, distances)
     per_group /= torch.bincount(owner, minlength=len(members)).double()
-    return {"mean": float(per_group.mean()), "groups": len(members), "pairs": int(len(first))}
+    return {"mean": float(per_group.mean()), "groups": len(members), "pairs": int(len(first)),
+            "per_group": per_group.tolist()}
 
 
 def _pixels(images: ImageBatch) -> torch.Tensor:
