@@ -116,10 +116,8 @@ def test_minigeneval_evaluates_the_world_its_models_record(v2_vae, tmp_path):
 def test_caption_blind_chance_is_what_a_prompt_blind_perfect_renderer_scores():
     from fastpref.toy.model_card import caption_blind_chance
 
-    v1 = caption_blind_chance("v1", draws_per_prompt=10)
+    v1 = caption_blind_chance("v1")
     assert v1["single_object"] == 1.0  # v1 holds out one bare shape: any render of it passes
-    v2 = caption_blind_chance("v2", draws_per_prompt=10)
-    assert set(v2) == set(world.CATEGORIES)
-    assert all(0.0 <= p < 0.15 for p in v2.values()), v2
-    assert v2["position"] < 0.02 and v2["color_attr"] < 0.02
-    assert caption_blind_chance("v2", draws_per_prompt=10) == v2  # seeded
+    # v1 position: of 240 held-out prompts, a render passes its own caption and its mirror ("A left of B" is
+    # "B right of A"), no other
+    assert v1["position"] == pytest.approx(2 / 240)
