@@ -225,29 +225,24 @@ def recipe_world(cfg: RunConfig, stages: Stages) -> str:
     if cfg.is_online:
         prompt_sources.append(("train.online.prompts", stages.main.online.prompts))
 
-    def decided(key: str, value: str, world: str) -> tuple[str, str]:
-        return world, f"{key} ({value!r}, world {world})"
-
+    model_worlds = [(key, value, model_world(value)) for key, value in models]
+    prompt_worlds = [(key, value, toy_prompt_world(value)) for key, value in prompt_sources]
+    deciding = ([item for item in model_worlds if item[2] is not None]
+                or [item for item in prompt_worlds if item[2] is not None])
     world, source = "v1", "the default (no toy model or toy prompts in the recipe)"
-    deciding = [(key, value, model_world(value)) for key, value in models]
-    deciding = [item for item in deciding if item[2] is not None]
-    if not deciding:
-        deciding = [(key, value, toy_prompt_world(value)) for key, value in prompt_sources]
-        deciding = [item for item in deciding if item[2] is not None]
     if deciding:
-        world, source = decided(*deciding[0])
+        key, value, world = deciding[0]
+        source = f"{key} ({value!r}, world {world})"
 
     def refuse(key: str, value, its_world: str, hint: str = "") -> None:
         which = "" if value == its_world else f" is toy world {its_world}"  # eval.world names its world itself
         raise ConfigError(f"{key}: {value!r}{which}, but the recipe's world is {world} from {source}: one recipe, "
                           f"one world{hint}")
 
-    for key, value in models:
-        its_world = model_world(value)
+    for key, value, its_world in model_worlds:
         if its_world is not None and its_world != world:
             refuse(key, value, its_world)
-    for key, value in prompt_sources:
-        its_world = toy_prompt_world(value)
+    for key, value, its_world in prompt_worlds:
         if its_world is not None and its_world != world:
             split = value.partition(":")[2]
             refuse(key, value, its_world, f" (use {'toy' if world == 'v1' else 'toy-' + world}:{split})")
