@@ -94,16 +94,15 @@ def prompt_mean_of(result: dict[str, Any]) -> float:
 
 
 def prompt_mean_seed_spread(result: dict[str, Any]) -> float:
-    """The prompt-weighted mean's seed-to-seed spread: std over the evaluation-seed folds (fold f = the f-th seed
-    of every prompt), as MiniGenEvalResult.seed_spread is for the category mean."""
-    by_prompt: dict[str, list[dict[str, Any]]] = {}
-    for sample in result["samples"]:
-        by_prompt.setdefault(sample["caption"], []).append(sample)
-    folds = max(len(v) for v in by_prompt.values())
-    scores = []
-    for fold in range(folds):
-        picked = [sorted(v, key=lambda s: s["seed"])[fold] for v in by_prompt.values() if len(v) > fold]
-        scores.append(_prompt_means(picked))
+    """The prompt-weighted mean's seed-to-seed spread: its std over the evaluation-seed folds, fold f holding the
+    seeds s with (s - seed_offset) % seeds_per_prompt == f of every prompt, as MiniGenEvalResult.seed_scores folds
+    them for the category mean (a small category's prompts have more seeds; each fold still holds every prompt)."""
+    settings = result.get("settings", {})
+    offset = settings.get("seed_offset", 0)
+    folds = settings.get("seeds_per_prompt") or min(
+        sum(1 for x in result["samples"] if x["caption"] == c) for c in {x["caption"] for x in result["samples"]})
+    scores = [_prompt_means(picked) for fold in range(folds)
+              if (picked := [x for x in result["samples"] if (x["seed"] - offset) % folds == fold])]
     return float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
 
 

@@ -181,6 +181,25 @@ def test_a_one_prompt_category_carries_the_category_mean_but_not_the_prompt_weig
     claim = judge_seeded_claim(results, stats, "a", "base", [0, 1])
     assert claim["verdict"] == "shown" and claim["gain"] == pytest.approx(0.5)
     assert claim["prompt_weighted"]["verdict"] == "not shown"
-    # the base's prompt-weighted spread over its evaluation-seed folds: folds alternate 15/31 and 15/31 pass rates
+    # the base's prompt-weighted spread over its evaluation-seed folds (fold s: the s-th seed of every prompt)
     folds = [np.mean([float(p != 0 and (p + s) % 2 == 0) for p in range(31)]) for s in range(4)]
     assert prompt_mean_seed_spread(base) == pytest.approx(np.std(folds, ddof=1))
+
+
+def test_prompt_weighted_seed_spread_folds_a_small_categorys_extra_seeds_like_the_category_mean():
+    """v1 gives its 1-3 prompt categories 16-64 seeds per prompt and the others 4: fold f holds the seeds s with
+    (s - offset) % 4 == f, so every fold has every prompt (folding by seed index would leave folds 5-64 with the lone
+    prompts only, and a spread of ~40 points)."""
+    from fastpref.eval.verdicts import prompt_mean_seed_spread
+
+    def passed(p, s):
+        return (p + s) % 3 == 0
+    samples = [{"caption": f"p{p}", "category": "many", "seed": 2000 + s, "passed": passed(p, s)}
+               for p in range(1, 9) for s in range(4)]
+    samples += [{"caption": "p0", "category": "lone", "seed": 2000 + s, "passed": passed(0, s)} for s in range(64)]
+    result = {"samples": samples, "settings": {"seeds_per_prompt": 4, "seed_offset": 2000}}
+    folds = []
+    for f in range(4):
+        lone = np.mean([passed(0, s) for s in range(f, 64, 4)])
+        folds.append(np.mean([lone] + [float(passed(p, f)) for p in range(1, 9)]))
+    assert prompt_mean_seed_spread(result) == pytest.approx(np.std(folds, ddof=1))
