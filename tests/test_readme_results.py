@@ -90,3 +90,22 @@ def test_the_readme_quotes_the_recorded_ncp_run():
         assert (rank, dpo) == (want["NCP-RankDPO"], want["NCP-DPO"])
     for base, rank, dpo in quoted(r"from (\d+\.\d)% to (\d+\.\d)% with NCP-RankDPO and (\d+\.\d)% with NCP-DPO"):
         assert (base, rank, dpo) == (want["base"], want["NCP-RankDPO"], want["NCP-DPO"])
+
+
+def test_the_readme_quotes_the_recorded_study():
+    """The README's study table (overall and prompt-weighted, mean ± std over training seeds) and its claim verdicts
+    (category mean / prompt-weighted) are docs/results/rankdpo-ablations.json's, and that record was made with the
+    study file as it is now."""
+    study = result("rankdpo-ablations")
+    spec = yaml.safe_load((ROOT / "configs" / "studies" / "rankdpo-ablations.yaml").read_text())
+    assert study["seeds"] == spec["seeds"] and set(study["variants"]) == {"base", *spec["variants"]}
+    assert [c["name"] for c in study["claims"]] == [c["name"] for c in spec["claims"]]
+    rows = quoted(r"\| (base|[a-z0-9-]+) \| (\d+\.\d) ± (\d+\.\d) \| (\d+\.\d) ± (\d+\.\d) \|")
+    assert {row[0] for row in rows} == set(study["variants"])
+    for name, overall, overall_std, weighted, weighted_std in rows:
+        s = study["variants"][name]
+        assert (overall, overall_std, weighted, weighted_std) == (
+            pct(s["overall"]), pct(s["overall_std"]), pct(s["prompt_mean"]), pct(s["prompt_mean_std"])), name
+    verdicts = {name: (a, b) for name, a, b in quoted(r"- ([^\n:]+): (shown|not shown|reversed) \(category mean\), "
+                                                      r"(shown|not shown|reversed) \(prompt-weighted\)")}
+    assert verdicts == {c["name"]: (c["verdict"], c["prompt_weighted"]["verdict"]) for c in study["claims"]}
