@@ -2,6 +2,7 @@
 NeMo-Aligner values, sd15-draftp / sdxl-draftp end to end on tiny random models of their families, exact SIGKILL
 resume, and 2 gloo processes == 1 (DDP, FSDP2)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -115,6 +116,46 @@ def test_toy_draftp_recipe_is_a_kl_sweep():
         data["online"]["draft"]["kl_coeff"] = reference["online"]["draft"]["kl_coeff"]
         data["output_dir"] = reference["output_dir"]
         assert data == reference
+
+
+@pytest.mark.slow
+def test_toy_draftp_run_reports_the_tradeoff(tmp_path, monkeypatch):
+    """configs/toy-draftp.yaml through `fastpref run`, shrunk: every kl_coeff trained, DRaFT's path (base, the main
+    variant's checkpoint, its end) and the DRaFT+ points in report.json's trade-off section, the table and the plot
+    in report.md, and docs/results/record.py keeping them."""
+    import importlib.util
+
+    from fastpref.pipeline import RunConfig, run
+
+    out = tmp_path / "toy-draftp"
+    cfg = load_config(RunConfig, CONFIGS / "toy-draftp.yaml", [
+        f"output_dir={out}", "progress=false", "train.max_steps=2", "train.checkpoint_every=1",
+        "train.keep_checkpoints=2", "train.lr_warmup_steps=0", "train.tensorboard=false",
+        "train.online.prompts_per_rollout=2", "train.online.num_steps=2", "train.online.draft.batch_size=2",
+        "eval.main_checkpoints=[1]", "eval.seeds_per_prompt=2", "eval.max_prompts_per_category=1",
+        "eval.min_images_per_category=2", "eval.steps=2"])
+    report = run(cfg)
+    section = report["tradeoff"]
+    names = list(report["train"])
+    assert section["curve"] == ["base", f"{names[0]}@1", names[0]] and section["candidates"] == names[1:]
+    assert list(section["models"]) == section["curve"] + names[1:]
+    for name, row in section["models"].items():
+        assert 0 < row["reward"] < 1 and row["diversity_shapeclip"] > 0 and row["minigeneval"] == \
+            report["eval"][name]["overall"]
+        assert ("reward_vs_base" in row) == (name != "base")
+    assert [section["models"][n]["kl_coeff"] for n in names] == \
+        sorted(section["models"][n]["kl_coeff"] for n in names) and section["models"][names[0]]["kl_coeff"] == 0
+    assert set(section["matched"]) == set(names[1:])
+    text = (out / "report.md").read_text()
+    assert "## Reward vs diversity" in text and "![reward vs diversity](tradeoff.png)" in text
+    assert (out / "tradeoff.png").stat().st_size > 0
+    spec = importlib.util.spec_from_file_location("record_results", CONFIGS.parent / "docs" / "results" / "record.py")
+    record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record)
+    monkeypatch.setattr(record, "HERE", tmp_path)
+    saved = json.loads(record.record(out, commit="test").read_text())
+    assert saved["tradeoff"]["curve"] == section["curve"]
+    assert "](toy-draftp-tradeoff.png)" in (tmp_path / "toy-draftp.md").read_text()
 
 
 def tiny_pickscore(tmp_path):
