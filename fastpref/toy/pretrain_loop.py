@@ -125,9 +125,10 @@ def resumed_budget(args: PretrainArgs, state: dict) -> "StepBudget":
     return StepBudget(state["total"], None)
 
 
-def _progress(total_hint: int | None, enabled: bool, desc: str):
+def _progress(total_hint: int | None, enabled: bool, desc: str, done: int = 0):
     tqdm = require("tqdm", "toy training progress bars")
-    return tqdm.tqdm(total=total_hint, desc=desc, disable=not enabled, mininterval=5.0)
+    # a resumed run's bar starts where the run is, so its rate and ETA are about the steps left
+    return tqdm.tqdm(total=total_hint, initial=done, desc=desc, disable=not enabled, mininterval=5.0)
 
 
 def optimizer_steps(
@@ -155,7 +156,7 @@ def optimizer_steps(
     `loss_window` losses, every `show_loss_every` steps). Then it yields the number of steps done, for
     the caller's per-step work (EMA update, checkpoints, snapshots); the bar closes when the budget is spent.
     """
-    bar = _progress(budget.total, progress, desc)
+    bar = _progress(budget.total, progress, desc, done=start_step)
     step = start_step
     while budget.total is None or step < budget.total:
         for group in optimizer.param_groups:
