@@ -60,17 +60,21 @@ def group_advantages(rewards: np.ndarray, prompts: list[str], *, stat_tracking: 
     if rewards.shape != (len(texts),):
         raise ValueError(f"group_advantages: {rewards.shape} rewards for {len(texts)} prompts")
     advantages = np.zeros_like(rewards)
-    stds = []
+    stds, means = [], []
     for text in dict.fromkeys(prompts):
         mask = texts == text
         stds.append(float(np.std(rewards[mask])))
+        means.append(float(rewards[mask].mean()))
         if stat_tracking:
             std = np.std(rewards) if global_std else np.std(rewards[mask])
             advantages[mask] = (rewards[mask] - rewards[mask].mean()) / (std + ADVANTAGE_EPS)
     if not stat_tracking:
         std = float(np.std(rewards, ddof=1)) if len(rewards) > 1 else 0.0
         advantages = (rewards - rewards.mean()) / (std + ADVANTAGE_EPS)
-    stats = {"zero_std_ratio": float(np.mean([s == 0 for s in stds])), "reward_std_mean": float(np.mean(stds))}
+    # per group (prompt text): the mean and max of the groups' reward std (GRPO learns only inside a group) and the
+    # spread of the group means across prompts (how much of the reward's variance is the prompt, not the image)
+    stats = {"zero_std_ratio": float(np.mean([s == 0 for s in stds])), "reward_std_mean": float(np.mean(stds)),
+             "reward_std_max": float(np.max(stds)), "reward_group_mean_std": float(np.std(means))}
     return advantages, stats
 
 
@@ -160,7 +164,8 @@ class GRPOMethod:
         texts = [prompts.prompts[int(k) // g - prompts.start].text for k in all_keys]
         advantages, stats = group_advantages(all_rewards.numpy(), texts, stat_tracking=self.cfg.stat_tracking,
                                              global_std=self.cfg.global_std)
-        advantages = torch.from_numpy(advantages).clamp(-self.cfg.adv_clip_max, self.cfg.adv_clip_max)
+        unclipped = torch.from_numpy(advantages)
+        advantages = unclipped.clamp(-self.cfg.adv_clip_max, self.cfg.adv_clip_max)
         keep = self._kept_samples(advantages, prompts)
         position = {int(k): i for i, k in enumerate(all_keys)}
         local = torch.tensor([position[int(k)] for k in keys])
@@ -183,6 +188,9 @@ class GRPOMethod:
             **{f"reward_{name}": float(value.mean()) for name, value in all_terms.items()},
             **stats,
             "advantage_abs_mean": float(advantages.abs().mean()),
+            "advantage_std": float(advantages.std(unbiased=False)),
+            "advantage_abs_max": float(advantages.abs().max()),
+            "advantage_clip_fraction": float((unclipped.abs() > self.cfg.adv_clip_max).double().mean()),
             "kept_fraction": float(keep.float().mean()),
             # this process's seconds: encoding + sampling, decoding + reward (the step's own time is the rest)
             "rollout_sample_s": sampled - started, "rollout_reward_s": rewarded - sampled,

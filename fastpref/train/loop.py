@@ -277,11 +277,11 @@ class Trainer:
         totals: dict[str, float] = {}
         images = 0
         with self.attention:
-            for (epoch, batch), groups in zip(micro_batches, kept):
+            for index, ((epoch, batch), groups) in enumerate(zip(micro_batches, kept)):
                 out = self.step_fn.forward(batch, epoch)
                 # all ranks agree before any backward, or DDP / ZeRO collectives would wait forever
                 if not parallel.all_true(bool(torch.isfinite(out.loss))):
-                    parallel.skip_step()
+                    parallel.skip_step(unfinished_loss=out.loss)
                     return self._nonfinite_step(counts_in_a_row=True), images
                 images += out.num_images
                 if groups == 0:  # no group with a preference: a loss without gradient, weighed 0
@@ -292,7 +292,7 @@ class Trainer:
                     # loss * groups / total, written so that it is loss / grad_accumulation to the last bit when
                     # every micro-batch keeps as many groups (loss itself at grad_accumulation 1)
                     loss = out.loss / (total / groups)
-                parallel.backward(loss)
+                parallel.backward(loss, last_of_step=index == len(micro_batches) - 1)
         if parallel.all_true(total == 0):
             self.nonfinite_in_a_row = 0
             parallel.skip_step()  # no group of the batch carried a preference: nothing to learn, not even momentum

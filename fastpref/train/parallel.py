@@ -131,7 +131,8 @@ class Parallel:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last_of_step: bool = True) -> None:
+        """Accumulate the loss's gradient; last_of_step: the step's last micro-batch (DeepSpeed reduces there)."""
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
@@ -166,8 +167,9 @@ class Parallel:
         self.advance_schedule()
         return StepResult(applied=not self.last_step_skipped, grad_norm=grad_norm, overflow=self.last_step_skipped)
 
-    def skip_step(self) -> None:
+    def skip_step(self, unfinished_loss: torch.Tensor | None = None) -> None:
         """A skipped step still advances the schedule, so that all ranks and resumed runs stay in lockstep.
+        unfinished_loss: the loss of the micro-batch that stopped the step before its backward (DeepSpeed needs it).
 
         With loss scaling: gradients that overflowed (clip_grad_norm saw a non-finite norm) halve the scale; any
         other skip (a non-finite loss before backward, a batch without preferences) leaves scale and growth
@@ -376,6 +378,7 @@ class DeepSpeedZero(Parallel):
             "wall_clock_breakdown": False,
         }
         self.fp16 = False
+        self.accumulating = False  # a backward of this step was not its last micro-batch's
 
     def _setup_loss_scaling(self, denoiser):
         # DeepSpeed scales the loss itself (the fp16 block); no torch GradScaler next to it
@@ -397,8 +400,13 @@ class DeepSpeedZero(Parallel):
     def zero_grad(self):
         self.engine.zero_grad()
 
-    def backward(self, loss):
+    def backward(self, loss, last_of_step=True):
+        # DeepSpeed's own accumulation counter is configured for 1 micro-batch per step (fastpref counts them), so
+        # every backward would be a boundary: ZeRO-1/2 then keep only the last micro-batch's reduced gradient
+        # (measured: GRPO's 3 timesteps per step gave a grad norm of 0.0041 instead of 0.0054, 1 process too).
+        self.engine.set_gradient_accumulation_boundary(last_of_step)
         self.engine.backward(loss)
+        self.accumulating = not last_of_step
 
     def clip_grad_norm(self, max_norm):
         # DeepSpeed clips inside engine.step (config gradient_clipping); report the norm it computed last
@@ -425,10 +433,24 @@ class DeepSpeedZero(Parallel):
                 "it). Resume from the last checkpoint with a DeepSpeed that checks")
         return StepResult(applied=True, grad_norm=grad_norm)
 
-    def skip_step(self):
+    def skip_step(self, unfinished_loss=None):
         self.last_step_skipped = True
+        schedule = self.scheduler.last_epoch
+        if self.accumulating and unfinished_loss is not None:
+            # ZeRO-2/3 hold the step's earlier micro-batches in partitioned buffers that only engine.step() resets
+            # (engine.zero_grad() left them in the next step's gradient: its norm 0.00494 instead of 0.00517): the
+            # step is finished with a NaN gradient, which DeepSpeed's overflow check discards without an update.
+            # Under fp16 that also halves DeepSpeed's loss scale.
+            self.engine.set_gradient_accumulation_boundary(True)
+            self.engine.backward(unfinished_loss * float("nan"))
+            self.engine.step()
+            self.accumulating = False
+            if self.engine.was_step_applied():
+                raise FloatingPointError("DeepSpeed applied an update with a NaN gradient while discarding a step "
+                                         "with a non-finite loss: its overflow check is off (bf16.check_grad_overflow)")
         self.engine.zero_grad()
-        self.advance_schedule()
+        if self.scheduler.last_epoch == schedule:
+            self.advance_schedule()
 
     @contextlib.contextmanager
     def gathered(self):

@@ -37,6 +37,11 @@ def test_group_advantages_are_flow_grpos(global_std):
     np.testing.assert_allclose(got, flow_grpo_advantages(list(rewards), prompts, global_std), rtol=1e-12)
     assert (got[8:12] == 0).all()
     assert stats["zero_std_ratio"] == pytest.approx(1 / 3)
+    groups = {text: [r for r, t in zip(rewards, prompts) if t == text] for text in ("a", "b", "c")}
+    stds = [float(np.std(v)) for v in groups.values()]
+    assert stats["reward_std_mean"] == pytest.approx(np.mean(stds))
+    assert stats["reward_std_max"] == pytest.approx(max(stds)) and stats["reward_std_max"] > stats["reward_std_mean"]
+    assert stats["reward_group_mean_std"] == pytest.approx(np.std([np.mean(v) for v in groups.values()]))
 
 
 def test_group_advantages_without_stat_tracking_use_the_batch():

@@ -2,6 +2,8 @@
 rollout/training consistency (ratio 1 at the first update), exact SIGKILL resume, 2 gloo processes == 1, and the
 online recipes through `fastpref run`."""
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -70,8 +72,13 @@ def test_grpo_trains_end_to_end(tiny_models, tmp_path, family, mode):
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
         for key in ("reward_mean", "reward_std", "reward_quality", "advantage_abs_mean", "zero_std_ratio",
+                    "reward_std_mean", "reward_std_max", "reward_group_mean_std", "advantage_std",
+                    "advantage_abs_max", "advantage_clip_fraction",
                     "clip_fraction", "kl", "approx_kl", "policy_loss", "ratio", "grad_norm", "loss"):
             assert key in record and record[key] == record[key], (key, record)  # present and not NaN
+        # advantages of a group are centred and scaled by a std: some move, none beyond the clamp (5)
+        assert 0 < record["advantage_abs_mean"] <= record["advantage_abs_max"] <= 5.0
+        assert 0 <= record["advantage_clip_fraction"] <= 1 and record["advantage_std"] > 0
     # the first update is taken on the rollout of the very same policy: ratio 1, no KL yet
     assert records[0]["approx_kl"] < 1e-8 and records[0]["kl"] < 1e-8
     assert abs(records[0]["ratio"] - 1) < 1e-5
@@ -111,6 +118,24 @@ def test_first_update_sees_the_rollouts_own_log_probs(tiny_models, tmp_path):
         assert float(out.metrics["approx_kl"]) < 1e-8
 
 
+def test_advantage_statistics_report_the_clamp(tiny_models, tmp_path):
+    """adv_clip_max 0.5 clamps some of the tiny model's advantages (|A| ~ 1 under the global std): the logged
+    maximum is the clamp and the clipped fraction counts them; without a clamp that bites, none is clipped."""
+    from fastpref.train.online import OnlineTrainer
+
+    stats = {}
+    for clamp in (0.5, 1e6):
+        cfg = grpo_config(tiny_models["sd3"], tmp_path / str(clamp), max_steps=1, checkpoint_every=1,
+                          **{"online.grpo.adv_clip_max": clamp})
+        trainer = OnlineTrainer(cfg)
+        next(trainer.batches())
+        stats[clamp] = trainer.method.rollout_metrics
+    assert stats[0.5]["advantage_abs_max"] == pytest.approx(0.5)
+    assert 0 < stats[0.5]["advantage_clip_fraction"] < 1
+    assert stats[1e6]["advantage_clip_fraction"] == 0 and stats[1e6]["advantage_abs_max"] > 0.5
+    assert stats[1e6]["advantage_std"] > stats[0.5]["advantage_std"]
+
+
 def test_grpo_refuses_bad_online_settings_before_loading(tiny_models, tmp_path):
     from fastpref.train.online import OnlineTrainer
 
@@ -121,6 +146,31 @@ def test_grpo_refuses_bad_online_settings_before_loading(tiny_models, tmp_path):
         OnlineTrainer(grpo_config(tiny_models["sd3"], tmp_path / "b", grad_accumulation=2))
     with pytest.raises(ConfigError, match="online.group_size"):
         OnlineTrainer(grpo_config(tiny_models["sd3"], tmp_path / "c", **{"online.group_size": 1}))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"online.grpo.clip_range": 0.0}, "online.grpo.clip_range"),
+    ({"online.grpo.clip_range": -0.2}, "online.grpo.clip_range"),
+    ({"online.grpo.timestep_fraction": 0.0}, "online.grpo.timestep_fraction"),
+    ({"online.grpo.timestep_fraction": 1.5}, "online.grpo.timestep_fraction"),
+    ({"online.grpo.adv_clip_max": 0.0}, "online.grpo.adv_clip_max"),
+    ({"online.grpo.kl_beta": -0.04}, "online.grpo.kl_beta"),
+    ({"online.grpo.ema_decay": 1.0}, "online.grpo.ema_decay"),
+    ({"online.group_size": 1}, "online.group_size"),
+    ({"online.eta": 0.0}, "online.eta"),
+    ({"online.grpo.steps_per_rollout": 3}, "online.grpo.steps_per_rollout"),
+])
+def test_bad_grpo_configs_are_refused_before_any_model_loads(tmp_path, monkeypatch, overrides, key):
+    """Through `train` (as `fastpref train` runs it) on a model path that does not exist: the error names the key,
+    and no model or reward was loaded."""
+    import fastpref.models
+    import fastpref.rewards
+    from fastpref.train.loop import train
+
+    monkeypatch.setattr(fastpref.models, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(fastpref.rewards, "build_reward", lambda *a, **k: pytest.fail("a reward was loaded"))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        train(grpo_config(str(tmp_path / "no-model"), tmp_path / "run", **overrides))
 
 
 def resume_config(tiny_models, out, **overrides):
@@ -157,10 +207,12 @@ def test_sigkill_and_resume_is_exact(tiny_models, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero2", "zero3"])
 def test_two_processes_equal_one(tiny_models, tmp_path, strategy):
     """2 gloo processes (each samples half the prompts; rewards gathered for the advantages; kept samples spread by
     one global permutation) train as 1 process does on the same global rollout."""
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="the 'distributed' extra (deepspeed) is not installed")
     one = write_config(resume_config(tiny_models, tmp_path / "one"), tmp_path / "one.yaml")
     proc = launch(one)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -176,6 +228,72 @@ def test_two_processes_equal_one(tiny_models, tmp_path, strategy):
     wa, wb = trainable(tmp_path / "one", 4), trainable(tmp_path / "two", 4)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=2e-3, atol=1e-5)
+
+
+ACCUMULATION_WORKER = """
+import json, sys
+from pathlib import Path
+sys.path[:0] = [sys.argv[1], str(Path(sys.argv[1]).parent)]  # tests/online, tests (helpers)
+import torch
+from test_online_train import grpo_config
+from fastpref.train.online import OnlineTrainer
+
+model, out, strategy = sys.argv[2:5]
+trainer = OnlineTrainer(grpo_config(model, out, parallel=strategy, max_steps=4, checkpoint_every=4,
+                                    **{"online.num_steps": 3}))
+forward, calls = trainer.method.forward, []
+
+
+def nan_in_the_second_micro_batch(batch, epoch):
+    out = forward(batch, epoch)
+    calls.append(1)
+    if len(calls) == 2:
+        out.loss = out.loss * float("nan")
+    return out
+
+
+trainer.method.forward = nan_in_the_second_micro_batch
+batches, steps = trainer.batches(), []
+for _ in range(3):
+    metrics, _ = trainer.optimizer_step(batches)
+    trainer.step += 1
+    steps.append([metrics.get("skipped", 0.0), metrics.get("grad_norm"), trainer.scheduler.last_epoch])
+weights = {k: v.detach().clone() for k, v in trainer.bundle.denoiser.named_parameters() if v.requires_grad}
+torch.save(weights, out + "/weights.pt")
+print("RESULT " + json.dumps(steps))
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_zero_accumulates_the_micro_batches_of_a_step_and_discards_a_skipped_one(tiny_models, tmp_path, strategy):
+    """A GRPO step is 3 micro-batches (one per trained timestep); the first step's second one has a NaN loss. DeepSpeed
+    counts 1 micro-batch per step in fastpref's config: each backward used to be a reduction boundary, so ZeRO-1/2 kept
+    only the last micro-batch's gradient (grad norm 0.0023 instead of 0.0042), and after the skipped step ZeRO-2/3
+    carried its first micro-batch into the next step (0.00494 instead of 0.00517). 1-process ZeRO == parallel none."""
+    import subprocess
+
+    pytest.importorskip("deepspeed", reason="the 'distributed' extra (deepspeed) is not installed")
+    script = tmp_path / "worker.py"
+    script.write_text(ACCUMULATION_WORKER)
+    results = {}
+    for name in ("none", strategy):
+        out = tmp_path / name
+        out.mkdir()
+        command = [sys.executable, str(script), str(Path(__file__).parent), tiny_models["sd3"], str(out), name]
+        if name != "none":
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *command[1:]]
+        proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+        results[name] = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    plain, zero = results["none"], results[strategy]
+    assert [s[0] for s in plain] == [s[0] for s in zero] == [1.0, 0.0, 0.0]
+    assert [s[2] for s in plain] == [s[2] for s in zero] == [1, 2, 3]  # the skipped step advanced the schedule once
+    assert [s[1] for s in zero[1:]] == pytest.approx([s[1] for s in plain[1:]], rel=1e-5)
+    wa, wb = torch.load(tmp_path / "none" / "weights.pt"), torch.load(tmp_path / strategy / "weights.pt")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.slow
