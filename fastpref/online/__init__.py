@@ -39,6 +39,8 @@ The method contract (what OnlineTrainer calls; GRPOMethod is the worked example)
         def configured_steps_per_rollout(cfg) -> int
         def __init__(self, engine)               # engine: the OnlineTrainer (attributes below)
         steps_per_rollout: int                  # optimizer steps per rollout
+        variable_steps: bool                    # optional: True lets rollout() return any number (>= 1) of steps;
+                                                # checkpoints may then fall inside a rollout (its rest is saved)
         micro_batches_per_step: int             # the same on every process and every step
         rollout_metrics: dict[str, float]       # statistics of the last rollout, logged with each of its steps
         ema_settings: (decay, every) | None     # optional: the engine keeps an EMA of the trainable weights

@@ -177,7 +177,7 @@ class OnlineConfig:
             raise ConfigError(f"online.prompts_per_rollout: {self.prompts_per_rollout} prompts cannot be split "
                               f"evenly over {world_size} processes (make it a multiple of {world_size})")
         if method == "spo":
-            check_spo(self)
+            check_spo(self, world_size)
         if method == "draft":
             check_draft(self)
         if method == "grpo":

@@ -307,7 +307,9 @@ class SPOMethod:
     One rollout: online.prompts_per_rollout prompts resampled step-wise by the current policy (`resample`; SPM =
     the `spm` reward of online.reward); the kept pairs of all processes are gathered, permuted with a seeded
     permutation and split evenly over processes x spo.steps_per_rollout optimizer steps
-    (rollout.gather_permute_split), so 1 and N processes train on the same pairs. Each optimizer step runs its
+    (rollout.gather_permute_split), so 1 and N processes train on the same pairs; with spo.pairs_per_step, over
+    ceil(kept pairs / pairs_per_step) steps instead (SPO's rule: the steps per rollout vary; the engine then
+    checkpoints between the steps of a rollout, its remaining micro-batches included). Each optimizer step runs its
     pairs in micro-batches of spo.train_batch_size: the policy's and the reference's (adapters off / frozen copy)
     guided DDIM(eta) means of x_{t-1} given x_t at the stored x_{t-1}^w, x_{t-1}^l, and fastpref.ops.spo_loss
     (beta, clip_eps). The micro-batch count is fixed (the most pairs a step can get); empty ones are placeholders
@@ -337,14 +339,20 @@ class SPOMethod:
         self.shape = latent_shape(bundle, self.online.resolution)
         self.preference = spm_preference_fn(engine.reward.rewards["spm"])
         transitions = self.online.num_steps - self.cfg.divert_start_step  # one pair per transition at most
-        split = engine.world_size * self.cfg.steps_per_rollout
-        self.max_pairs_per_part = (self.online.prompts_per_rollout * transitions) // split
+        # the engine lets the steps of a rollout vary (and checkpoints inside a rollout) when this is true
+        self.variable_steps = self.cfg.pairs_per_step is not None
+        if self.variable_steps:
+            self.max_pairs_per_part = self.cfg.pairs_per_step // engine.world_size
+        else:
+            split = engine.world_size * self.cfg.steps_per_rollout
+            self.max_pairs_per_part = (self.online.prompts_per_rollout * transitions) // split
         if self.max_pairs_per_part < 1:
             raise ConfigError(f"online.spo.steps_per_rollout: {self.cfg.steps_per_rollout} steps x {engine.world_size} "
                               f"processes exceed the {self.online.prompts_per_rollout * transitions} pairs a rollout "
                               "can keep")
         self.chunks = max(1, math.ceil(self.max_pairs_per_part / self.cfg.train_batch_size))
         self.rollout_metrics: dict[str, float] = {}
+        self.last_steps = self.cfg.steps_per_rollout  # optimizer steps of the last rollout
 
     # ------------------------------------------------------------------ what the engine asks
     @staticmethod
@@ -353,13 +361,14 @@ class SPOMethod:
 
     @staticmethod
     def configured_steps_per_rollout(cfg) -> int:
-        """Also the engine's hook before the model loads: a flow model is refused here, naming the key."""
+        """Also the engine's hook before the model loads: a flow model is refused here, naming the key. With
+        pairs_per_step a rollout's steps vary, checkpoints may fall inside it: any checkpoint_every (1)."""
         check_model_family(cfg.model.path, cfg.model.family, key="model.path")
-        return cfg.online.spo.steps_per_rollout
+        return 1 if cfg.online.spo.pairs_per_step is not None else cfg.online.spo.steps_per_rollout
 
     @property
     def steps_per_rollout(self) -> int:
-        return self.cfg.steps_per_rollout
+        return self.last_steps if self.variable_steps else self.cfg.steps_per_rollout
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -372,6 +381,8 @@ class SPOMethod:
         pass
 
     def rollout(self, prompts) -> list[list[dict]]:
+        import math
+
         from fastpref.data.noise import group_generator
         from fastpref.online.rollout import gather_permute_split
 
@@ -387,16 +398,22 @@ class SPOMethod:
         rows = {"latents": pairs.latents, "next_latents": pairs.next_latents, "timesteps": pairs.timesteps,
                 "step_index": pairs.step_index,
                 **{f"cond.{key}": value.detach().cpu()[index] for key, value in cond.items()}}
-        permutation = group_generator(engine.seed, prompts.epoch, prompts.start, "online/spo-permute")
-        parts = gather_permute_split(rows, keys, permutation, parts=self.cfg.steps_per_rollout)
-        placeholder = {"latents": torch.zeros(1, 2, *self.shape), "next_latents": torch.zeros(1, 2, *self.shape),
-                       "timesteps": self.schedule.timesteps[:1].clone(), "step_index": torch.zeros(1, dtype=torch.long),
-                       **{f"cond.{key}": value.detach().cpu()[:1] for key, value in cond.items()}}
         decisions = engine.gather(pairs.decisions_per_step[None].double()).sum(0)
         kept = engine.gather(pairs.kept_per_step[None].double()).sum(0)
         stats = {name: engine.gather(torch.tensor([value], dtype=torch.float64))
                  for name, value in pairs.stats.items()}
+        steps_this_rollout = self.cfg.steps_per_rollout
+        if self.variable_steps:  # the same count on every process: from the gathered pair counts
+            steps_this_rollout = max(1, math.ceil(int(stats["pairs"].sum()) / self.cfg.pairs_per_step))
+        self.last_steps = steps_this_rollout
+        permutation = group_generator(engine.seed, prompts.epoch, prompts.start, "online/spo-permute")
+        parts = gather_permute_split(rows, keys, permutation, parts=steps_this_rollout)
+        placeholder = {"latents": torch.zeros(1, 2, *self.shape), "next_latents": torch.zeros(1, 2, *self.shape),
+                       "timesteps": self.schedule.timesteps[:1].clone(), "step_index": torch.zeros(1, dtype=torch.long),
+                       **{f"cond.{key}": value.detach().cpu()[:1] for key, value in cond.items()}}
         metrics = {
+            "spo_steps": float(steps_this_rollout),
+            "spo_pairs_trained": float(sum(int(part["timesteps"].shape[0]) for part in parts) * engine.world_size),
             "spo_pairs": float(stats["pairs"].sum()),
             "spo_candidates": float(stats["candidates_scored"].sum()),
             "spo_pairs_per_candidate": float(stats["pairs"].sum() / stats["candidates_scored"].sum().clamp(min=1)),

@@ -22,9 +22,12 @@ class SPOConfig:
     beta: float = 10.0  # [train.beta]
     clip_eps: float = 0.1  # the ratio's clamp [train.eps]
     train_batch_size: int = 10  # pairs per training micro-batch, per process [train.train_batch_size]
-    # optimizer steps per rollout; the kept pairs are spread evenly over them (SPO steps every train_batch_size x
-    # gradient_accumulation_steps pairs, a number that varies per rollout; the engine needs it fixed)
+    # optimizer steps per rollout; the kept pairs are spread evenly over them
     steps_per_rollout: int = 1
+    # SPO's own rule instead (it steps every train_batch_size x gradient_accumulation_steps pairs): one optimizer step
+    # per pairs_per_step kept pairs of the rollout (all processes), ceil(kept / pairs_per_step) steps (at least 1),
+    # the kept pairs spread evenly over them, so the steps per rollout vary with the pairs kept; null: steps_per_rollout
+    pairs_per_step: int | None = None
     cfg: bool = True  # classifier-free guidance in the training forward too [train.cfg]
 
     def validate(self) -> None:
@@ -40,6 +43,12 @@ class SPOConfig:
         for key in ("train_batch_size", "steps_per_rollout"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.pairs_per_step is not None:
+            if self.pairs_per_step < 1:
+                raise ConfigError(f"pairs_per_step: must be >= 1 or null, got {self.pairs_per_step}")
+            if self.steps_per_rollout != 1:
+                raise ConfigError(f"steps_per_rollout: {self.steps_per_rollout} with pairs_per_step "
+                                  f"{self.pairs_per_step}: the kept pairs decide the steps; set one of the two")
 
 
 def check_candidates(threshold: float, num_candidates: int) -> None:
@@ -50,9 +59,12 @@ def check_candidates(threshold: float, num_candidates: int) -> None:
         raise ConfigError(f"num_candidates: must be >= 2 (a best and a worst candidate per step), got {num_candidates}")
 
 
-def check_spo(online) -> None:
+def check_spo(online, world_size: int = 1) -> None:
     """What SPO needs of the shared `online:` settings (an OnlineConfig), before any model loads."""
     spo = online.spo
+    if spo.pairs_per_step is not None and spo.pairs_per_step % world_size:
+        raise ConfigError(f"online.spo.pairs_per_step: {spo.pairs_per_step} pairs cannot be split evenly over "
+                          f"{world_size} processes (make it a multiple of {world_size})")
     if not spo.divert_start_step < online.num_steps:
         raise ConfigError(f"online.spo.divert_start_step: {spo.divert_start_step} must be < online.num_steps "
                           f"({online.num_steps})")

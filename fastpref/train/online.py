@@ -10,11 +10,14 @@ fastpref/online/__init__.py.
 Exact resume: a rollout is a pure function of the policy at rollout time and (seed, epoch, prompt id), and
 checkpoints fall on rollout boundaries (checkpoint_every and max_steps are multiples of the method's
 steps_per_rollout), so a checkpoint holds the prompt position (epoch, position in the epoch's order) and no buffered
-samples; the run resumed from it draws exactly the rollouts of the uninterrupted one.
+samples; the run resumed from it draws exactly the rollouts of the uninterrupted one. A method whose steps per
+rollout vary (`variable_steps`, SPO with pairs_per_step) may be checkpointed inside a rollout: the checkpoint then
+also holds every process's micro-batches of that rollout not trained yet and the rollout's metrics (OnlineStream).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import time
@@ -86,21 +89,39 @@ class ParameterEMA:
 
 
 class OnlineStream:
-    """The trainer's `stream` for checkpoints: the prompt position, the method's own state and the EMA."""
+    """The trainer's `stream` for checkpoints: the prompt position, the method's own state and the EMA, and the
+    micro-batches of the current rollout not trained yet (`pending`, this process's; with a fixed number of steps per
+    rollout it is empty at every checkpoint, a method with variable steps (SPO's pairs_per_step) may checkpoint
+    inside a rollout) with that rollout's metrics."""
 
-    def __init__(self, prompts: PromptStream, method=None, ema: ParameterEMA | None = None):
+    def __init__(self, prompts: PromptStream, method=None, ema: ParameterEMA | None = None, world_size: int = 1):
         self.prompts = prompts
         self.method = method
         self.ema = ema
+        self.world_size = world_size
+        self.pending: collections.deque = collections.deque()  # (epoch, micro-batch)
 
     @property
     def epoch(self) -> int:
         return self.prompts.epoch
 
     def state_dict(self) -> dict[str, Any]:
+        """Every process calls it (a checkpoint is collective): the processes' pending micro-batches are gathered."""
         method = self.method.state_dict() if self.method is not None else {}
         ema = self.ema.state_dict() if self.ema is not None else None
-        return {**self.prompts.state_dict(), "method": method, "ema": ema}
+        mine = [[epoch, batch] for epoch, batch in self.pending]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            pending = [None] * self.world_size
+            dist.all_gather_object(pending, mine)
+        else:
+            pending = [mine]
+        state = {**self.prompts.state_dict(), "method": method, "ema": ema}
+        if any(pending):
+            state["pending"] = pending
+            state["rollout_metrics"] = dict(getattr(self.method, "rollout_metrics", {}))
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prompts.load_state_dict(state)
@@ -110,6 +131,14 @@ class OnlineStream:
             if state.get("ema") is None:
                 raise ConfigError("ema: the checkpoint holds no EMA weights (the run was started without the EMA)")
             self.ema.load_state_dict(state["ema"])
+        self.pending.clear()
+        if "pending" in state:
+            if len(state["pending"]) != self.world_size:
+                raise ConfigError(f"the checkpoint was written inside a rollout by {len(state['pending'])} processes; "
+                                  f"resume it with as many (this run has {self.world_size})")
+            self.pending.extend((int(epoch), batch) for epoch, batch in state["pending"][state.get("rank", 0)])
+            if self.method is not None:
+                self.method.rollout_metrics = dict(state["rollout_metrics"])
 
 
 class OnlineTrainer(Trainer):
@@ -196,7 +225,7 @@ class OnlineTrainer(Trainer):
                 raise ConfigError(f"ema: not supported with parallel: {self.parallel.strategy} (sharded weights); use "
                                   "ddp, zero1 / zero2, or turn the EMA off")
             self.ema = ParameterEMA([p for p in denoiser.parameters() if p.requires_grad], *settings)
-        self.stream = OnlineStream(prompt_stream, self.method, self.ema)
+        self.stream = OnlineStream(prompt_stream, self.method, self.ema, self.world_size)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.keep_checkpoints)
         self.step = 0
         self.nonfinite_total = 0
@@ -245,19 +274,22 @@ class OnlineTrainer(Trainer):
         return self.method.micro_batches_per_step
 
     def batches(self):
-        """(epoch, micro-batch) forever: one rollout per method.steps_per_rollout optimizer steps."""
+        """(epoch, micro-batch) forever: one rollout per method.steps_per_rollout optimizer steps. The rollout's
+        micro-batches wait in stream.pending (checkpointed) until the loop takes them."""
+        pending = self.stream.pending
         while True:
-            prompts = self.stream.prompts.next()
-            with self.sampling_mode(), self.attention:
-                parts = self.method.rollout(prompts)
-            if len(parts) != self.method.steps_per_rollout or any(
-                    len(part) != self.micro_batches_per_step for part in parts):
-                raise RuntimeError(f"{type(self.method).__name__}.rollout returned {[len(p) for p in parts]} "
-                                   f"micro-batches; expected {self.method.steps_per_rollout} steps of "
-                                   f"{self.micro_batches_per_step}")
-            for part in parts:
-                for micro_batch in part:
-                    yield prompts.epoch, micro_batch
+            if not pending:
+                prompts = self.stream.prompts.next()
+                with self.sampling_mode(), self.attention:
+                    parts = self.method.rollout(prompts)
+                variable = getattr(self.method, "variable_steps", False)
+                if (not parts or (not variable and len(parts) != self.method.steps_per_rollout)
+                        or any(len(part) != self.micro_batches_per_step for part in parts)):
+                    raise RuntimeError(f"{type(self.method).__name__}.rollout returned {[len(p) for p in parts]} "
+                                       f"micro-batches; expected {self.method.steps_per_rollout} steps of "
+                                       f"{self.micro_batches_per_step}")
+                pending.extend((prompts.epoch, micro_batch) for part in parts for micro_batch in part)
+            yield pending.popleft()
 
     def optimizer_step(self, batches) -> tuple[dict, int]:
         """The loop's step, its metrics joined by the statistics of the rollout its micro-batches came from (reward

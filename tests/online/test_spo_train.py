@@ -155,7 +155,10 @@ def test_bad_spo_configs_are_refused_before_any_model_loads(models, tmp_path, mo
         raise AssertionError("a model was loaded before the config was refused")
 
     monkeypatch.setattr("fastpref.models.load", refuse)
-    for overrides, match in (({"online.spo.threshold": 1.2}, "online.spo.threshold: must be in \\[0, 1\\]"),
+    for overrides, match in (({"online.spo.pairs_per_step": 0}, "online.spo.pairs_per_step"),
+                             ({"online.spo.pairs_per_step": 4, "online.spo.steps_per_rollout": 2},
+                              "online.spo.steps_per_rollout"),
+                             ({"online.spo.threshold": 1.2}, "online.spo.threshold: must be in \\[0, 1\\]"),
                              ({"online.spo.num_candidates": 1}, "online.spo.num_candidates: must be >= 2"),
                              ({"online.spo.divert_start_step": 4}, "online.spo.divert_start_step"),
                              ({"online.eta": 0.0}, "online.eta"),
@@ -164,6 +167,49 @@ def test_bad_spo_configs_are_refused_before_any_model_loads(models, tmp_path, mo
             train(spo_config(models, tmp_path, **overrides))
     with pytest.raises(ConfigError, match="model.path: .*flow-matching"):
         train(spo_config(models, tmp_path, **{"model.path": str(toy_model_path("toy-sd3"))}))
+
+
+def test_pairs_per_step_sets_each_rollouts_steps_from_its_kept_pairs(models, tmp_path):
+    """online.spo.pairs_per_step (SPO's rule): ceil(kept / pairs_per_step) optimizer steps per rollout (at least 1),
+    the kept pairs spread evenly over them; with threshold 0.02 the tiny SPM keeps a varying number of pairs."""
+    from fastpref.train.online import OnlineTrainer
+
+    trainer = OnlineTrainer(spo_config(models, tmp_path, **{"online.spo.pairs_per_step": 4,
+                                                              "online.spo.threshold": 0.02,
+                                                              "online.prompts_per_rollout": 4}))
+    method, steps_seen = trainer.method, set()
+    assert method.micro_batches_per_step == 1  # 4 pairs per step in micro-batches of 4
+    for _ in range(4):
+        with trainer.sampling_mode():
+            parts = method.rollout(trainer.stream.prompts.next())
+        metrics = method.rollout_metrics
+        kept, steps = int(metrics["spo_pairs"]), len(parts)
+        assert steps == metrics["spo_steps"] == method.steps_per_rollout == max(1, math.ceil(kept / 4))
+        counts = [sum(batch["count"] for batch in part) for part in parts]
+        assert counts == [kept // steps] * steps and metrics["spo_pairs_trained"] == sum(counts)
+        steps_seen.add(steps)
+    assert len(steps_seen) > 1, steps_seen
+
+
+def test_pairs_per_step_resumes_exactly_from_a_checkpoint_inside_a_rollout(models, tmp_path):
+    """6 pairs per rollout, 2 per step: 3 steps per rollout, so the step-2 checkpoint falls inside the first rollout
+    and holds its last micro-batch. Stopped there and resumed to step 4: the metrics and LoRA of the straight run."""
+    from fastpref.train.loop import train
+
+    overrides = {"checkpoint_every": 1, "online.spo.pairs_per_step": 2, "online.spo.train_batch_size": 2}
+    train(spo_config(models, tmp_path / "straight", max_steps=4, **overrides))
+    train(spo_config(models, tmp_path / "stopped", max_steps=2, **overrides))
+    state = torch.load(tmp_path / "stopped" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
+    assert len(state["stream"]["pending"][0]) == 1  # step 3's micro-batch, sampled before steps 1-2 updated
+    train(spo_config(models, tmp_path / "stopped", max_steps=4, **overrides), resume=True)
+    expected = {r["step"]: r for r in read_metrics(tmp_path / "straight")}
+    got = {r["step"]: r for r in read_metrics(tmp_path / "stopped")}
+    assert [expected[s]["spo_steps"] for s in (1, 2, 3, 4)] == [3, 3, 3, 3]
+    for step in (3, 4):
+        for key in ("loss", "spo_pairs", "spo_steps", "spm_score_final", "log_ratio", "grad_norm"):
+            assert got[step][key] == expected[step][key], (step, key)
+    a, b = lora_state(tmp_path / "straight", 4), lora_state(tmp_path / "stopped", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------- processes, resume
@@ -203,10 +249,12 @@ def test_sigkill_and_resume_is_exact(models, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero2", "zero3"])
 def test_two_processes_equal_one(models, tmp_path, strategy):
     """2 gloo processes (each resamples half the prompts; the kept pairs all-gathered, permuted and split evenly)
     train as 1 process does at the same global batch."""
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="the 'distributed' extra (deepspeed) is not installed")
     one = write_config(resume_config(models, tmp_path / "one"), tmp_path / "one.yaml")
     proc = launch(one)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -224,3 +272,45 @@ def test_two_processes_equal_one(models, tmp_path, strategy):
     # weights agree to a small fraction of one step
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_pairs_per_step_two_processes_resume_inside_a_rollout_as_one_process_trains(models, tmp_path):
+    """pairs_per_step with 2 gloo processes (DDP), stopped at step 2 (inside the first rollout: each process keeps
+    its share of the rollout's last step) and resumed to step 4: the 1-process straight run's pairs and losses. The
+    2-process checkpoint holds both processes' pending micro-batches, so 1 process may not resume it."""
+    import shutil
+
+    from helpers.train import launch_train
+
+    overrides = {"checkpoint_every": 1, "online.num_steps": 4, "online.spo.pairs_per_step": 2,
+                 "online.spo.train_batch_size": 1}
+
+    def config(out, **more):
+        return spo_config(models, out, **{"max_steps": 4, **overrides, **more})
+
+    one = write_config(config(tmp_path / "one"), tmp_path / "one.yaml")
+    proc = launch(one)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stopped = write_config(config(tmp_path / "two", parallel="ddp", max_steps=2),
+                           tmp_path / "stopped.yaml")
+    proc = launch(stopped, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    shutil.copytree(tmp_path / "two", tmp_path / "two-on-one")
+    two = write_config(config(tmp_path / "two", parallel="ddp"), tmp_path / "two.yaml")
+    proc = launch_train(two, nproc=2, resume=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and [r["spo_steps"] for r in a] == [3, 3, 3, 3]
+    for key in ("spo_pairs", "spo_steps", "spo_pairs_trained"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    for key in ("loss", "log_ratio", "grad_norm"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=2e-3, abs=1e-6), key
+    wa, wb = lora_state(tmp_path / "one", 4), lora_state(tmp_path / "two", 4)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=2e-3, atol=1e-4)
+    alone = write_config(config(tmp_path / "two-on-one"), tmp_path / "alone.yaml")
+    proc = launch_train(alone, resume=True)
+    assert proc.returncode == 2 and "resume it with as many" in proc.stderr, proc.stderr[-3000:]
+
