@@ -1,5 +1,6 @@
-"""Resumable state of a toy pretraining run (work_dir/checkpoint.pt): modules, optimizer, RNGs, step, EMA;
-written atomically, read back as tensors and plain data only (a planted pickle cannot run)."""
+"""Resumable state of a toy pretraining run (work_dir/checkpoint.pt): modules, optimizer, RNGs, step, EMA and the
+run's record so far (losses, training minutes, the early snapshot's step), so that a resumed run's metrics.json
+describes the whole run; written atomically, read back as tensors and plain data only (a planted pickle cannot run)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from fastpref.utils.atomic import atomic_file
 
 
 def save_checkpoint(
-    args: PretrainArgs, modules: dict, optimizer, rng, step: int, total: int | None, ema=None, generator=None
+    args: PretrainArgs, modules: dict, optimizer, rng, step: int, total: int | None, ema=None, generator=None,
+    record: dict | None = None,
 ) -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -23,6 +25,7 @@ def save_checkpoint(
         "total": total,
         "ema": ema.state_dict() if ema is not None else None,
         "generator": generator.get_state() if generator is not None else None,
+        "record": record or {},
     }
     with atomic_file(args.work_dir / "checkpoint.pt") as handle:
         torch.save(payload, handle)
@@ -31,7 +34,7 @@ def save_checkpoint(
 def maybe_resume(args: PretrainArgs, modules: dict, optimizer, rng, ema=None, generator=None) -> dict:
     path = args.work_dir / "checkpoint.pt" if args.work_dir else None
     if not (args.resume and path and path.exists()):
-        return {"step": 0, "total": None, "rng": rng}
+        return {"step": 0, "total": None, "rng": rng, "record": {}}
     payload = load_state(path)  # tensors and plain data only, never a pickled object
     for name, module in modules.items():
         module.load_state_dict(payload["modules"][name])
@@ -42,4 +45,5 @@ def maybe_resume(args: PretrainArgs, modules: dict, optimizer, rng, ema=None, ge
         ema.load_state_dict(payload["ema"])
     if generator is not None and payload.get("generator") is not None:
         generator.set_state(payload["generator"])
-    return {"step": payload["step"], "total": payload["total"], "rng": rng}
+    # checkpoints written before the record existed resume with an empty one
+    return {"step": payload["step"], "total": payload["total"], "rng": rng, "record": payload.get("record") or {}}

@@ -150,14 +150,22 @@ def train_diffusion(args: PretrainArgs) -> dict:
         prediction = bundle.denoise(bundle.add_noise(latents, noise, t), t, cond)
         return torch.nn.functional.mse_loss(prediction.float(), bundle.target(latents, noise, t).float())
 
-    losses: list[float] = []
-    early_saved = args.early_out is None
+    record = state["record"]
+    losses: list[float] = list(record.get("losses", []))
+    minutes_before = float(record.get("minutes", 0.0))
+    early_step = record.get("early_step")
+    # a run resumed past its snapshot point took the snapshot before it stopped: never overwrite it with later
+    # weights (a checkpoint older than the record does not know the step, hence the position test)
+    early_saved = (args.early_out is None or early_step is not None
+                   or (start_step > 0 and budget.total is not None and start_step >= args.early_fraction * budget.total))
+
+    def minutes() -> float:
+        return round(minutes_before + budget.elapsed_minutes(), 2)
+
     step = start_step
     for step in optimizer_steps(budget, optimizer, params, next_loss, losses, base_lr=base_lr, warmup=LR_WARMUP_STEPS,
                                 floor=0.1, start_step=start_step, desc=args.family, progress=args.progress):
         ema.step(params)
-        if args.work_dir and step % args.checkpoint_every == 0:
-            save_checkpoint(args, {"trainable": trainable}, optimizer, rng, step, budget.total, ema, generator)
         if not early_saved and budget.total is not None and step >= args.early_fraction * budget.total:
             _save_ema(bundle, ema, params, args.early_out, args.vae if args.link_vae else None)
             early_saved = True
@@ -171,10 +179,13 @@ def train_diffusion(args: PretrainArgs) -> dict:
                 "seed": args.seed,
                 "batch_size": args.batch_size,
                 "lr": base_lr,
-                "minutes": round(budget.elapsed_minutes(), 2),
+                "minutes": minutes(),
                 **loss_summary(losses),
             }
             (args.early_out / "metrics.json").write_text(json.dumps(early_metrics, indent=2) + "\n")
+        if args.work_dir and step % args.checkpoint_every == 0:
+            save_checkpoint(args, {"trainable": trainable}, optimizer, rng, step, budget.total, ema, generator,
+                            record={"losses": losses, "minutes": minutes(), "early_step": early_step})
     _save_ema(bundle, ema, params, args.out, args.vae if args.link_vae else None)
     metrics = {
         "command": command_line(),
@@ -184,7 +195,7 @@ def train_diffusion(args: PretrainArgs) -> dict:
         "seed": args.seed,
         "batch_size": args.batch_size,
         "lr": base_lr,
-        "minutes": round(budget.elapsed_minutes(), 2),
+        "minutes": minutes(),
         **loss_summary(losses),
         "parameters": {
             "denoiser": sum(p.numel() for p in bundle.denoiser.parameters()),
@@ -192,7 +203,7 @@ def train_diffusion(args: PretrainArgs) -> dict:
         },
     }
     if args.early_out is not None:
-        metrics["early_steps"] = early_step if early_saved else None
+        metrics["early_steps"] = early_step
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -82,12 +82,14 @@ def train_vae(args: PretrainArgs) -> dict:
         images, _ = world.sample_batch(rng, args.batch_size, split="train", world=args.world)
         return vae_loss(vae, images_to_tensor(images), sample_generator)
 
-    losses: list[float] = []
+    losses: list[float] = list(state["record"].get("losses", []))
+    minutes_before = float(state["record"].get("minutes", 0.0))
     step = start_step
     for step in optimizer_steps(budget, optimizer, list(vae.parameters()), next_loss, losses, base_lr=base_lr,
                                 warmup=50, start_step=start_step, desc="vae", progress=args.progress, loss_window=20):
         if args.work_dir and step % args.checkpoint_every == 0:
-            save_checkpoint(args, {"vae": vae}, optimizer, rng, step, budget.total, generator=sample_generator)
+            save_checkpoint(args, {"vae": vae}, optimizer, rng, step, budget.total, generator=sample_generator,
+                            record={"losses": losses, "minutes": round(minutes_before + budget.elapsed_minutes(), 2)})
     vae.eval()
     # fewer images for the tests' tiny runs: these are summaries, not what the run trains on
     stat_images, eval_images = (2048, 500) if args.size == "toy" else (128, 32)
@@ -101,7 +103,7 @@ def train_vae(args: PretrainArgs) -> dict:
         "world": args.world,
         "steps": step,
         "seed": args.seed,
-        "minutes": round(budget.elapsed_minutes(), 2),
+        "minutes": round(minutes_before + budget.elapsed_minutes(), 2),
         **loss_summary(losses),
         "latent_mean": mean,
         "latent_std": std,

@@ -100,3 +100,45 @@ def test_cli_requires_a_vae_for_diffusion_families(capsys):
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--family", "toy-sd", "--steps", "3", "--out", "x"])
     assert "--vae is required" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_its_early_snapshot_and_records_the_whole_run(tiny_vae, tmp_path, monkeypatch):
+    """Stopped after its early snapshot and resumed, a run neither overwrites the snapshot with later weights nor
+    forgets what happened before the stop: metrics.json has the snapshot's step, the whole run's losses and its
+    minutes (the shipped v2 toy-sd-early was once overwritten this way at step 4201 of a run resumed at 4200)."""
+    from fastpref.toy import pretrain_diffusion
+
+    vae_dir, _ = tiny_vae
+
+    def run(name: str, **kwargs) -> dict:
+        return pretrain.run(_args(family="toy-sd", out=tmp_path / name, vae=vae_dir, steps=12, seed=0,
+                                  early_fraction=0.25, early_out=tmp_path / f"{name}-early", checkpoint_every=4,
+                                  work_dir=tmp_path / f"{name}-work", **kwargs))
+
+    straight = run("straight")
+
+    class Stop(Exception):
+        pass
+
+    real_save = pretrain_diffusion.save_checkpoint
+
+    def save_then_stop(args, *rest, **kwargs):
+        real_save(args, *rest, **kwargs)
+        if rest[3] == 8:  # the step: stop after the checkpoint at step 8, past the snapshot at step 3
+            raise Stop
+
+    monkeypatch.setattr(pretrain_diffusion, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        run("resumed")
+    snapshot = (tmp_path / "resumed-early" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    monkeypatch.setattr(pretrain_diffusion, "save_checkpoint", real_save)
+    resumed = run("resumed", resume=True)
+
+    assert (tmp_path / "resumed-early" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == snapshot
+    assert snapshot == (tmp_path / "straight-early" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert resumed["early_steps"] == straight["early_steps"] == 3
+    assert resumed["first_loss"] == straight["first_loss"] and resumed["final_loss"] == straight["final_loss"]
+    early = json.loads((tmp_path / "resumed-early" / "metrics.json").read_text())
+    straight_early = json.loads((tmp_path / "straight-early" / "metrics.json").read_text())
+    assert early["steps"] == 3 and early["first_loss"] == straight_early["first_loss"]
+    assert resumed["minutes"] >= early["minutes"]
