@@ -276,10 +276,11 @@ def test_two_processes_equal_one(models, tmp_path, strategy):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_pairs_per_step_two_processes_resume_inside_a_rollout_as_one_process_trains(models, tmp_path):
+def test_pairs_per_step_two_processes_resume_inside_a_rollout_exactly(models, tmp_path):
     """pairs_per_step with 2 gloo processes (DDP), stopped at step 2 (inside the first rollout: each process keeps
-    its share of the rollout's last step) and resumed to step 4: the 1-process straight run's pairs and losses. The
-    2-process checkpoint holds both processes' pending micro-batches, so 1 process may not resume it."""
+    its share of the rollout's last step) and resumed to step 4: bit for bit the uninterrupted 2-process run, which
+    trains on the 1-process run's pairs. The checkpoint holds both processes' pending micro-batches, so 1 process
+    may not resume it."""
     import shutil
 
     from helpers.train import launch_train
@@ -287,30 +288,27 @@ def test_pairs_per_step_two_processes_resume_inside_a_rollout_as_one_process_tra
     overrides = {"checkpoint_every": 1, "online.num_steps": 4, "online.spo.pairs_per_step": 2,
                  "online.spo.train_batch_size": 1}
 
-    def config(out, **more):
-        return spo_config(models, out, **{"max_steps": 4, **overrides, **more})
+    def run(name, nproc, resume=False, **more):
+        cfg = spo_config(models, tmp_path / name, **{"max_steps": 4, **overrides, **more})
+        proc = launch_train(write_config(cfg, tmp_path / f"{name}-{more.get('max_steps', 4)}.yaml"), nproc=nproc,
+                            resume=resume)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
 
-    one = write_config(config(tmp_path / "one"), tmp_path / "one.yaml")
-    proc = launch(one)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    stopped = write_config(config(tmp_path / "two", parallel="ddp", max_steps=2),
-                           tmp_path / "stopped.yaml")
-    proc = launch(stopped, nproc=2)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-    shutil.copytree(tmp_path / "two", tmp_path / "two-on-one")
-    two = write_config(config(tmp_path / "two", parallel="ddp"), tmp_path / "two.yaml")
-    proc = launch_train(two, nproc=2, resume=True)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["step"] for r in b] == [1, 2, 3, 4] and [r["spo_steps"] for r in a] == [3, 3, 3, 3]
+    run("one", 1)
+    run("two", 2, parallel="ddp")
+    run("stopped", 2, parallel="ddp", max_steps=2)
+    shutil.copytree(tmp_path / "stopped", tmp_path / "stopped-on-one")
+    run("stopped", 2, resume=True, parallel="ddp")
+    one, two, stopped = (read_metrics(tmp_path / name) for name in ("one", "two", "stopped"))
+    assert [r["step"] for r in stopped] == [1, 2, 3, 4] and [r["spo_steps"] for r in one] == [3, 3, 3, 3]
+    for key in ("loss", "spo_pairs", "spo_steps", "spo_pairs_trained", "spm_score_final", "log_ratio", "grad_norm"):
+        assert [r[key] for r in stopped] == [r[key] for r in two], key
     for key in ("spo_pairs", "spo_steps", "spo_pairs_trained"):
-        assert [r[key] for r in a] == [r[key] for r in b], key
+        assert [r[key] for r in one] == [r[key] for r in two], key
     for key in ("loss", "log_ratio", "grad_norm"):
-        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=2e-3, abs=1e-6), key
-    wa, wb = lora_state(tmp_path / "one", 4), lora_state(tmp_path / "two", 4)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=2e-3, atol=1e-4)
-    alone = write_config(config(tmp_path / "two-on-one"), tmp_path / "alone.yaml")
-    proc = launch_train(alone, resume=True)
+        assert [r[key] for r in one] == pytest.approx([r[key] for r in two], rel=2e-3, abs=1e-6), key
+    a, b = lora_state(tmp_path / "two", 4), lora_state(tmp_path / "stopped", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = spo_config(models, tmp_path / "stopped-on-one", **{"max_steps": 4, **overrides})
+    proc = launch_train(write_config(cfg, tmp_path / "alone.yaml"), resume=True)
     assert proc.returncode == 2 and "resume it with as many" in proc.stderr, proc.stderr[-3000:]
-
