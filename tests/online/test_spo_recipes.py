@@ -36,9 +36,12 @@ def test_sd15_and_sdxl_recipes_carry_spo_values():
     assert sd15.lora.rank == 4 and sd15.lr == 6e-5 and sd15.online.spo.num_candidates == 4
     assert sd15.online.spo.threshold == 0.3 and sd15.online.spo.train_batch_size == 10
     assert sd15.online.prompts_per_rollout == 40  # 10 per GPU x 4 GPUs
+    # SPO's rule: one optimizer step per train_batch_size x GPUs (x accumulation) kept pairs
+    assert sd15.online.spo.pairs_per_step == 10 * 4 and sdxl.online.spo.pairs_per_step == 2 * 4 * 2
+    assert sd15.online.spo.steps_per_rollout == sdxl.online.spo.steps_per_rollout == 1
     assert sdxl.lora.rank == 64 and sdxl.lr == 1e-5 and sdxl.online.spo.num_candidates == 2
     assert sdxl.online.spo.num_inner_step == 3 and sdxl.online.spo.threshold == 0.4
-    assert sdxl.online.spo.train_batch_size == 2 and sdxl.online.spo.steps_per_rollout == 2
+    assert sdxl.online.spo.train_batch_size == 2
     for name in ("sd15-spo", "sdxl-spo"):
         text = (CONFIGS / f"{name}.yaml").read_text()
         assert "RockeyCoss/SPO" in text and "arXiv:2406.04314" in text
