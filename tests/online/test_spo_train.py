@@ -169,6 +169,17 @@ def test_bad_spo_configs_are_refused_before_any_model_loads(models, tmp_path, mo
         train(spo_config(models, tmp_path, **{"model.path": str(toy_model_path("toy-sd3"))}))
 
 
+def test_pairs_per_step_must_split_over_the_processes():
+    from fastpref.config import from_dict
+    from fastpref.online.config import OnlineConfig
+
+    online = from_dict(OnlineConfig, {"reward": {"spm": 1.0}, "prompts_per_rollout": 4, "eta": 1.0,
+                                      "spo": {"pairs_per_step": 6}})
+    online.check_method("spo", world_size=2)
+    with pytest.raises(ConfigError, match="online.spo.pairs_per_step: 6 pairs cannot be split evenly over 4"):
+        online.check_method("spo", world_size=4)
+
+
 def test_pairs_per_step_sets_each_rollouts_steps_from_its_kept_pairs(models, tmp_path):
     """online.spo.pairs_per_step (SPO's rule): ceil(kept / pairs_per_step) optimizer steps per rollout (at least 1),
     the kept pairs spread evenly over them; with threshold 0.02 the tiny SPM keeps a varying number of pairs."""
