@@ -51,7 +51,7 @@ def flatten(node, prefix=""):
 WHERE = ("output_dir", "data_root")
 
 
-@pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp"])
+@pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     recorded = dict(flatten(result(name)["config"]))
     recipe = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
@@ -65,7 +65,7 @@ def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
 def test_the_readme_quotes_the_recorded_demo():
     ev = result("toy-rankdpo")["eval"]
     base, rankdpo, dpo = ev["base"], ev["rankdpo"], ev["dpo"]
-    for numbers in quoted(r"base toy-sd (\d+\.\d)% \(prompt-weighted (\d+\.\d)%\), RankDPO (\d+\.\d)% \(prompt-weighted "
+    for numbers in quoted(r"base toy-sd-v2 (\d+\.\d)% \(prompt-weighted (\d+\.\d)%\), RankDPO (\d+\.\d)% \(prompt-weighted "
                           r"(\d+\.\d)%\), DPO on the best-vs-worst pairs of the same data at the same lr/beta (\d+\.\d)% "
                           r"\(prompt-weighted (\d+\.\d)%\)"):
         assert numbers == tuple(pct(r[key]) for r in (base, rankdpo, dpo) for key in ("overall", "prompt_mean"))
@@ -109,3 +109,26 @@ def test_the_readme_quotes_the_recorded_study():
     verdicts = {name: (a, b) for name, a, b in quoted(r"- ([^\n:]+): (shown|not shown|reversed) \(category mean\), "
                                                       r"(shown|not shown|reversed) \(prompt-weighted\)")}
     assert verdicts == {c["name"]: (c["verdict"], c["prompt_weighted"]["verdict"]) for c in study["claims"]}
+
+
+def test_the_readme_quotes_the_recorded_draft_tradeoff():
+    """The DRaFT section's rewards, intervals and matched-diversity result are docs/results/toy-draftp.json's."""
+    record = result("toy-draftp")
+    models, matched = record["tradeoff"]["models"], record["tradeoff"]["matched"]
+    gain = models["kl0"]["reward_vs_base"]
+    (base, drafted, diff, low, high, ratio, spread), = quoted(
+        r"raises the ShapeCLIP reward from (\d\.\d{3}) to (\d\.\d{3}), ([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), "
+        r"([+-]\d\.\d{3})\] \(paired bootstrap 95% over prompts; (\d+\.\d)x the base's seed spread of (\d\.\d{3})\)")
+    assert (base, drafted) == (f"{models['base']['reward']:.3f}", f"{models['kl0']['reward']:.3f}")
+    assert (diff, low, high) == tuple(f"{gain[k]:+.3f}" for k in ("difference", "low", "high"))
+    assert gain["low"] > 0  # the README says "raises": the interval is above zero
+    assert ratio == f"{gain['difference'] / models['base']['reward_seed_spread']:.1f}"
+    assert spread == f"{models['base']['reward_seed_spread']:.3f}"
+    (r01, r05, r3), = quoted(r"\(0\.1: (\d\.\d{3}), 0\.5: (\d\.\d{3}), 3: (\d\.\d{3})\)")
+    assert (r01, r05, r3) == tuple(f"{models[v]['reward']:.3f}" for v in ("kl0.1", "kl0.5", "kl3"))
+    (diff, low, high), = quoted(r"in ShapeCLIP features, ([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\]")
+    kept = matched["kl0.1"]["shapeclip"]
+    assert (diff, low, high) == tuple(f"{kept[k]:+.3f}" for k in ("difference", "low", "high")) and kept["low"] > 0
+    assert matched["kl0.1"]["pixel"]["low"] <= 0 <= matched["kl0.1"]["pixel"]["high"]  # "not shown" in pixels
+    (base_mge, drafted_mge), = quoted(r"\(base (\d+\.\d)%, DRaFT-1 (\d+\.\d)%, interval")
+    assert (base_mge, drafted_mge) == (pct(record["eval"]["base"]["overall"]), pct(record["eval"]["kl0"]["overall"]))
