@@ -13,9 +13,9 @@ pytest.importorskip("diffusers")
 
 from fastpref import demo  # noqa: E402
 
-GENERATORS = ("[{name: toy-sd, model: toy-sd, images_per_prompt: 2, steps: 4, batch_size: 24},"
-              " {name: toy-sd-early, model: toy-sd-early, images_per_prompt: 1, steps: 4, batch_size: 24},"
-              " {name: toy-sdxl, model: toy-sdxl, images_per_prompt: 1, steps: 4, batch_size: 24}]")
+GENERATORS = ("[{name: toy-sd, model: toy-sd-v2, images_per_prompt: 2, steps: 4, batch_size: 24},"
+              " {name: toy-sd-early, model: toy-sd-early-v2, images_per_prompt: 1, steps: 4, batch_size: 24},"
+              " {name: toy-sdxl, model: toy-sdxl-v2, images_per_prompt: 1, steps: 4, batch_size: 24}]")
 
 
 @pytest.mark.slow

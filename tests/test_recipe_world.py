@@ -25,6 +25,21 @@ def _stand_in_model(folder: Path, world: str, family: str = "toy-sd") -> str:
     return str(folder)
 
 
+def _v1_recipe() -> dict:
+    """configs/toy-rankdpo.yaml (world v2) moved back to the shipped v1 models and prompts, as it was before v2."""
+    recipe = _recipe("toy-rankdpo")
+    for generator in recipe["synth"]["generators"]:
+        generator["model"] = generator["model"].removesuffix("-v2")
+    recipe["cache"]["model"] = recipe["cache"]["model"].removesuffix("-v2")
+    recipe["synth"]["prompts"]["path"] = "toy:train-balanced"
+    return recipe
+
+
+def test_the_demo_recipe_is_world_v2():
+    stages = _stages(_recipe("toy-rankdpo"))
+    assert stages.world == "v2"
+
+
 @pytest.fixture
 def v2_recipe(tmp_path) -> dict:
     """configs/toy-rankdpo.yaml with every model and prompt source moved to world v2."""
@@ -41,7 +56,7 @@ def _stages(recipe: dict):
 
 
 def test_a_v1_recipe_stays_v1_and_its_label_config_unchanged():
-    recipe = _recipe("toy-rankdpo")
+    recipe = _v1_recipe()
     cfg = from_dict(RunConfig, copy.deepcopy(recipe))
     stages = build_stages(cfg)
     assert stages.world == "v1" and cfg.eval.world == "v1"
@@ -64,7 +79,7 @@ def test_v1_prompts_with_v2_models_are_refused_naming_both_keys(v2_recipe):
 
 
 def test_v2_prompts_with_the_v1_models_are_refused():
-    recipe = _recipe("toy-rankdpo")
+    recipe = _v1_recipe()
     recipe["synth"]["prompts"]["path"] = "toy-v2:train-balanced"
     with pytest.raises(ConfigError, match=r"synth\.prompts\.path: .* world v2, but the recipe's world is v1 from "
                                           r"synth\.generators\[0\]\.model \('toy-sd'"):
@@ -72,7 +87,7 @@ def test_v2_prompts_with_the_v1_models_are_refused():
 
 
 def test_an_eval_or_reward_of_another_world_is_refused(v2_recipe):
-    recipe = _recipe("toy-rankdpo")
+    recipe = _v1_recipe()
     recipe["eval"]["world"] = "v2"
     with pytest.raises(ConfigError, match=r"eval\.world: 'v2', but the recipe's world is v1"):
         _stages(recipe)

@@ -164,8 +164,8 @@ def test_a_run_trains_with_the_flow_timesteps_its_cache_drew_with():
     assert all(train.flow_timesteps == default.cache.flow_timesteps for train in default.trains.values())
 
 
-@pytest.mark.parametrize("name", REAL_RECIPES)
-def test_real_recipes_cache_e_ref_in_the_main_steps_forward_rows(name):
+@pytest.mark.parametrize("name", REAL_RECIPES + ("toy-rankdpo", "toy-dpo"))
+def test_recipes_cache_e_ref_in_the_main_steps_forward_rows(name):
     """The cache's e_ref forwards have the main training step's row count (issue 14: on CPU a denoiser forward of
     another row count rounds differently, so step 0's loss is ln 2 only with matching rows): batch_groups x the
     images each group puts through the denoiser (K for rankdpo, the pair for dpo)."""

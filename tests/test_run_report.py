@@ -98,7 +98,7 @@ def test_the_eval_world_is_a_validated_config_key():
     cfg = load_config(RunConfig, recipe, [])
     assert cfg.eval.world is None  # unset: it follows the recipe's models (fastpref.pipeline.recipe_world)
     build_stages(cfg)
-    assert cfg.eval.world == "v1"  # the shipped models' world
-    assert load_config(RunConfig, recipe, ["eval.world=v2"]).eval.world == "v2"
+    assert cfg.eval.world == "v2"  # the recipe's models' world
+    assert load_config(RunConfig, recipe, ["eval.world=v1"]).eval.world == "v1"
     with pytest.raises(ConfigError, match=r"eval\.world: 'v3' is not one of"):
         load_config(RunConfig, recipe, ["eval.world=v3"])

@@ -75,8 +75,8 @@ def test_shortened_demo_with_two_training_seeds(tmp_path):
     from fastpref.pipeline import run
 
     out = tmp_path / "run"
-    generators = [{"name": "toy-sd", "model": "toy-sd", "images_per_prompt": 2, "steps": 4, "batch_size": 24},
-                  {"name": "toy-sdxl", "model": "toy-sdxl", "images_per_prompt": 1, "steps": 4, "batch_size": 24}]
+    generators = [{"name": "toy-sd", "model": "toy-sd-v2", "images_per_prompt": 2, "steps": 4, "batch_size": 24},
+                  {"name": "toy-sdxl", "model": "toy-sdxl-v2", "images_per_prompt": 1, "steps": 4, "batch_size": 24}]
     report = run(load_config(RunConfig, RECIPE, [
         f"output_dir={out}", "progress=false", "synth.prompts.limit=12", "synth.groups_per_shard=6",
         f"synth.generators={json.dumps(generators)}", "cache.reference_errors.epochs=2", "train.max_steps=2",

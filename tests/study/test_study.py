@@ -102,9 +102,9 @@ def test_random_reward_is_a_reproducible_function_of_seed_image_and_prompt():
 
 TINY = {
     "synth.prompts.limit": 12, "synth.groups_per_shard": 6,
-    "synth.generators": [{"name": "toy-sd", "model": "toy-sd", "images_per_prompt": 2, "steps": 4,
+    "synth.generators": [{"name": "toy-sd", "model": "toy-sd-v2", "images_per_prompt": 2, "steps": 4,
                           "batch_size": 24},
-                         {"name": "toy-sdxl", "model": "toy-sdxl", "images_per_prompt": 1, "steps": 4,
+                         {"name": "toy-sdxl", "model": "toy-sdxl-v2", "images_per_prompt": 1, "steps": 4,
                           "batch_size": 24}],
     "cache.reference_errors.epochs": 2, "train.max_steps": 2, "train.data.batch_groups": 4,
     "train.checkpoint_every": 2, "train.validation.every": 0,
