@@ -21,6 +21,8 @@ of the published SDXL recipes (bench/gpu_days.py) and, with --profile, a torch.p
     python bench/step.py --arch sdxl --device cuda --profile       # GPU: SDXL 1024^2, within 10 minutes
     python bench/step.py --method spo --arch toy-sd                # one SPO step by phase (bench/step_online.py)
     python bench/step.py --method grpo --arch toy-sd3 toy-sd       # one GRPO iteration by phase
+    python bench/step.py --method draft --arch toy-sd --k 1 2 5 --both    # DRaFT: phases + peak memory vs K,
+    python bench/step.py --method draft --arch sd15 sdxl --device cuda --k 1 2 5 10 50 --both   # real shapes
 
 Layout: step_archs.py (architectures), step_runners.py (workloads, the two steps, measurement of a row),
 step_report.py (ratios, CSV, Markdown, plot), common.py (device sync, timing, CSV with device + versions);
@@ -33,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -208,17 +211,32 @@ def run(args) -> dict[str, Path]:
 
 def run_online(args, device: torch.device, peak: float, peak_source: str) -> dict[str, Path]:
     """--method spo|grpo: one online step per architecture (bench/step_online.py), CSV + Markdown."""
-    from step_online import OnlineSettings, measure_online, write_online
+    from step_online import OnlineSettings, measure_online, phases_of, write_online
 
     settings = OnlineSettings(args.method, prompts=args.prompts, group_size=args.group_size,
                               num_steps=args.num_steps, divert_start_step=args.divert_start_step,
-                              train_batch_size=args.train_batch_size)
+                              train_batch_size=args.train_batch_size, kl_coeff=args.kl_coeff)
+    if args.draft_row:  # one DRaFT row in this (fresh) process: its peak memory is this row's alone
+        arch = load_arch(args.arch[0], args.width_scale, args.resolution)
+        settings = dataclasses.replace(settings, k=args.k[0], checkpointing=not args.no_checkpointing)
+        row = measure_online(arch, settings, device, args.steps, args.warmup, args.phase_steps, peak)
+        print(json.dumps(row))
+        return {}
     rows, notes = [], []
     for name in args.arch:
         arch = load_arch(name, args.width_scale, args.resolution)
         params = sum(p.numel() for p in _denoiser_params(arch))
         notes.append(f"{arch.describe()}: denoiser {params / 1e6:.1f}M parameters (random weights), latents "
                      f"{arch.latent_channels}x{arch.latent_hw[0]}x{arch.latent_hw[1]}, {arch.text_length} text tokens")
+        if args.method == "draft":
+            for k in args.k:
+                for checkpointing in ([True, False] if args.both else [not args.no_checkpointing]):
+                    row = draft_row_in_fresh_process(args, name, k, checkpointing)
+                    rows.append(row)
+                    print(f"  {row['shape']:>20} | draft K={k} checkpointing={checkpointing}: "
+                          f"{fmt(row['step_ms'])} ms, peak {row['peak_gib']} GiB, phases "
+                          + ", ".join(f"{p} {fmt(row[p + '_ms'])}" for p in phases_of("draft")), flush=True)
+            continue
         row = measure_online(arch, settings, device, args.steps, args.warmup, args.phase_steps, peak)
         rows.append(row)
         print(f"  {row['shape']:>20} | {args.method}/{row['mode']}: {fmt(row['step_ms'])} ms, phases "
@@ -232,6 +250,24 @@ def run_online(args, device: torch.device, peak: float, peak_source: str) -> dic
     for path in paths.values():
         print(f"wrote {path}")
     return paths
+
+
+def draft_row_in_fresh_process(args, arch: str, k: int, checkpointing: bool) -> dict:
+    """One DRaFT row measured by `bench/step.py --draft-row` in its own process (a CPU's peak RSS never goes down,
+    so an earlier row's peak would hide a smaller one's)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--draft-row", "--method", "draft", "--arch", arch,
+               "--k", str(k), "--device", args.device, "--width-scale", str(args.width_scale),
+               "--prompts", str(args.prompts), "--group-size", str(args.group_size),
+               "--num-steps", str(args.num_steps), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--phase-steps", str(args.phase_steps)]
+    command += ["--resolution", str(args.resolution)] if args.resolution else []
+    command += ["--kl-coeff", str(args.kl_coeff)] if args.kl_coeff is not None else []
+    command += ["--threads", str(args.threads)] if args.threads else []
+    command += [] if checkpointing else ["--no-checkpointing"]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"DRaFT row {arch} K={k} checkpointing={checkpointing} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _denoiser_params(arch: Arch):
@@ -270,23 +306,49 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of the headline fastpref row")
     parser.add_argument("--threads", type=int, help="torch CPU threads (--smoke: 1, steadier on a shared CPU)")
     parser.add_argument("--smoke", action="store_true", help="toy SD, 2 pairs, 2 timed steps: seconds, for CI")
-    parser.add_argument("--method", default="offline", choices=["offline", "spo", "grpo"],
+    parser.add_argument("--method", default="offline", choices=["offline", "spo", "grpo", "draft"],
                         help="offline: the DPO / RankDPO step vs the baseline; spo: one SPO step (step-wise "
-                             "resampling + SPM scoring + update); grpo: one GRPO iteration (bench/step_online.py)")
-    parser.add_argument("--prompts", type=int, default=1, help="online: prompts per rollout")
+                             "resampling + SPM scoring + update); grpo: one GRPO iteration; draft: one DRaFT step "
+                             "by phase with its peak memory, a row per K (bench/step_online.py)")
+    parser.add_argument("--prompts", "--images", dest="prompts", type=int, default=None,
+                        help="online: prompts per rollout (default 1; draft: 2)")
     parser.add_argument("--group-size", type=int, default=None, help="online: SPO's k candidates / GRPO's G images "
-                        "per prompt (default 2 / 4)")
-    parser.add_argument("--num-steps", type=int, default=6, help="online: sampling steps per rollout")
+                        "per prompt (default 2 / 4; draft 1)")
+    parser.add_argument("--num-steps", type=int, default=None, help="online: sampling steps per rollout (default "
+                        "6; draft 10)")
+    parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 5],
+                        help="draft: the differentiable last steps, a row each")
+    parser.add_argument("--no-checkpointing", action="store_true",
+                        help="draft: no activation checkpointing of the differentiable steps and decode")
+    parser.add_argument("--both", action="store_true", help="draft: every K with and without checkpointing")
+    parser.add_argument("--kl-coeff", type=float, default=None,
+                        help="draft: DRaFT+'s KL coefficient (default: the recipe's; > 0 adds the reference forwards)")
+    parser.add_argument("--draft-row", action="store_true", help=argparse.SUPPRESS)  # one row, JSON on stdout
     parser.add_argument("--divert-start-step", type=int, default=2, help="SPO: steps before the chain branches")
     parser.add_argument("--train-batch-size", type=int, default=4, help="online: pairs / samples per micro-batch")
     parser.add_argument("--tag", help="results file stem (default: arch-device-date)")
     parser.add_argument("--out", default=str(RESULTS_DIR), help=f"output folder (default {RESULTS_DIR})")
     args = parser.parse_args(argv)
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    draft = args.method == "draft"
     if args.group_size is None:
-        args.group_size = 2 if args.method == "spo" else 4
+        args.group_size = {"spo": 2, "draft": 1}.get(args.method, 4)
+    if args.prompts is None:
+        args.prompts = 2 if draft else 1
+    if args.num_steps is None:
+        args.num_steps = 10 if draft else 6
     if args.method != "offline" and args.arch is None:
-        args.arch = ["toy-sd"] if args.method == "spo" else ["toy-sd3", "toy-sd"]
+        args.arch = {"spo": ["toy-sd"], "draft": ["toy-sd"]}.get(args.method, ["toy-sd3", "toy-sd"])
+    if draft:
+        for k in args.k:
+            if not 1 <= k <= args.num_steps:
+                parser.error(f"--k {k}: DRaFT's K must be in [1, --num-steps {args.num_steps}]")
+        if args.both and args.no_checkpointing:
+            parser.error("--both already runs every K with and without checkpointing; drop --no-checkpointing")
+        # one warm-up step sets the peak memory; one timed step and one phased step per row
+        for key in ("steps", "warmup", "phase_steps"):
+            if getattr(args, key) is None:
+                setattr(args, key, 1)
     if args.smoke:
         defaults = dict(arch=["toy-sd"], pairs=2, steps=5, warmup=1, phase_steps=1, threads=1)
     else:

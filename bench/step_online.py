@@ -1,4 +1,4 @@
-"""bench/step.py --method spo|grpo: one online step timed by phase, on the trainer's own code path.
+"""bench/step.py --method spo|grpo|draft: one online step timed by phase, on the trainer's own code path.
 
 One row = one rollout and the optimizer step(s) it feeds, exactly as `fastpref train` runs them: a
 fastpref.train.online.OnlineTrainer built from the method's recipe (configs/toy-spo.yaml, sd15-spo.yaml, ...,
@@ -18,6 +18,15 @@ Phases (exclusive wall time, a device sync at each edge; bench/common.PhaseTimer
   policy     the policy forward + backward and the loss
   optimizer  clipping + the optimizer step
   other      the rest of the step (zero_grad, micro-batch weighing)
+DRaFT (--method draft; fastpref.online.draft.DRaFTMethod, one micro-batch of every image of the step) has its own:
+  encode, sample_prefix  the first N - K sampling steps, batched, under inference_mode (DRaFTMethod.sample_prefix)
+  differentiable         the last K steps with gradient (checkpointed or not), reference  DRaFT+'s KL reference
+  decode, reward         the differentiable VAE decode and reward, loss  the KL and the loss
+  backward               the backward (with checkpointing: the recomputed denoiser / decoder forwards)
+  optimizer, other
+and a peak memory per row: torch.cuda.max_memory_allocated on a GPU; on a CPU the growth of the process's peak RSS
+(ru_maxrss, which never goes down) over the RSS once the trainer is built, so bench/step.py runs each DRaFT row in
+a fresh process.
 The instrumentation wraps the engine's functions and objects; it computes nothing of its own (tested: an
 instrumented step leaves the same weights as a plain one).
 
@@ -47,6 +56,12 @@ from step_archs import Arch
 
 ROOT = Path(__file__).resolve().parents[1]
 ONLINE_PHASES = ("encode", "sampling", "decode", "reward", "reference", "policy", "optimizer", "other")
+DRAFT_PHASES = ("encode", "sample_prefix", "differentiable", "reference", "decode", "reward", "loss", "backward",
+                "optimizer", "other")
+
+
+def phases_of(method: str) -> tuple[str, ...]:
+    return DRAFT_PHASES if method == "draft" else ONLINE_PHASES
 
 # the recipe each (method, architecture) row starts from; its sizes are then shrunk by the bench's settings
 RECIPES = {
@@ -56,12 +71,16 @@ RECIPES = {
     ("grpo", "toy-sdxl"): "configs/toy-grpo-sd.yaml", ("grpo", "sd3"): "configs/sd3-grpo-geneval.yaml",
     # no SDXL GRPO recipe exists (Flow-GRPO's are SD3): the DanceGRPO-style DDIM settings of toy-grpo-sd
     ("grpo", "sdxl"): "configs/toy-grpo-sd.yaml",
+    # DRaFT: the toy recipe's sampler and LoRA on every toy model; NeMo-Aligner's SD1.5 / SDXL DRaFT+ recipes
+    ("draft", "toy-sd"): "configs/toy-draft.yaml", ("draft", "toy-sdxl"): "configs/toy-draft.yaml",
+    ("draft", "toy-sd3"): "configs/toy-draft.yaml",
+    ("draft", "sd15"): "configs/sd15-draftp.yaml", ("draft", "sdxl"): "configs/sdxl-draftp.yaml",
 }
 
 
 @dataclasses.dataclass
 class OnlineSettings:
-    method: str  # spo | grpo
+    method: str  # spo | grpo | draft
     prompts: int = 1  # prompts per rollout
     group_size: int = 2  # SPO: k candidates per step; GRPO: G images per prompt
     num_steps: int = 6  # sampling steps
@@ -72,6 +91,11 @@ class OnlineSettings:
     # weights few pairs pass SPO's threshold and all GRPO rewards may tie, which would skip the update; the row
     # then times the update at its largest (every decision / sample trained), the recipe's cost at most
     keep_all: bool = True
+    # DRaFT: K differentiable steps, activation checkpointing of each denoiser call / decode, DRaFT+'s KL coefficient
+    # (None keeps the recipe's); every image of the step (prompts x group_size) is one micro-batch
+    k: int = 1
+    checkpointing: bool = True
+    kl_coeff: float | None = None
 
 
 def online_config(arch: Arch, settings: OnlineSettings, device: torch.device, out: str):
@@ -88,7 +112,17 @@ def online_config(arch: Arch, settings: OnlineSettings, device: torch.device, ou
                  f"online.prompts_per_rollout={settings.prompts}", f"online.num_steps={settings.num_steps}",
                  f"online.resolution={arch.resolution}", f"online.sample_batch_size={settings.prompts * settings.group_size}"]
     m = settings.method
-    if m == "spo":
+    if m == "draft":
+        if not 1 <= settings.k <= settings.num_steps:
+            raise ValueError(f"--k {settings.k}: DRaFT's K must be in [1, --num-steps {settings.num_steps}]")
+        images = settings.prompts * settings.group_size
+        overrides += [f"online.group_size={settings.group_size}", "online.draft.variant=k",
+                      f"online.draft.k={settings.k}", f"online.draft.batch_size={images}",
+                      f"online.draft.vae_batch_size={images}",
+                      f"online.draft.checkpointing={str(settings.checkpointing).lower()}"]
+        if settings.kl_coeff is not None:
+            overrides.append(f"online.draft.kl_coeff={settings.kl_coeff}")
+    elif m == "spo":
         if settings.keep_all:
             overrides.append("online.spo.threshold=0.0")
         overrides += [f"online.spo.num_candidates={settings.group_size}", "online.spo.steps_per_rollout=1",
@@ -109,7 +143,7 @@ def online_config(arch: Arch, settings: OnlineSettings, device: torch.device, ou
     if not arch.toy:
         # the real runs' rewards need downloaded weights: the shipped toy SPM for SPO, the prompt-blind toy quality
         # reward for GRPO (any resolution); their FLOPs are counted as executed
-        cfg.online.reward = {"spm": 1.0} if m == "spo" else {"quality": 1.0}
+        cfg.online.reward = {"spm": 1.0} if m == "spo" else {"quality": 1.0}  # DRaFT: differentiable
         cfg.online.reward_paths = {}
     return cfg
 
@@ -186,6 +220,9 @@ class OnlineStep:
             forward = flop_count.denoiser_forward_flops(family, den_config, sample.shape[0], tuple(sample.shape[-2:]),
                                                         text.shape[1])
             phase = self.context
+            if phase == "backward":  # a checkpointed call recomputed by the backward
+                self._add("recomputed", forward.total)
+                return
             self._add(phase, forward.total, f"{phase}_denoiser_rows", sample.shape[0])
             if torch.is_grad_enabled():
                 self._add(phase, flop_count.backward_flops(forward, self.mode).total)
@@ -195,7 +232,12 @@ class OnlineStep:
         def decoder_hook(module, args, kwargs):
             z = args[0] if args else kwargs["z"]
             value = flop_count.vae_decoder_forward_flops(arch.spec["vae"]["config"], z.shape[0], tuple(z.shape[-2:]))
+            if self.context == "backward":  # DRaFT's checkpointed decode, recomputed
+                self._add("recomputed", value.total)
+                return
             self._add("decode", value.total, "decoded_images", z.shape[0])
+            if torch.is_grad_enabled():  # DRaFT: the gradient to the latents through the frozen decoder
+                self._add("decode", flop_count.backward_flops(value, "lora").total)
 
         denoisers = [bundle.denoiser] + ([trainer.reference.frozen] if trainer.reference.frozen is not None else [])
         self._handles = [module.register_forward_pre_hook(denoiser_hook, with_kwargs=True) for module in denoisers]
@@ -220,14 +262,26 @@ class OnlineStep:
             return wrapper
 
         method = trainer.method
-        method.rollout = timed("sampling", method.rollout, context="sampling")
-        method.forward = timed("policy", method.forward, context="policy")
-        trainer.reference_prediction = timed("reference", trainer.reference_prediction, context="reference")
         parallel = trainer.parallel
-        parallel.backward = timed("policy", parallel.backward)
-        parallel.step = timed("optimizer", parallel.step)
         trainer.encode = timed("encode", trainer.encode, per_item="encoded_prompts",
                                count=lambda texts: len(texts))
+        trainer.reference_prediction = timed("reference", trainer.reference_prediction, context="reference")
+        parallel.step = timed("optimizer", parallel.step)
+        self._patches = []
+        if method.name == "draft":
+            # DRaFTMethod calls these through self, so the instance attributes are what its step runs
+            method.rollout = timed("sample_prefix", method.rollout, context="sample_prefix")
+            method.sample_prefix = timed("sample_prefix", method.sample_prefix, context="sample_prefix")
+            method.forward = timed("loss", method.forward, context="differentiable")
+            method.differentiable_steps = timed("differentiable", method.differentiable_steps)
+            method.decode = timed("decode", method.decode)
+            method.reward = timed("reward", method.reward, per_item="scored_images",
+                                  count=lambda pixels, *a, **k: pixels.shape[0])
+            parallel.backward = timed("backward", parallel.backward, context="backward")
+            return
+        method.rollout = timed("sampling", method.rollout, context="sampling")
+        method.forward = timed("policy", method.forward, context="policy")
+        parallel.backward = timed("policy", parallel.backward)
         if method.name == "spo":
             method.preference = timed("reward", method.preference, per_item="scored_images",
                                       count=lambda pixels, *a, **k: pixels.shape[0])
@@ -296,6 +350,7 @@ def measure_online(arch: Arch, settings: OnlineSettings, device: torch.device, s
         cfg = online_config(arch, settings, device, out)
         trainer = build_trainer(arch, cfg, device)
         runner = OnlineStep(trainer, arch)
+        memory = PeakMemory(device)
         runner(count=True)  # warm-up; measures the reward's / text encoders' FLOPs per item
         for _ in range(max(warmup - 1, 0)):
             runner()
@@ -315,7 +370,36 @@ def measure_online(arch: Arch, settings: OnlineSettings, device: torch.device, s
             results.append(runner(timer))
             phased_wall += time.perf_counter() - start
         runner.close()
-    return online_row(arch, settings, cfg, times, step_flops, results, timer, phase_steps, phased_wall, peak_tflops)
+        peak = memory.peak()
+    row = online_row(arch, settings, cfg, times, step_flops, results, timer, phase_steps, phased_wall, peak_tflops)
+    row["peak_gib"], row["peak_kind"] = round(peak / 2**30, 3), memory.kind
+    return row
+
+
+class PeakMemory:
+    """Peak memory of what runs after it is made: CUDA's max_memory_allocated, or on a CPU the growth of the
+    process's peak RSS over its RSS now (ru_maxrss never goes down: exact only in a fresh process whose earlier
+    peak, the model build, is below the step's)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.kind = "cuda max_memory_allocated"
+        else:
+            import resource
+
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+            self.kind = "RSS growth over the built trainer"
+
+    def peak(self) -> int:
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._base
 
 
 def online_row(arch, settings, cfg, times, step_flops, results, timer, phase_steps, phased_wall, peak_tflops) -> dict:
@@ -329,7 +413,10 @@ def online_row(arch, settings, cfg, times, step_flops, results, timer, phase_ste
            "guidance_scale": cfg.online.guidance_scale, "keep_all": settings.keep_all, "status": "ok",
            "step_ms": round(stats["median"] * 1e3, 3), "min_ms": round(stats["min"] * 1e3, 3),
            "p25_ms": round(stats["p25"] * 1e3, 3), "p75_ms": round(stats["p75"] * 1e3, 3)}
-    for phase in ONLINE_PHASES:
+    if method == "draft":
+        draft = cfg.online.draft
+        row.update(k=draft.k, checkpointing=draft.checkpointing, kl_coeff=draft.kl_coeff)
+    for phase in phases_of(method):
         row[f"{phase}_ms"] = round(timer.totals.get(phase, 0.0) / n * 1e3, 3)
     row["phase_sum_ms"] = round(sum(timer.totals.values()) / n * 1e3, 3)
     row["phased_step_ms"] = round(phased_wall / n * 1e3, 3)
@@ -338,7 +425,7 @@ def online_row(arch, settings, cfg, times, step_flops, results, timer, phase_ste
     metrics = last["metrics"]
     if method == "spo":
         row["pairs_trained"] = int(metrics.get("spo_pairs", 0))
-    for phase in ("encode", "sampling", "decode", "reward", "reference", "policy"):
+    for phase in [p for p in phases_of(method) if p not in ("loss", "backward", "optimizer", "other")]:
         row[f"{phase}_GFLOP"] = float(f"{last['flops'].get(phase, 0.0) / 1e9:.6g}")
     model = sum(step_flops)
     recomputed = sum(r["flops"].get("recomputed", 0.0) for r in results[:len(times)])
@@ -357,15 +444,10 @@ def write_online(rows: list[dict], env: dict, tag: str, out_dir: Path, peak_sour
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / f"step-online-{tag}.csv", "md": out_dir / f"step-online-{tag}.md"}
     write_csv(paths["csv"], [{**row, "peak_source": peak_source} for row in rows], env)
-    lines = [f"# fastpref online step benchmark: SPO step / GRPO iteration ({tag})", "",
-             f"- device: {env['device']}; torch {env['torch']}, diffusers {env.get('diffusers', '?')}",
-             f"- peak used for MFU/HFU: {peak_source}"]
-    if hasattr(os, "getloadavg"):
-        lines.append("- machine load when written (1 / 5 / 15-min averages): "
-                     + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores "
-                     "(other jobs share this machine: absolute times are indicative, compare rows side by side)")
-    lines.append(f"- timing: {timing}")
-    lines += [f"- {note}" for note in notes]
+    if rows and rows[0]["objective"] == "draft":
+        return write_draft(rows, env, paths, peak_source, notes, timing)
+    lines = [f"# fastpref online step benchmark: SPO step / GRPO iteration ({tag})", ""]
+    lines += _header_notes(env, peak_source, notes, timing)
     lines.append("- one step = one rollout (sampling, decode, reward) + the optimizer step it feeds, through "
                  "fastpref's OnlineTrainer.batches / optimizer_step; FLOPs only of what ran (bench/step_online.py)")
     lines.append("")
@@ -382,6 +464,41 @@ def write_online(rows: list[dict], env: dict, tag: str, out_dir: Path, peak_sour
     lines += ["", "Phases: milliseconds per step (exclusive). Denoiser rows are executed rows: CFG doubles them; "
               "SPO's policy / reference rows are 2 x pairs (winner, loser) x 2 (CFG), including a placeholder pair "
               "for an empty micro-batch; GRPO's are samples x trained steps x 2 (CFG)."]
+    paths["md"].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def _header_notes(env: dict, peak_source: str, notes: list[str], timing: str) -> list[str]:
+    lines = [f"- device: {env['device']}; torch {env['torch']}, diffusers {env.get('diffusers', '?')}",
+             f"- peak used for MFU/HFU: {peak_source}"]
+    if hasattr(os, "getloadavg"):
+        lines.append("- machine load when written (1 / 5 / 15-min averages): "
+                     + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores "
+                     "(other jobs share this machine: absolute times are indicative, compare rows side by side)")
+    lines.append(f"- timing: {timing}")
+    return lines + [f"- {note}" for note in notes]
+
+
+def write_draft(rows: list[dict], env: dict, paths: dict[str, Path], peak_source: str, notes: list[str],
+                timing: str) -> dict[str, Path]:
+    """The DRaFT table: one row per (architecture, K, checkpointing), phases and peak memory."""
+    lines = ["# fastpref DRaFT step: time by phase and peak memory vs K", ""]
+    lines += _header_notes(env, peak_source, notes, timing)
+    lines.append("- one step = the first N - K sampling steps batched under inference_mode, the last K with gradient, "
+                 "the differentiable decode and reward, DRaFT+'s KL when kl_coeff > 0, backward, optimizer, through "
+                 "fastpref's OnlineTrainer and DRaFTMethod (bench/step_online.py); each row in a fresh process")
+    lines.append("")
+    header = ("| arch | images | steps | K | checkpointing | kl_coeff | step ms | " + " | ".join(DRAFT_PHASES)
+              + " | peak GiB | peak | TFLOP/step | MFU | status |")
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["shape"], str(r["prompts"]), str(r["num_steps"]), str(r["k"]), str(r["checkpointing"]),
+            str(r["kl_coeff"]), _fmt(r.get("step_ms")), *[_fmt(r.get(f"{p}_ms")) for p in DRAFT_PHASES],
+            _fmt(r.get("peak_gib")), r.get("peak_kind", ""), _fmt(r.get("model_TFLOP_per_step")), _fmt(r.get("MFU")),
+            r["status"]]) + " |")
+    lines += ["", "Phases: milliseconds per step (exclusive). Peak memory: CUDA max_memory_allocated, or on a CPU the "
+              "growth of the row process's peak RSS over its RSS once the trainer is built."]
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths
 
