@@ -32,7 +32,7 @@ def judge_claim(mean_a: float, std_a: float, mean_b: float, std_b: float, eval_s
         text = f"{a} > {b} by {100 * gain:+.1f} points, more than the combined spread ({100 * spread:.1f})"
     elif gain < -spread and (interval is None or interval[1] < 0):
         verdict = "reversed"
-        text = f"not shown: {b} > {a} by {100 * -gain:.1f} points, more than the combined spread ({100 * spread:.1f})"
+        text = f"reversed: {b} > {a} by {100 * -gain:.1f} points, more than the combined spread ({100 * spread:.1f})"
     else:
         verdict = "not shown"
         why = (f"the gain {100 * gain:+.1f} is within the combined spread ({100 * spread:.1f})" if not above_spread

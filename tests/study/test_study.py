@@ -80,7 +80,8 @@ def test_verdicts_on_hand_made_numbers():
     assert shown["verdict"] == "shown" and "RankDPO > DPO by +10.0 points" in shown["text"]
     within = judge_claim(0.64, 0.03, 0.60, 0.02, 0.03)
     assert within["verdict"] == "not shown" and "within the combined spread" in within["text"]
-    assert judge_claim(0.50, 0.0, 0.60, 0.0, 0.03)["verdict"] == "reversed"
+    reversed_ = judge_claim(0.50, 0.0, 0.60, 0.0, 0.03, names=("RankDPO", "base"))
+    assert reversed_["verdict"] == "reversed" and reversed_["text"].startswith("reversed: base > RankDPO by 10.0")
     # above the spread but a paired interval that includes zero: not shown
     assert judge_claim(0.70, 0.0, 0.60, 0.0, 0.03, interval=(-0.01, 0.2))["verdict"] == "not shown"
     assert judge_claim(0.70, 0.0, 0.60, 0.0, 0.03, interval=(0.02, 0.2))["verdict"] == "shown"
