@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from fastpref.utils.atomic import atomic_file
 
 import yaml
 
@@ -224,6 +225,10 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "plan.json").write_text(json.dumps(
             {"counts": self.plan.counts(), "trainings": [t.__dict__ for t in self.plan.trainings]}, indent=2) + "\n")
+        # seconds spent in every invocation of this study: a resumed or re-run study skips finished stages, and its
+        # report must still say what the results cost, not what the last invocation re-checked
+        ledger = self.out / "seconds.json"
+        spent: dict[str, float] = json.loads(ledger.read_text()) if ledger.exists() else {}
         seconds: dict[str, float] = {}
         for i, run_key in enumerate(self.plan.runs):
             print(f"[fastpref study] run {i + 1}/{len(self.plan.runs)}: {self.run_dir(run_key)}", flush=True)
@@ -235,6 +240,9 @@ class Study:
         start = time.perf_counter()
         results = self.evaluate()
         seconds["eval"] = time.perf_counter() - start
+        seconds = {kind: spent.get(kind, 0.0) + seconds.get(kind, 0.0) for kind in {**spent, **seconds}}
+        with atomic_file(ledger, "w") as handle:
+            handle.write(json.dumps(seconds, indent=2) + "\n")
         report = build_report(self.cfg, results, seconds, self.plan.counts())
         write_study_report(self.out, report)
         print(f"[fastpref study] report: {self.out / 'report.md'}")

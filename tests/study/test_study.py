@@ -143,6 +143,10 @@ def test_tiny_study_runs_shares_and_reproduces(tmp_path):
     again = Study(cfg).run()
     assert again["variants"] == report["variants"]
     assert again["claims"] == report["claims"]
+    # the seconds are what every invocation spent, not just the rerun's few (it skipped synth, label and cache)
+    assert set(again["seconds"]) == set(report["seconds"])
+    assert all(again["seconds"][stage] >= report["seconds"][stage] > 0 for stage in report["seconds"])
+    assert json.loads((out / "seconds.json").read_text()) == again["seconds"]
 
 
 def test_claim_interval_pairs_seeds_and_sees_a_uniform_gain():
