@@ -125,7 +125,10 @@ def online_config(arch: Arch, settings: OnlineSettings, device: torch.device, ou
     elif m == "spo":
         if settings.keep_all:
             overrides.append("online.spo.threshold=0.0")
+        # one optimizer step over the whole rollout, whatever rule the recipe uses (pairs_per_step: one step per N
+        # kept pairs), so that the row is one SPO step over every kept pair
         overrides += [f"online.spo.num_candidates={settings.group_size}", "online.spo.steps_per_rollout=1",
+                      "online.spo.pairs_per_step=null",
                       f"online.spo.divert_start_step={settings.divert_start_step}",
                       f"online.spo.train_batch_size={settings.train_batch_size}"]
     else:
