@@ -111,3 +111,27 @@ def start_and_kill_when(command: list[str], condition, log: str | Path, timeout:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def run_deepspeed_worker(source: str, cached_dataset: dict, tmp_path) -> dict:
+    """Run `source` as a 1-process DeepSpeed (CPU) worker on a free port: argv = tests dir, the cached dataset as
+    JSON, tmp_path; returns the JSON it prints after "RESULT "."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(tmp_path) / "worker.py"
+    script.write_text(source)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).resolve().parents[1]),
+                           json.dumps(cached_dataset), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])

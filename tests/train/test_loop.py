@@ -311,20 +311,10 @@ def test_zero_logs_this_steps_grad_norm_and_skips_a_nan_gradient_behind_a_finite
     (it used to log the previous step's: NaN at step 1). A NaN gradient behind a finite loss: DeepSpeed skips the
     update (its overflow check), and the loop counts it like any non-finite step: the schedule advances, it counts
     towards max_nonfinite_in_a_row and aborts there."""
-    import socket
+    from helpers.train import run_deepspeed_worker
 
     pytest.importorskip("deepspeed", reason="the 'distributed' extra (deepspeed) is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(ZERO_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parents[1]), json.dumps(cached_dataset),
-                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = run_deepspeed_worker(ZERO_WORKER, cached_dataset, tmp_path)
     assert math.isfinite(result["step1"]["grad_norm"]) and not result["step1"].get("skipped")
     assert result["step1"]["grad_norm"] == pytest.approx(result["none_grad_norm"], rel=1e-4)
     assert result["step2"]["skipped"] == 1 and math.isnan(result["step2"]["loss"])

@@ -7,14 +7,10 @@ One ZeRO-2 process at 2 groups x 2 micro-batches must train as the plain loop do
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from helpers.train import run_deepspeed_worker
 
 WORKER = '''
 import json, sys
@@ -38,17 +34,7 @@ print("RESULT " + json.dumps(result))
 @pytest.mark.slow
 def test_zero2_accumulating_two_micro_batches_equals_one_whole_batch(cached_dataset, tmp_path):
     pytest.importorskip("deepspeed", reason="the 'distributed' extra (deepspeed) is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parents[1]), json.dumps(cached_dataset),
-                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = run_deepspeed_worker(WORKER, cached_dataset, tmp_path)
     for whole, split in zip(result["whole"], result["split"]):
         assert not whole.get("skipped") and not split.get("skipped")
         assert split["loss"] == pytest.approx(whole["loss"], rel=1e-4)
