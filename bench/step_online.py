@@ -24,9 +24,9 @@ DRaFT (--method draft; fastpref.online.draft.DRaFTMethod, one micro-batch of eve
   decode, reward         the differentiable VAE decode and reward, loss  the KL and the loss
   backward               the backward (with checkpointing: the recomputed denoiser / decoder forwards)
   optimizer, other
-and a peak memory per row: torch.cuda.max_memory_allocated on a GPU; on a CPU the growth of the process's peak RSS
-(ru_maxrss, which never goes down) over the RSS once the trainer is built, so bench/step.py runs each DRaFT row in
-a fresh process.
+and a peak memory per row: torch.cuda.max_memory_allocated on a GPU; on a CPU the growth of the process's RSS
+high-water mark (reset once the trainer is built; PeakMemory) over its RSS then; bench/step.py still runs each DRaFT
+row in a fresh process, for kernels that refuse the reset.
 The instrumentation wraps the engine's functions and objects; it computes nothing of its own (tested: an
 instrumented step leaves the same weights as a plain one).
 
@@ -381,8 +381,9 @@ def measure_online(arch: Arch, settings: OnlineSettings, device: torch.device, s
 
 class PeakMemory:
     """Peak memory of what runs after it is made: CUDA's max_memory_allocated, or on a CPU the growth of the
-    process's peak RSS over its RSS now (ru_maxrss never goes down: exact only in a fresh process whose earlier
-    peak, the model build, is below the step's)."""
+    process's resident-set high-water mark over its RSS now. Linux lets a process reset that mark to its current RSS
+    (/proc/self/clear_refs "5"), so the build's own transient peak cannot hide the step's; where the reset is refused
+    it falls back to ru_maxrss, which never goes down (exact only in a fresh process whose build peaked lower)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -390,19 +391,40 @@ class PeakMemory:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             self.kind = "cuda max_memory_allocated"
-        else:
-            import resource
-
-            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-            self.kind = "RSS growth over the built trainer"
+            return
+        self._reset = _reset_rss_high_water_mark()
+        self._base = _status_kib("VmRSS") * 1024 if self._reset else _ru_maxrss_bytes()
+        self.kind = "RSS growth over the built trainer"
 
     def peak(self) -> int:
         synchronize(self.device)
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        import resource
+        high = _status_kib("VmHWM") * 1024 if self._reset else _ru_maxrss_bytes()
+        return max(high - self._base, 0)
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self._base
+
+def _reset_rss_high_water_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _status_kib("VmHWM") > 0
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _ru_maxrss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def online_row(arch, settings, cfg, times, step_flops, results, timer, phase_steps, phased_wall, peak_tflops) -> dict:

@@ -107,3 +107,19 @@ def test_peak_memory_grows_with_k_and_less_with_checkpointing(tmp_path):
     assert growth_checkpointed < 0.6 * growth_plain, peak
     text = md_path.read_text()
     assert "| toy-sd 32px | 4 | 6 | 6 | False |" in text and "peak GiB" in text
+
+
+def test_cpu_peak_memory_is_not_hidden_by_an_earlier_larger_peak():
+    """What failed CI once: the build's transient peak (above the step's) made every row's peak 0. The high-water mark
+    is reset when PeakMemory is made, so a 64 MiB block held after it shows even after a 256 MiB one freed before."""
+    from step_online import PeakMemory
+
+    earlier = torch.ones(64 * 2**20)  # 256 MiB, touched, then freed
+    del earlier
+    memory = PeakMemory(CPU)
+    if memory.kind != "RSS growth over the built trainer" or not memory._reset:
+        pytest.skip("this kernel refuses /proc/self/clear_refs: the CPU peak falls back to ru_maxrss (fresh processes)")
+    later = torch.ones(16 * 2**20)  # 64 MiB
+    grown = memory.peak() / 2**20
+    del later
+    assert 48 < grown < 160, grown
