@@ -259,12 +259,14 @@ def recipe_world(cfg: RunConfig, stages: Stages) -> str:
                 refuse(f"label.rewards[{i}].kwargs.world", spec.kwargs["world"], spec.kwargs["world"])
             if world != "v1":  # v1 is the rewards' default: v1 label configs (and their recorded stage) stay as they were
                 spec.kwargs["world"] = world
-    if cfg.is_online and world != "v1":
-        toy_rewards = [name for name in stages.main.online.reward if name in WORLD_REWARDS]
-        if toy_rewards:
-            raise ConfigError(f"train.online.reward.{toy_rewards[0]}: online rewards are built with their default "
-                              f"world v1, but the recipe's world is {world} from {source}; an online recipe on "
-                              "another world is not supported yet")
+    if cfg.is_online:
+        for name, train in stages.trains.items():
+            variant = stages.variant_of.get(name, cfg.main_variant)
+            key = f"{'train' if variant == cfg.main_variant else 'variants.' + variant}.online.toy_world"
+            if train.online.toy_world is not None and train.online.toy_world != world:
+                refuse(key, train.online.toy_world, train.online.toy_world)
+            if world != "v1":  # as for label.rewards: v1 online recipes (and their recorded runs) stay as they were
+                train.online.toy_world = world
     return world
 
 

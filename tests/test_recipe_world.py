@@ -112,7 +112,5 @@ def test_an_online_recipe_follows_its_model_and_refuses_v1_prompts(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.online\.prompts: 'toy:train-balanced' is toy world v1"):
         _stages(recipe)
     recipe["train"]["online"]["prompts"] = "toy-v2:train-balanced"
-    # the online trainer builds its rewards without a world: refused rather than scored in v1
-    with pytest.raises(ConfigError, match=r"train\.online\.reward\.verifier: .*world v1.*recipe's world is v2"):
-        _stages(recipe)
-    assert _stages(_recipe("toy-grpo")).world == "v1"
+    stages = _stages(recipe)  # its online rewards are built in the recipe's world (tests/online/test_toy_world_rewards)
+    assert stages.world == "v2" and stages.main.online.toy_world == "v2"

@@ -140,6 +140,10 @@ class OnlineConfig:
     # reward name -> weights folder or hub id (build_reward's path_or_hub_id); a reward not listed loads its default
     reward_paths: dict[str, str] = field(default_factory=dict)
     reward_batch_size: int = 64
+    # the toy world (fastpref.toy.world.WORLDS) of the toy rewards (verifier, shapeclip, quality): their grammar,
+    # ShapeCLIP weights and palette; null: the model's world (fastpref.models.model_world), else v1. `fastpref run`
+    # sets it to the recipe's (fastpref.pipeline.recipe_world)
+    toy_world: str | None = None
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     spo: SPOConfig = field(default_factory=SPOConfig)
     draft: DRaFTConfig = field(default_factory=DRaFTConfig)
@@ -170,6 +174,27 @@ class OnlineConfig:
         for name in self.reward_paths:
             if name not in self.reward:
                 raise ConfigError(f"reward_paths.{name}: not a reward of this run (reward: {sorted(self.reward)})")
+        from fastpref.toy.world import WORLDS
+
+        if self.toy_world is not None and self.toy_world not in WORLDS:
+            raise ConfigError(f"toy_world: {self.toy_world!r} is not one of {tuple(WORLDS)} (or null: the model's)")
+
+    def resolve_toy_world(self, model_path: str) -> str:
+        """The toy world of this run's toy rewards: toy_world, else the model's, else v1. A toy model of another
+        world is refused (its captions and colors would be misread); so is the shipped toy SPM (trained on v1's
+        vocabulary) outside v1."""
+        from fastpref.models import model_world
+
+        its_world = model_world(model_path)
+        world = self.toy_world or its_world or "v1"
+        if its_world is not None and its_world != world:
+            raise ConfigError(f"online.toy_world: {world!r}, but the model {model_path!r} is toy world {its_world}: "
+                              "its images would be scored in another grammar and palette (leave toy_world out)")
+        if world != "v1" and "spm" in self.reward and "spm" not in self.reward_paths:
+            raise ConfigError(f"online.reward.spm: the shipped toy SPM reads toy world v1's captions, this run is "
+                              f"world {world}: train one on its data (fastpref spm train) and name it in "
+                              "online.reward_paths.spm")
+        return world
 
     def check_method(self, method: str, world_size: int = 1) -> None:
         """What a method needs of the shared settings, checked before the model loads; errors name the key."""

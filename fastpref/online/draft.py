@@ -165,6 +165,7 @@ class DRaFTMethod:
                              f"{engine.world_size} processes")
         self.chunks = images // (engine.world_size * self.cfg.batch_size)
         self.shape = latent_shape(bundle, self.online.resolution)
+        self._shapeclip = None  # the run's toy world's ShapeCLIP, for the validation diversity (loaded once)
         self.guided = self.online.guidance_scale > 1
         self.scale = self.online.guidance_scale if self.guided else 1.0
         self.rollout_metrics: dict[str, float] = {}
@@ -255,7 +256,11 @@ class DRaFTMethod:
             metrics = {"val_reward": float(reward.mean())}
             metrics["val_diversity_pixel"] = diversity.group_diversity(pixels, rows, diversity.pixel_distance)["mean"]
             if self._toy():
-                metrics["val_diversity_shapeclip"] = diversity.toy_diversity(pixels, rows)["shapeclip"]
+                if self._shapeclip is None:
+                    from fastpref.toy import shapeclip
+
+                    self._shapeclip = shapeclip.load_shipped(world_name=engine.reward.toy_world)
+                metrics["val_diversity_shapeclip"] = diversity.toy_diversity(pixels, rows, self._shapeclip)["shapeclip"]
         return metrics
 
     def _toy(self) -> bool:

@@ -154,12 +154,16 @@ class WeightedReward:
     reported (`last_terms`) for the metrics."""
 
     def __init__(self, weights: dict[str, float], device: torch.device | str = "cpu", batch_size: int = 64,
-                 paths: dict[str, str] | None = None):
+                 paths: dict[str, str] | None = None, toy_world: str = "v1"):
         from fastpref.rewards import build_reward
+        from fastpref.rewards.toy import WORLD_REWARDS
 
         paths = paths or {}
         self.weights = dict(weights)
-        self.rewards = {name: build_reward(name, paths.get(name)).to(device) for name in self.weights}
+        self.toy_world = toy_world
+        self.rewards = {name: build_reward(name, paths.get(name), **({"world": toy_world} if name in WORLD_REWARDS
+                                                                     else {})).to(device)
+                        for name in self.weights}
         self.batch_size = batch_size
         self.last_terms: dict[str, torch.Tensor] = {}
 
