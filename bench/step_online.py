@@ -46,6 +46,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 from unittest import mock
 
 import torch
@@ -476,21 +477,34 @@ def write_online(rows: list[dict], env: dict, tag: str, out_dir: Path, peak_sour
     lines.append("- one step = one rollout (sampling, decode, reward) + the optimizer step it feeds, through "
                  "fastpref's OnlineTrainer.batches / optimizer_step; FLOPs only of what ran (bench/step_online.py)")
     lines.append("")
-    header = ("| arch | method | mode | prompts x k/G | steps | step ms | " + " | ".join(ONLINE_PHASES)
-              + " | phase sum | denoiser rows (sampling / reference / policy) | decoded | TFLOP/step | MFU | status |")
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in rows:
-        rows_text = " / ".join(str(r.get(f"{c}_denoiser_rows", 0)) for c in ("sampling", "reference", "policy"))
-        lines.append("| " + " | ".join([
-            r["shape"], r["objective"], r["mode"], f"{r['prompts']} x {r['group_size']}", str(r["num_steps"]),
-            _fmt(r.get("step_ms")), *[_fmt(r.get(f"{p}_ms")) for p in ONLINE_PHASES], _fmt(r.get("phase_sum_ms")),
-            rows_text, str(r.get("decoded_images", 0)), _fmt(r.get("model_TFLOP_per_step")), _fmt(r.get("MFU")),
-            r["status"]]) + " |")
+    columns = [("arch", lambda r: r["shape"]), ("method", lambda r: r["objective"]), ("mode", lambda r: r["mode"]),
+               ("prompts x k/G", lambda r: f"{r['prompts']} x {r['group_size']}"),
+               ("steps", lambda r: str(r["num_steps"])), *_timing_columns(ONLINE_PHASES),
+               ("phase sum", lambda r: _fmt(r.get("phase_sum_ms"))),
+               ("denoiser rows (sampling / reference / policy)",
+                lambda r: " / ".join(str(r.get(f"{c}_denoiser_rows", 0)) for c in ("sampling", "reference", "policy"))),
+               ("decoded", lambda r: str(r.get("decoded_images", 0))), *_closing_columns()]
+    lines += _markdown_table(rows, columns)
     lines += ["", "Phases: milliseconds per step (exclusive). Denoiser rows are executed rows: CFG doubles them; "
               "SPO's policy / reference rows are 2 x pairs (winner, loser) x 2 (CFG), including a placeholder pair "
               "for an empty micro-batch; GRPO's are samples x trained steps x 2 (CFG)."]
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths
+
+
+def _timing_columns(phases) -> list[tuple[str, Callable[[dict], str]]]:
+    return [("step ms", lambda r: _fmt(r.get("step_ms"))),
+            *[(phase, lambda r, phase=phase: _fmt(r.get(f"{phase}_ms"))) for phase in phases]]
+
+
+def _closing_columns() -> list[tuple[str, Callable[[dict], str]]]:
+    return [("TFLOP/step", lambda r: _fmt(r.get("model_TFLOP_per_step"))), ("MFU", lambda r: _fmt(r.get("MFU"))),
+            ("status", lambda r: r["status"])]
+
+
+def _markdown_table(rows: list[dict], columns: list[tuple[str, Callable[[dict], str]]]) -> list[str]:
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
 
 
 def _header_notes(env: dict, peak_source: str, notes: list[str], timing: str) -> list[str]:
@@ -513,17 +527,14 @@ def write_draft(rows: list[dict], env: dict, paths: dict[str, Path], peak_source
                  "the differentiable decode and reward, DRaFT+'s KL when kl_coeff > 0, backward, optimizer, through "
                  "fastpref's OnlineTrainer and DRaFTMethod (bench/step_online.py); each row in a fresh process")
     lines.append("")
-    header = ("| arch | images | steps | K | checkpointing | kl_coeff | step ms | " + " | ".join(DRAFT_PHASES)
-              + " | peak GiB | peak | TFLOP/step | MFU | status |")
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            r["shape"], str(r["prompts"]), str(r["num_steps"]), str(r["k"]), str(r["checkpointing"]),
-            str(r["kl_coeff"]), _fmt(r.get("step_ms")), *[_fmt(r.get(f"{p}_ms")) for p in DRAFT_PHASES],
-            _fmt(r.get("peak_gib")), r.get("peak_kind", ""), _fmt(r.get("model_TFLOP_per_step")), _fmt(r.get("MFU")),
-            r["status"]]) + " |")
+    columns = [("arch", lambda r: r["shape"]), ("images", lambda r: str(r["prompts"])),
+               ("steps", lambda r: str(r["num_steps"])), ("K", lambda r: str(r["k"])),
+               ("checkpointing", lambda r: str(r["checkpointing"])), ("kl_coeff", lambda r: str(r["kl_coeff"])),
+               *_timing_columns(DRAFT_PHASES), ("peak GiB", lambda r: _fmt(r.get("peak_gib"))),
+               ("peak", lambda r: r.get("peak_kind", "")), *_closing_columns()]
+    lines += _markdown_table(rows, columns)
     lines += ["", "Phases: milliseconds per step (exclusive). Peak memory: CUDA max_memory_allocated, or on a CPU the "
-              "growth of the row process's peak RSS over its RSS once the trainer is built."]
+              "growth of the row process's RSS high-water mark, reset once the trainer is built, over its RSS then."]
     paths["md"].write_text("\n".join(lines) + "\n")
     return paths
 

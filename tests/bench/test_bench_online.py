@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.bench import weights_after_one_step
+
 pytest.importorskip("diffusers")
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import flops  # noqa: E402
-from common import PhaseTimer  # noqa: E402
 from step_archs import load_arch  # noqa: E402
-from step_online import ONLINE_PHASES, OnlineSettings, OnlineStep, build_trainer, measure_online, online_config  # noqa: E402
+from step_online import ONLINE_PHASES, OnlineSettings, build_trainer, measure_online, online_config  # noqa: E402
 
 CPU = torch.device("cpu")
 # tiny rows: SPO 1 prompt, k = 2, 4 steps, branching at step 1; GRPO 1 prompt, G = 2, 3 steps
@@ -117,16 +118,7 @@ def test_instrumentation_does_not_change_the_step(method, arch):
     weights = []
     for instrumented in (False, True):
         cfg = online_config(arch, settings, CPU, "/tmp/unused-bench-online")
-        trainer = build_trainer(arch, cfg, CPU)
-        trainable = [p for p in trainer.bundle.denoiser.parameters() if p.requires_grad]
-        before = [p.detach().clone() for p in trainable]
-        if instrumented:
-            OnlineStep(trainer, arch)(PhaseTimer(CPU), count=True)
-        else:
-            trainer.optimizer_step(trainer.batches())
-        assert any(not torch.equal(a, p) for a, p in zip(before, trainable)), \
-            "the step left the weights unchanged: the comparison would prove nothing"
-        weights.append([p.detach().clone() for p in trainable])
+        weights.append(weights_after_one_step(build_trainer(arch, cfg, CPU), arch, instrumented))
     plain, timed = weights
     assert all(torch.equal(a, b) for a, b in zip(plain, timed))
 
