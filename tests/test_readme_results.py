@@ -51,15 +51,21 @@ def flatten(node, prefix=""):
 WHERE = ("output_dir", "data_root")
 
 
-@pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp"])
+@pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-grpo-sd-v2-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
-    recorded = dict(flatten(result(name)["config"]))
-    recipe = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
+    as it is now sets every key as the recorded run's config had it."""
+    from fastpref.config import apply_overrides
+
+    record = result(name)
+    recorded = dict(flatten(record["config"]))
+    recipe_path = record.get("recipe", f"configs/{name}.yaml")
+    recipe = apply_overrides(yaml.safe_load((ROOT / recipe_path).read_text()), record.get("overrides", []))
     for key, value in flatten(recipe):
         if key in WHERE:
             continue
-        assert key in recorded, f"configs/{name}.yaml sets {key}, which the recorded run's config does not have"
-        assert recorded[key] == value, f"configs/{name}.yaml: {key} = {value!r}, the recorded run used {recorded[key]!r}"
+        assert key in recorded, f"{recipe_path} sets {key}, which the recorded run's config does not have"
+        assert recorded[key] == value, f"{recipe_path}: {key} = {value!r}, the recorded run used {recorded[key]!r}"
 
 
 def test_the_readme_quotes_the_recorded_demo():
@@ -132,3 +138,17 @@ def test_the_readme_quotes_the_recorded_draft_tradeoff():
     assert matched["kl0.1"]["pixel"]["low"] <= 0 <= matched["kl0.1"]["pixel"]["high"]  # "not shown" in pixels
     (base_mge, drafted_mge), = quoted(r"\(base (\d+\.\d)%, DRaFT-1 (\d+\.\d)%, interval")
     assert (base_mge, drafted_mge) == (pct(record["eval"]["base"]["overall"]), pct(record["eval"]["kl0"]["overall"]))
+
+
+def test_the_readme_quotes_the_recorded_grpo_sweep():
+    """The GRPO section's sweep scores and intervals are docs/results/toy-grpo-sd-v2-sweep.json's."""
+    evals = result("toy-grpo-sd-v2-sweep")["eval"]
+    (base, lr3, d3, lo3, hi3, lr1, d1, lo1, hi1), = quoted(
+        r"base (\d+\.\d)%, lr 3e-4 (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), lr 1e-3 (\d+\.\d)% "
+        r"\(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)")
+    assert base == pct(evals["base"]["overall"])
+    for name, score, diff, low, high in (("main", lr3, d3, lo3, hi3), ("lr1e-3", lr1, d1, lo1, hi1)):
+        paired = evals[name]["paired"]["base"]["prompt_mean"]
+        assert score == pct(evals[name]["overall"])
+        assert (diff, low, high) == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
+        assert paired["low"] < 0 < paired["high"]  # the README says the intervals contain zero

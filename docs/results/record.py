@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -40,16 +41,19 @@ def record_study(study_dir: Path, report: dict, name: str, commit: str | None) -
     return out
 
 
-def record(run_dir: Path, name: str | None = None, commit: str | None = None) -> Path:
+def record(run_dir: Path, name: str | None = None, commit: str | None = None, recipe: str | None = None,
+           overrides: list[str] | None = None) -> Path:
     report = json.loads((run_dir / "report.json").read_text())
     if "claims" in report and "variants" in report:
         return record_study(run_dir, report, name or run_dir.name.removeprefix("study-"), commit)
     if "eval" not in report:
         raise SystemExit(f"{run_dir / 'report.json'}: no 'eval' section (was the run's eval stage skipped?)")
     name = name or run_dir.name
+    recipe = recipe or f"configs/{name}.yaml"
     result = {
-        "recipe": f"configs/{name}.yaml",
-        "command": f"fastpref run configs/{name}.yaml",
+        "recipe": recipe,
+        "command": " ".join(["fastpref", "run", recipe, *map(shlex.quote, overrides or [])]),
+        "overrides": list(overrides or []),
         "commit": commit or commit_of(HERE.parents[1]),
         "recorded": datetime.date.today().isoformat(),
         "config": report["config"],
@@ -90,8 +94,10 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a `fastpref run` output_dir (holds report.json)")
     parser.add_argument("--name", help="result name (default: the run directory's name, e.g. toy-rankdpo)")
     parser.add_argument("--commit", help="the commit the run was made from (default: this checkout's HEAD)")
+    parser.add_argument("--recipe", help="the recipe the run used, when it is not configs/<name>.yaml (a sweep)")
+    parser.add_argument("--overrides", nargs="*", default=[], help="the run's command-line overrides, as given")
     args = parser.parse_args()
-    print(f"wrote {record(args.run_dir, args.name, args.commit)}")
+    print(f"wrote {record(args.run_dir, args.name, args.commit, args.recipe, args.overrides)}")
 
 
 if __name__ == "__main__":

@@ -30,14 +30,16 @@ def test_sd3_grpo_recipes_carry_flow_grpos_values(name, beta, reward):
     assert train.checkpoint_every % grpo.steps_per_rollout == 0 and train.max_steps % grpo.steps_per_rollout == 0
 
 
-@pytest.mark.parametrize("name, model", [("toy-grpo", "toy-sd3"), ("toy-grpo-sd", "toy-sd")])
-def test_toy_grpo_recipes_reward_the_verifier_on_training_prompts(name, model):
+@pytest.mark.parametrize("name, model, world", [("toy-grpo", "toy-sd3", "v1"), ("toy-grpo-sd", "toy-sd-v2", "v2")])
+def test_toy_grpo_recipes_reward_the_verifier_on_training_prompts(name, model, world):
     cfg = load_config(RunConfig, CONFIGS / f"{name}.yaml")
     stages = build_stages(cfg)
     train = stages.trains["main"]
     assert stages.cache is None and train.model.path == model and train.objective.name == "grpo"
-    assert train.online.prompts.startswith("toy:train") and train.online.reward == {"verifier": 1.0}
-    assert cfg.eval is not None and cfg.eval.steps > train.online.num_steps
+    prompts = "toy:train" if world == "v1" else f"toy-{world}:train"
+    assert train.online.prompts.startswith(prompts) and train.online.reward == {"verifier": 1.0}
+    assert stages.world == cfg.eval.world == world and train.online.resolve_toy_world(model) == world
+    assert cfg.eval.steps >= train.online.num_steps
 
 
 def test_online_recipe_refuses_data_stages():
