@@ -51,7 +51,7 @@ def flatten(node, prefix=""):
 WHERE = ("output_dir", "data_root")
 
 
-@pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-grpo-sd-v2-sweep"])
+@pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-grpo-sd-v2-sweep", "toy-draftp-v2-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -152,3 +152,14 @@ def test_the_readme_quotes_the_recorded_grpo_sweep():
         assert score == pct(evals[name]["overall"])
         assert (diff, low, high) == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
         assert paired["low"] < 0 < paired["high"]  # the README says the intervals contain zero
+
+
+def test_the_readme_quotes_the_recorded_draft_v2_sweep():
+    """The DRaFT section's world-v2 sentence is docs/results/toy-draftp-v2-sweep.json's."""
+    evals = result("toy-draftp-v2-sweep")["eval"]
+    (base, drafted, base_score, drafted_score), = quoted(
+        r"held-out ShapeCLIP reward of (\d\.\d{3}) for the base and (\d\.\d{3}) for DRaFT-1 at lr 3e-3 after 40 steps, "
+        r"MiniGenEval (\d+\.\d)% -> (\d+\.\d)%")
+    assert (base, drafted) == tuple(f"{evals[n]['reward']['shapeclip']:.3f}" for n in ("base", "kl0"))
+    assert (base_score, drafted_score) == (pct(evals["base"]["overall"]), pct(evals["kl0"]["overall"]))
+    assert pct(evals["lr1e-2"]["overall"]) == pct(evals["lr3e-2"]["overall"]) == "0.0"
