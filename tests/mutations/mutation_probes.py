@@ -158,4 +158,11 @@ PROBES = [
           ("fastpref/train/parallel.py", "            init_adafactor_state_on_dtensors(optimizer)\n",
            "            pass\n"),
           seconds=90),
+    # --- issue 18: the GRPO update moves toward the better images
+    probe("grpo-advantages-on-the-wrong-samples",
+          "each sample of a GRPO rollout trains with its neighbour's advantage",
+          ["tests/online/test_online_train.py::test_one_update_moves_log_probs_toward_the_better_images"],
+          ("fastpref/online/grpo.py", '"advantages": advantages[local].float(),',
+           '"advantages": advantages[local].float().roll(1),'),
+          seconds=30),
 ]
