@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from fastpref.config import ConfigError
 from fastpref.online.spo_config import SPOConfig, check_spo
@@ -139,6 +139,9 @@ class OnlineConfig:
     reward: dict[str, float] = field(default_factory=lambda: {"verifier": 1.0})
     # reward name -> weights folder or hub id (build_reward's path_or_hub_id); a reward not listed loads its default
     reward_paths: dict[str, str] = field(default_factory=dict)
+    # reward name -> keyword arguments of its from_pretrained, e.g. {verifier: {partial_credit: true}} (the fraction
+    # of the verifier's checks passed: a denser signal than pass / fail); a toy reward's world comes from toy_world
+    reward_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     reward_batch_size: int = 64
     # the toy world (fastpref.toy.world.WORLDS) of the toy rewards (verifier, shapeclip, quality): their grammar,
     # ShapeCLIP weights and palette; null: the model's world (fastpref.models.model_world), else v1. `fastpref run`
@@ -174,6 +177,13 @@ class OnlineConfig:
         for name in self.reward_paths:
             if name not in self.reward:
                 raise ConfigError(f"reward_paths.{name}: not a reward of this run (reward: {sorted(self.reward)})")
+        for name, kwargs in self.reward_kwargs.items():
+            if name not in self.reward:
+                raise ConfigError(f"reward_kwargs.{name}: not a reward of this run (reward: {sorted(self.reward)})")
+            if not isinstance(kwargs, dict):
+                raise ConfigError(f"reward_kwargs.{name}: a mapping of keyword arguments, got {kwargs!r}")
+            if "world" in kwargs:
+                raise ConfigError(f"reward_kwargs.{name}.world: set online.toy_world instead (one world per run)")
         from fastpref.toy.world import WORLDS
 
         if self.toy_world is not None and self.toy_world not in WORLDS:

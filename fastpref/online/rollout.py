@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fastpref.config import ConfigError
 from fastpref.data.noise import group_generator
 from fastpref.data.prompts import Prompt
 from fastpref.online.sampler import (
@@ -154,16 +155,21 @@ class WeightedReward:
     reported (`last_terms`) for the metrics."""
 
     def __init__(self, weights: dict[str, float], device: torch.device | str = "cpu", batch_size: int = 64,
-                 paths: dict[str, str] | None = None, toy_world: str = "v1"):
+                 paths: dict[str, str] | None = None, toy_world: str = "v1",
+                 kwargs: dict[str, dict[str, Any]] | None = None):
         from fastpref.rewards import build_reward
         from fastpref.rewards.toy import WORLD_REWARDS
 
-        paths = paths or {}
+        paths, kwargs = paths or {}, kwargs or {}
         self.weights = dict(weights)
         self.toy_world = toy_world
-        self.rewards = {name: build_reward(name, paths.get(name), **({"world": toy_world} if name in WORLD_REWARDS
-                                                                     else {})).to(device)
-                        for name in self.weights}
+        self.rewards = {}
+        for name in self.weights:
+            options = {**kwargs.get(name, {}), **({"world": toy_world} if name in WORLD_REWARDS else {})}
+            try:
+                self.rewards[name] = build_reward(name, paths.get(name), **options).to(device)
+            except TypeError as err:  # an unknown keyword: name the key
+                raise ConfigError(f"online.reward_kwargs.{name}: {err}") from None
         self.batch_size = batch_size
         self.last_terms: dict[str, torch.Tensor] = {}
 

@@ -181,7 +181,8 @@ class OnlineTrainer(Trainer):
             self.reference_dtype = resolve_reference_dtype(cfg.reference_dtype, self.device, DTYPES[cfg.model.dtype],
                                                            cfg.speed.mixed_precision)
         self.reward = WeightedReward(cfg.online.reward, self.device, cfg.online.reward_batch_size,
-                                     cfg.online.reward_paths, cfg.online.resolve_toy_world(cfg.model.path))
+                                     cfg.online.reward_paths, cfg.online.resolve_toy_world(cfg.model.path),
+                                     cfg.online.reward_kwargs)
 
         self.bundle = load(cfg.model.path, family=cfg.model.family, dtype=DTYPES[cfg.model.dtype], device=self.device)
         self.family = self.bundle.family

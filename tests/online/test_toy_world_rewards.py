@@ -120,3 +120,33 @@ def test_an_online_trainer_on_a_v2_model_scores_in_v2(tmp_path):
     assert trainer.reward.toy_world == "v2" and verifier.world == "v2"
     epoch, batch = next(trainer.batches())
     assert set(trainer.reward.last_terms) == {"verifier"} and len(trainer.reward.last_terms["verifier"]) == 4
+
+
+def test_reward_kwargs_reach_the_reward():
+    """online.reward_kwargs: the partial-credit verifier scores the fraction of its checks (a denser GRPO signal)."""
+    rng = np.random.default_rng(1)
+    specs = []
+    while len(specs) < 4:
+        spec = world.sample_spec(rng, "train", "v2")
+        if spec.category == "two_objects":
+            specs.append(spec)
+    pixels = torch.from_numpy(np.stack([world.render(spec, rng) for spec in specs])).permute(0, 3, 1, 2).float() / 255
+    captions = [spec.caption for spec in specs]
+    # every image under a caption with one of its two objects changed: some checks pass, not all
+    wrong = [world.one_attribute_variants(spec)[0].caption for spec in specs]
+    partial = WeightedReward({"verifier": 1.0}, toy_world="v2", kwargs={"verifier": {"partial_credit": True}})
+    strict = WeightedReward({"verifier": 1.0}, toy_world="v2")
+    assert torch.equal(partial(pixels, captions), torch.ones(4))
+    scores = partial(pixels, wrong)
+    assert torch.equal(strict(pixels, wrong), torch.zeros(4)) and ((scores > 0) & (scores < 1)).any(), scores
+    with pytest.raises(ConfigError, match=r"online\.reward_kwargs\.verifier: .*no_such_option"):
+        WeightedReward({"verifier": 1.0}, kwargs={"verifier": {"no_such_option": 1}})
+
+
+@pytest.mark.parametrize("kwargs, message", [({"quality": {}}, r"reward_kwargs\.quality: not a reward of this run"),
+                                             ({"verifier": {"world": "v2"}}, r"reward_kwargs\.verifier\.world: set "
+                                                                             r"online\.toy_world"),
+                                             ({"verifier": 3}, r"reward_kwargs\.verifier: a mapping")])
+def test_bad_reward_kwargs_are_refused_naming_the_key(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        OnlineConfig(reward={"verifier": 1.0}, reward_kwargs=kwargs).validate()
