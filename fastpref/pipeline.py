@@ -215,10 +215,11 @@ def recipe_world(cfg: RunConfig, stages: Stages) -> str:
         models += [(f"synth.generators[{i}].model", g.model) for i, g in enumerate(stages.synth.generators)]
     if stages.cache is not None:
         models += [("cache.model", stages.cache.model)] + ([("cache.vae", stages.cache.vae)] if stages.cache.vae else [])
-    for name, train in stages.trains.items():
+    def section(name: str) -> str:  # the recipe section a training comes from, for error messages
         variant = stages.variant_of.get(name, cfg.main_variant)
-        section = "train" if variant == cfg.main_variant else f"variants.{variant}"
-        models.append((f"{section}.model.path", train.model.path))
+        return "train" if variant == cfg.main_variant else f"variants.{variant}"
+
+    models += [(f"{section(name)}.model.path", train.model.path) for name, train in stages.trains.items()]
     prompt_sources: list[tuple[str, str]] = []
     if stages.synth is not None:
         prompt_sources.append(("synth.prompts.path", stages.synth.prompts.path))
@@ -261,10 +262,8 @@ def recipe_world(cfg: RunConfig, stages: Stages) -> str:
                 spec.kwargs["world"] = world
     if cfg.is_online:
         for name, train in stages.trains.items():
-            variant = stages.variant_of.get(name, cfg.main_variant)
-            key = f"{'train' if variant == cfg.main_variant else 'variants.' + variant}.online.toy_world"
             if train.online.toy_world is not None and train.online.toy_world != world:
-                refuse(key, train.online.toy_world, train.online.toy_world)
+                refuse(f"{section(name)}.online.toy_world", train.online.toy_world, train.online.toy_world)
             if world != "v1":  # as for label.rewards: v1 online recipes (and their recorded runs) stay as they were
                 train.online.toy_world = world
     return world

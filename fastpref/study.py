@@ -29,11 +29,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from fastpref.utils.atomic import atomic_file
 
 import yaml
 
 from fastpref.config import ConfigError, apply_overrides, from_dict, load_config
+from fastpref.utils.atomic import atomic_file
 
 SEED_KEYS = ["train.seed", "cache.reference_errors.seed"]
 

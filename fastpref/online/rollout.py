@@ -168,8 +168,10 @@ class WeightedReward:
             options = {**kwargs.get(name, {}), **({"world": toy_world} if name in WORLD_REWARDS else {})}
             try:
                 self.rewards[name] = build_reward(name, paths.get(name), **options).to(device)
-            except TypeError as err:  # an unknown keyword: name the key
-                raise ConfigError(f"online.reward_kwargs.{name}: {err}") from None
+            except TypeError as err:
+                if not kwargs.get(name):
+                    raise
+                raise ConfigError(f"online.reward_kwargs.{name}: {err}") from None  # an unknown keyword
         self.batch_size = batch_size
         self.last_terms: dict[str, torch.Tensor] = {}
 
