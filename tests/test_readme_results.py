@@ -51,7 +51,8 @@ def flatten(node, prefix=""):
 WHERE = ("output_dir", "data_root")
 
 
-@pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-grpo-sd-v2-sweep", "toy-draftp-v2-sweep"])
+@pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-grpo-sd-v2-sweep", "toy-draftp-v2-sweep",
+                                  "toy-sft-control-v2", "toy-grpo-v2-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -144,7 +145,7 @@ def test_the_readme_quotes_the_recorded_grpo_sweep():
     """The GRPO section's sweep scores and intervals are docs/results/toy-grpo-sd-v2-sweep.json's."""
     evals = result("toy-grpo-sd-v2-sweep")["eval"]
     (base, lr3, d3, lo3, hi3, lr1, d1, lo1, hi1), = quoted(
-        r"base (\d+\.\d)%, lr 3e-4 (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), lr 1e-3 (\d+\.\d)% "
+        r"where it was: base (\d+\.\d)%, lr 3e-4 (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), lr 1e-3 (\d+\.\d)% "
         r"\(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)")
     assert base == pct(evals["base"]["overall"])
     for name, score, diff, low, high in (("main", lr3, d3, lo3, hi3), ("lr1e-3", lr1, d1, lo1, hi1)):
@@ -152,6 +153,37 @@ def test_the_readme_quotes_the_recorded_grpo_sweep():
         assert score == pct(evals[name]["overall"])
         assert (diff, low, high) == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
         assert paired["low"] < 0 < paired["high"]  # the README says the intervals contain zero
+
+
+def test_the_readme_quotes_the_recorded_toy_sd3_grpo_sweep():
+    """The GRPO section's toy-sd3 sentence is docs/results/toy-grpo-v2-sweep.json's."""
+    evals = result("toy-grpo-v2-sweep")["eval"]
+    (base, *rest), = quoted(
+        r"toy-sd3 base (\d+\.\d)%, lr 3e-4 (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), lr 1e-3 "
+        r"(\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), again not shown")
+    assert base == pct(evals["base"]["overall"])
+    for name, (score, diff, low, high) in (("main", rest[:4]), ("lr1e-3", rest[4:])):
+        paired = evals[name]["paired"]["base"]["prompt_mean"]
+        assert score == pct(evals[name]["overall"])
+        assert (diff, low, high) == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
+        assert paired["low"] < 0 < paired["high"]  # "not shown"
+
+
+def test_the_readme_quotes_the_recorded_sft_control():
+    """The Status section's SFT control is docs/results/toy-sft-control-v2.json's."""
+    evals = result("toy-sft-control-v2")["eval"]
+    (sft, base, diff, low, high, lr3, lr1), = quoted(
+        r"held-out MiniGenEval (\d+\.\d)% at lr 1e-4 against the base's (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), "
+        r"([+-]\d+\.\d)\], below the base\) and (\d+\.\d)% / (\d+\.\d)% at lr 3e-5 / 1e-5 \(intervals containing zero\)")
+    assert (sft, base, lr3, lr1) == tuple(pct(evals[n]["overall"]) for n in ("sft", "base", "sft_lr3e5", "sft_lr1e5"))
+    paired = evals["sft"]["paired"]["base"]["prompt_mean"]
+    assert (diff, low, high) == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
+    assert paired["high"] < 0  # "below the base"
+    for name in ("sft_lr3e5", "sft_lr1e5"):
+        interval = evals[name]["paired"]["base"]["prompt_mean"]
+        assert interval["low"] < 0 < interval["high"]
+    recorded = result("toy-sft-control-v2")["config"]
+    assert recorded["variants"]["sft"]["objective.name"] == "sft" and recorded["train"]["max_steps"] == 120
 
 
 def test_the_readme_quotes_the_recorded_draft_v2_sweep():

@@ -109,6 +109,7 @@ def test_models_of_two_worlds_are_refused(v2_recipe, tmp_path):
 def test_an_online_recipe_follows_its_model_and_refuses_v1_prompts(tmp_path):
     recipe = _recipe("toy-grpo")
     recipe["train"]["model"]["path"] = _stand_in_model(tmp_path / "sd3", "v2", "toy-sd3")
+    recipe["train"]["online"]["prompts"] = "toy:train-balanced"
     with pytest.raises(ConfigError, match=r"train\.online\.prompts: 'toy:train-balanced' is toy world v1"):
         _stages(recipe)
     recipe["train"]["online"]["prompts"] = "toy-v2:train-balanced"

@@ -30,7 +30,7 @@ def test_sd3_grpo_recipes_carry_flow_grpos_values(name, beta, reward):
     assert train.checkpoint_every % grpo.steps_per_rollout == 0 and train.max_steps % grpo.steps_per_rollout == 0
 
 
-@pytest.mark.parametrize("name, model, world", [("toy-grpo", "toy-sd3", "v1"), ("toy-grpo-sd", "toy-sd-v2", "v2")])
+@pytest.mark.parametrize("name, model, world", [("toy-grpo", "toy-sd3-v2", "v2"), ("toy-grpo-sd", "toy-sd-v2", "v2")])
 def test_toy_grpo_recipes_reward_the_verifier_on_training_prompts(name, model, world):
     cfg = load_config(RunConfig, CONFIGS / f"{name}.yaml")
     stages = build_stages(cfg)
