@@ -52,7 +52,7 @@ WHERE = ("output_dir", "data_root")
 
 
 @pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-grpo-sd-v2-sweep", "toy-draftp-v2-sweep",
-                                  "toy-sft-control-v2", "toy-grpo-v2-sweep"])
+                                  "toy-sft-control-v2", "toy-grpo-v2-sweep", "toy-spo-v2-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -167,6 +167,42 @@ def test_the_readme_quotes_the_recorded_toy_sd3_grpo_sweep():
         assert score == pct(evals[name]["overall"])
         assert (diff, low, high) == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
         assert paired["low"] < 0 < paired["high"]  # "not shown"
+
+
+def test_the_readme_quotes_the_recorded_spo_sweep():
+    """The SPO section's world-v2 sweep is docs/results/toy-spo-v2-sweep.json's."""
+    evals = result("toy-spo-v2-sweep")["eval"]
+    (base, main, diff, low, high, lr5, lr1, long), = quoted(
+        r"\(recorded: docs/results/toy-spo-v2-sweep.md; base (\d+\.\d)%\) gives lr 2e-5 \(the recipe's\) (\d+\.\d)% "
+        r"\(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), while lr 5e-5 \((\d+\.\d)%\), lr 1e-4 \((\d+\.\d)%\) and 144 "
+        r"steps at 2e-5 \((\d+\.\d)%\) fall below the base by their paired intervals")
+    assert (base, main, lr5, lr1, long) == tuple(pct(evals[n]["overall"])
+                                                 for n in ("base", "main", "lr5e-5", "lr1e-4", "long"))
+    paired = evals["main"]["paired"]["base"]["prompt_mean"]
+    assert (diff, low, high) == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
+    assert paired["low"] < 0 < paired["high"]
+    for name in ("lr5e-5", "lr1e-4", "long"):
+        assert evals[name]["paired"]["base"]["prompt_mean"]["high"] < 0  # "below the base"
+
+
+def test_the_readme_quotes_the_shipped_spm_accuracies():
+    """The SPO section's SPM accuracies are the shipped models' metrics.json."""
+    from fastpref.rewards.spm import SHIPPED_TOY_SPM_BY_WORLD
+
+    def pct_of(world, key, t):
+        metrics = json.loads((SHIPPED_TOY_SPM_BY_WORLD[world] / "metrics.json").read_text())
+        return f"{100 * metrics[key][str(t)]:.1f}"
+
+    (v1_251, v1_501, i1_251, i1_501), = quoted(
+        r"The v1 one ranks held-out pairs from toy-sd's one-step x0 at t = 251 / 501 at (\d+\.\d)% / (\d+\.\d)% vs "
+        r"(\d+\.\d)% / (\d+\.\d)% for its untrained-timestep init")
+    assert (v1_251, v1_501, i1_251, i1_501) == (pct_of("v1", "accuracy", 251), pct_of("v1", "accuracy", 501),
+                                                pct_of("v1", "accuracy_initial", 251),
+                                                pct_of("v1", "accuracy_initial", 501))
+    (v2_251, v2_501, i2_251, i2_501, v2_0, i2_0), = quoted(
+        r"at (\d+\.\d)% / (\d+\.\d)% vs (\d+\.\d)% / (\d+\.\d)%, and clean images at (\d+\.\d)% vs (\d+\.\d)%: on v2")
+    assert (v2_251, v2_501, v2_0) == tuple(pct_of("v2", "accuracy", t) for t in (251, 501, 0))
+    assert (i2_251, i2_501, i2_0) == tuple(pct_of("v2", "accuracy_initial", t) for t in (251, 501, 0))
 
 
 def test_the_readme_quotes_the_recorded_sft_control():

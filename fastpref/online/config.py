@@ -191,8 +191,7 @@ class OnlineConfig:
 
     def resolve_toy_world(self, model_path: str) -> str:
         """The toy world of this run's toy rewards: toy_world, else the model's, else v1. A toy model of another
-        world is refused (its captions and colors would be misread); so is the shipped toy SPM (trained on v1's
-        vocabulary) outside v1."""
+        world is refused (its captions and colors would be misread)."""
         from fastpref.models import model_world
 
         its_world = model_world(model_path)
@@ -200,10 +199,6 @@ class OnlineConfig:
         if its_world is not None and its_world != world:
             raise ConfigError(f"online.toy_world: {world!r}, but the model {model_path!r} is toy world {its_world}: "
                               "its images would be scored in another grammar and palette (leave toy_world out)")
-        if world != "v1" and "spm" in self.reward and "spm" not in self.reward_paths:
-            raise ConfigError(f"online.reward.spm: the shipped toy SPM reads toy world v1's captions, this run is "
-                              f"world {world}: train one on its data (fastpref spm train) and name it in "
-                              "online.reward_paths.spm")
         return world
 
     def check_method(self, method: str, world_size: int = 1) -> None:

@@ -43,6 +43,8 @@ from fastpref.rewards.base import ImageBatch, Reward, register_reward, to_pixels
 from fastpref.utils.imports import require
 
 SHIPPED_TOY_SPM = Path(__file__).resolve().parent.parent / "toy" / "weights" / "spm"
+# per toy world: each SPM reads its world's captions (ShapeCLIP's vocabulary) and ranks its toy-sd's x0 predictions
+SHIPPED_TOY_SPM_BY_WORLD = {"v1": SHIPPED_TOY_SPM, "v2": SHIPPED_TOY_SPM.with_name("spm-v2")}
 CONFIG_FILE = "spm_config.json"
 TIME_WEIGHTS_FILE = "time_conditioning.safetensors"
 KINDS = ("shapeclip", "clip")
@@ -378,9 +380,16 @@ class StepAwarePreferenceReward(Reward):
         self.model = model.eval().requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | Path | None = None, **kwargs: Any) -> "StepAwarePreferenceReward":
-        """None: the shipped toy SPM (fastpref/toy/weights/spm); else a folder saved by StepAwareModel."""
-        path = SHIPPED_TOY_SPM if path_or_hub_id is None else Path(path_or_hub_id)
+    def from_pretrained(cls, path_or_hub_id: str | Path | None = None, world: str = "v1",
+                        **kwargs: Any) -> "StepAwarePreferenceReward":
+        """None: the toy SPM shipped for `world` (fastpref/toy/weights/spm, spm-v2); else a folder saved by
+        StepAwareModel (`world` then plays no part: the folder is the model)."""
+        if path_or_hub_id is None:
+            from fastpref.toy.world import get_world
+
+            path = SHIPPED_TOY_SPM_BY_WORLD[get_world(world).name]
+        else:
+            path = Path(path_or_hub_id)
         return cls(StepAwareModel.from_pretrained(path), **kwargs)
 
     def to(self, device: str | torch.device) -> "StepAwarePreferenceReward":

@@ -22,8 +22,9 @@ import torch
 
 from fastpref.rewards.base import Reward, register_reward, to_uint8
 
-# the rewards of this module, which take `world=` (fastpref.pipeline.recipe_world passes the recipe's)
-WORLD_REWARDS = ("verifier", "shapeclip", "quality")
+# the rewards that take `world=` (fastpref.pipeline.recipe_world passes the recipe's): this module's, and the toy
+# step-aware preference model (fastpref/rewards/spm.py: its shipped weights per world)
+WORLD_REWARDS = ("verifier", "shapeclip", "quality", "spm")
 
 
 @register_reward

@@ -3,6 +3,7 @@ of online.toy_world, the trainer takes it from the model (fastpref.models.model_
 recipe (fastpref.pipeline.recipe_world), and a mismatch is refused naming the key."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -61,12 +62,23 @@ def test_a_toy_world_other_than_the_models_is_refused():
         OnlineConfig(toy_world="v3").validate()
 
 
-def test_the_shipped_v1_spm_is_refused_in_v2_unless_a_path_is_given():
-    online = OnlineConfig(reward={"spm": 1.0})
-    with pytest.raises(ConfigError, match=r"online\.reward\.spm: the shipped toy SPM reads toy world v1"):
-        online.resolve_toy_world("toy-sd-v2")
-    online.reward_paths = {"spm": "/some/v2-spm"}
-    assert online.resolve_toy_world("toy-sd-v2") == "v2"
+def test_the_spm_reward_follows_the_world():
+    """build_reward("spm") loads the SPM shipped for the run's world: v2's reads v2-only captions and ranks
+    toy-sd-v2's predictions (its recorded training config), v1's stays the default."""
+    from fastpref.rewards import build_reward
+    from fastpref.rewards.spm import SHIPPED_TOY_SPM_BY_WORLD
+
+    v2 = build_reward("spm", world="v2")
+    config = json.loads((SHIPPED_TOY_SPM_BY_WORLD["v2"] / "spm_config.json").read_text())
+    assert config["diffusion_model"] == "toy-sd-v2"
+    pixels, captions = _v2_only_scenes(2)
+    scores = v2(pixels, captions, timesteps=0)
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    with pytest.raises(Exception):  # v1's vocabulary has no v2-only word
+        build_reward("spm")(pixels, captions, timesteps=0)
+    reward = WeightedReward({"spm": 1.0}, toy_world="v2")
+    assert torch.equal(reward.rewards["spm"](pixels, captions), scores)
+    assert OnlineConfig(reward={"spm": 1.0}).resolve_toy_world("toy-sd-v2") == "v2"
 
 
 def _grpo_recipe(model: str, prompts: str) -> dict:
