@@ -52,7 +52,8 @@ WHERE = ("output_dir", "data_root")
 
 
 @pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-grpo-sd-v2-sweep", "toy-draftp-v2-sweep",
-                                  "toy-sft-control-v2", "toy-grpo-v2-sweep", "toy-spo-v2-sweep"])
+                                  "toy-sft-control-v2", "toy-grpo-v2-sweep", "toy-spo-v2-sweep",
+                                  "toy-oracle"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -203,6 +204,23 @@ def test_the_readme_quotes_the_shipped_spm_accuracies():
         r"at (\d+\.\d)% / (\d+\.\d)% vs (\d+\.\d)% / (\d+\.\d)%, and clean images at (\d+\.\d)% vs (\d+\.\d)%: on v2")
     assert (v2_251, v2_501, v2_0) == tuple(pct_of("v2", "accuracy", t) for t in (251, 501, 0))
     assert (i2_251, i2_501, i2_0) == tuple(pct_of("v2", "accuracy_initial", t) for t in (251, 501, 0))
+
+
+def test_the_readme_quotes_the_recorded_oracle_run():
+    """The Status section's oracle sentence is docs/results/toy-oracle.json's."""
+    evals = result("toy-oracle")["eval"]
+    found, = quoted(
+        r"base (\d+\.\d)%, SFT (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), DPO (\d+\.\d)% "
+        r"\(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), RankDPO (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), "
+        r"([+-]\d+\.\d)\]\)\. On the toy")
+    assert found[0] == pct(evals["base"]["overall"])
+    for i, name in enumerate(("sft", "dpo", "rankdpo")):
+        score, *interval = found[1 + 4 * i: 5 + 4 * i]
+        paired = evals[name]["paired"]["base"]["prompt_mean"]
+        assert score == pct(evals[name]["overall"])
+        assert tuple(interval) == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
+        assert paired["low"] < 0  # no gain shown: the README's reading
+    assert result("toy-oracle")["config"]["synth"]["generators"][0]["model"] == "toy-renderer-v2"
 
 
 def test_the_readme_quotes_the_recorded_sft_control():

@@ -138,7 +138,12 @@ def load_bundle(family: str, model: str, dtype: str = "float32", device: str = "
 
 
 def load_generator(generator: GeneratorConfig, device: str):
-    """(the diffusers pipeline for one generator on `device`, progress bars off; its call kwargs)."""
+    """(the diffusers pipeline for one generator on `device`, progress bars off; its call kwargs). The toy world's
+    renderer (model toy-renderer / toy-renderer-v2) stands in for a pipeline: ground-truth images."""
+    from fastpref.toy.renderer import WorldRendererPipeline, renderer_world
+
+    if (world := renderer_world(generator.model)) is not None:
+        return WorldRendererPipeline(world), dict(generator.call_kwargs)
     torch = require("torch")
     diffusers = require("diffusers", "image generation")
     from fastpref.models.bundle import pipeline_call_kwargs

@@ -69,7 +69,12 @@ def resolve_path(path_or_name: str | Path) -> str:
 def model_world(path_or_name: str | Path) -> str | None:
     """The toy world (fastpref.toy.world.WORLDS) a model speaks, from its folder's metrics.json, which toy
     pretraining writes: its "world", or "v1" for a toy model trained before worlds existed (no "world" key).
-    None for anything that is not a toy pretraining output (a hub id, a real checkpoint)."""
+    None for anything that is not a toy pretraining output (a hub id, a real checkpoint). The toy renderer's
+    names (fastpref.toy.renderer) speak their own world."""
+    from fastpref.toy.renderer import renderer_world
+
+    if (world := renderer_world(path_or_name)) is not None:
+        return world
     metrics_file = Path(resolve_path(path_or_name)) / "metrics.json"
     if not metrics_file.is_file():
         return None
