@@ -212,7 +212,7 @@ def test_the_readme_quotes_the_recorded_oracle_run():
     found, = quoted(
         r"base (\d+\.\d)%, SFT (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), DPO (\d+\.\d)% "
         r"\(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), RankDPO (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), "
-        r"([+-]\d+\.\d)\]\)\. On the toy")
+        r"([+-]\d+\.\d)\]\)\. Over 3 training seeds")
     assert found[0] == pct(evals["base"]["overall"])
     for i, name in enumerate(("sft", "dpo", "rankdpo")):
         score, *interval = found[1 + 4 * i: 5 + 4 * i]
@@ -221,6 +221,27 @@ def test_the_readme_quotes_the_recorded_oracle_run():
         assert tuple(interval) == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
         assert paired["low"] < 0  # no gain shown: the README's reading
     assert result("toy-oracle")["config"]["synth"]["generators"][0]["model"] == "toy-renderer-v2"
+
+
+def test_the_readme_quotes_the_recorded_oracle_study():
+    """The Status section's 3-seed oracle numbers and verdicts are docs/results/oracle.json's, recorded with the study
+    file as it is now."""
+    study = result("oracle")
+    spec = yaml.safe_load((ROOT / "configs" / "studies" / "oracle.yaml").read_text())
+    assert study["seeds"] == spec["seeds"] and set(study["variants"]) == {"base", *spec["variants"]}
+    (sft, sft_std, dpo, dpo_std, rank, rank_std, base), = quoted(
+        r"SFT (\d+\.\d) ± (\d+\.\d), DPO (\d+\.\d) ± (\d+\.\d), RankDPO (\d+\.\d) ± (\d+\.\d) against the base's "
+        r"(\d+\.\d);")
+    stats = study["variants"]
+    assert (sft, sft_std) == (pct(stats["sft"]["overall"]), pct(stats["sft"]["overall_std"]))
+    assert (dpo, dpo_std) == (pct(stats["dpo"]["overall"]), pct(stats["dpo"]["overall_std"]))
+    assert (rank, rank_std) == (pct(stats["rankdpo"]["overall"]), pct(stats["rankdpo"]["overall_std"]))
+    assert base == pct(stats["base"]["overall"])
+    verdicts = {c["better"]: c["verdict"] for c in study["claims"]}
+    assert verdicts == {"sft": "reversed", "dpo": "reversed", "rankdpo": "not shown"}  # as the README reads them
+    (gain,), = quoted(r"RankDPO's (-\d+\.\d) is within it \(not shown\)")
+    rankdpo_claim = next(c for c in study["claims"] if c["better"] == "rankdpo")
+    assert gain == f"{100 * rankdpo_claim['gain']:.1f}"
 
 
 def test_the_readme_quotes_the_recorded_sft_control():

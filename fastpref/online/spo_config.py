@@ -73,7 +73,7 @@ def check_spo(online, world_size: int = 1) -> None:
                           f"{online.eta}")
     if "spm" not in online.reward:
         raise ConfigError(f"online.reward: SPO scores its candidates with the step-aware preference model; give "
-                          f"reward: {{spm: 1.0}} (weights in reward_paths.spm; none: the shipped toy SPM), got "
-                          f"{sorted(online.reward)}")
+                          f"reward: {{spm: 1.0}} (weights in reward_paths.spm; none: the toy SPM shipped for the run's "
+                          f"world), got {sorted(online.reward)}")
     if len(online.reward) != 1:
         raise ConfigError(f"online.reward: SPO compares candidates with the SPM alone, got {sorted(online.reward)}")

@@ -23,9 +23,10 @@ At initialisation the model is exactly its base (PickScore / CLIP-H, or the toy 
 
 Saved as a folder: spm_config.json, base/ (the base model's own save_pretrained: ShapeCLIP or CLIPModel plus
 tokenizer and image processor) and time_conditioning.safetensors (t embedder + modulations). The reward is
-registered as "spm"; `build_reward("spm")` loads the shipped toy SPM (fastpref/toy/weights/spm), and
-`build_reward("spm", folder)` any saved one. Scores take `timesteps=` (the diffusion model's units, 0..999;
-default 0: a clean image). Trained by `fastpref spm train` (fastpref/rewards/spm_train.py).
+registered as "spm"; `build_reward("spm", world=...)` loads the toy SPM shipped for that world
+(fastpref/toy/weights/spm, spm-v2), and `build_reward("spm", folder)` any saved one. Scores take `timesteps=`
+(the diffusion model's units, 0..999; default 0: a clean image). Trained by `fastpref spm train`
+(fastpref/rewards/spm_train.py).
 """
 
 from __future__ import annotations
