@@ -24,15 +24,15 @@ def renderer_world(model: Any) -> str | None:
 class WorldRendererPipeline:
     """pipeline(prompt=[...], generator=[...], output_type="np") -> .images (N, S, S, 3) float in [0, 1]."""
 
-    def __init__(self, world: str, size: int | None = None):
+    def __init__(self, world: str):
         from fastpref.toy import world as toy_world
 
         self.world = toy_world.get_world(world).name
-        self.size = size or toy_world.IMAGE_SIZE
+        self.size = toy_world.IMAGE_SIZE
 
     def __call__(self, prompt: list[str] | str, generator=None, output_type: str = "np", height: int | None = None,
                  width: int | None = None, **_sampling: Any) -> SimpleNamespace:
-        from fastpref.toy import world as toy_world
+        from fastpref.eval.minigeneval import world_generate  # the renderer as MiniGenEval's ceiling model
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         generators = generator if isinstance(generator, list) else [generator] * len(prompts)
@@ -42,10 +42,8 @@ class WorldRendererPipeline:
             raise ValueError(f"toy renderer: output_type {output_type!r}; only 'np' is supported")
         if (height or self.size) != self.size or (width or self.size) != self.size:
             raise ValueError(f"toy renderer: renders {self.size}x{self.size}, asked for {height}x{width}")
-        images = [toy_world.render(toy_world.parse_caption(text, self.world),
-                                   np.random.default_rng(int(g.initial_seed())), self.size)
-                  for text, g in zip(prompts, generators)]
-        return SimpleNamespace(images=np.stack(images).astype(np.float32) / 255.0)
+        images = world_generate(prompts, [int(g.initial_seed()) for g in generators], world_name=self.world)
+        return SimpleNamespace(images=images.astype(np.float32) / 255.0)
 
     # the parts of the diffusers pipeline interface that synth touches
     def set_progress_bar_config(self, **_: Any) -> None:
