@@ -53,7 +53,7 @@ WHERE = ("output_dir", "data_root")
 
 @pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-grpo-sd-v2-sweep", "toy-draftp-v2-sweep",
                                   "toy-sft-control-v2", "toy-grpo-v2-sweep", "toy-spo-v2-sweep",
-                                  "toy-oracle"])
+                                  "toy-oracle", "toy-noisycap-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -270,3 +270,47 @@ def test_the_readme_quotes_the_recorded_draft_v2_sweep():
     assert (base, drafted) == tuple(f"{evals[n]['reward']['shapeclip']:.3f}" for n in ("base", "kl0"))
     assert (base_score, drafted_score) == (pct(evals["base"]["overall"]), pct(evals["kl0"]["overall"]))
     assert pct(evals["lr1e-2"]["overall"]) == pct(evals["lr3e-2"]["overall"]) == "0.0"
+
+
+def test_the_readme_quotes_the_recorded_noisy_caption_sweep():
+    """The Status section's sweep-seed run of configs/toy-noisycap.yaml is docs/results/toy-noisycap-sweep.json's."""
+    record = result("toy-noisycap-sweep")
+    assert record["recipe"] == "configs/toy-noisycap.yaml" and record["overrides"] == ["eval.seed_offset=1000"]
+    evals = record["eval"]
+    (gain, low, high, base, rankdpo, dpo, sft), = quoted(
+        r"RankDPO gained ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] points over the base \((\d+\.\d)% -> "
+        r"(\d+\.\d)%\) and beat DPO \((\d+\.\d)%\) and SFT \((\d+\.\d)%\) by intervals above zero")
+    assert (base, rankdpo, dpo, sft) == tuple(pct(evals[n]["overall"]) for n in ("base", "rankdpo", "dpo", "sft"))
+    paired = evals["rankdpo"]["paired"]
+    assert (gain, low, high) == tuple(f"{100 * paired['base']['prompt_mean'][k]:+.1f}"
+                                      for k in ("difference", "low", "high"))
+    assert all(paired[other]["prompt_mean"]["low"] > 0 for other in ("base", "dpo", "sft"))
+    assert record["config"]["synth"]["generators"][0]["model"] == "toy-sd-noisycap-v2"
+
+
+def test_the_readme_quotes_the_recorded_noisy_caption_study():
+    """The Status section's 3-seed numbers for configs/studies/noisycap.yaml are docs/results/noisycap.json's,
+    recorded with the study file as it is now."""
+    study = result("noisycap")
+    spec = yaml.safe_load((ROOT / "configs" / "studies" / "noisycap.yaml").read_text())
+    assert study["seeds"] == spec["seeds"] and set(study["variants"]) == {"base", *spec["variants"]}
+    assert study["recipe"] == spec["recipe"]
+    (base, rank, rank_std, dpo, dpo_std, sft, sft_std), = quoted(
+        r"the gain did not hold: base (\d+\.\d)%, RankDPO (\d+\.\d) ± (\d+\.\d), DPO (\d+\.\d) ± (\d+\.\d), SFT "
+        r"(\d+\.\d) ± (\d+\.\d)")
+    stats = study["variants"]
+    assert base == pct(stats["base"]["overall"])
+    for name, score, std in (("rankdpo", rank, rank_std), ("dpo", dpo, dpo_std), ("sft", sft, sft_std)):
+        assert (score, std) == (pct(stats[name]["overall"]), pct(stats[name]["overall_std"]))
+    assert {c["verdict"] for c in study["claims"]} == {"not shown"}  # "every claim not shown"
+    over_sft = next(c for c in study["claims"] if (c["better"], c["than"]) == ("rankdpo", "sft"))
+    (gain, low, high, spread), = quoted(
+        r"RankDPO over SFT ([+-]\d+\.\d) with the interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\] but within the combined "
+        r"spread (\d+\.\d)")
+    assert (gain, low, high) == tuple(f"{100 * v:+.1f}" for v in (over_sft["gain"], *over_sft["interval"]))
+    assert spread == pct(over_sft["combined_spread"])
+    (colors_base, colors_rank, colors_std), = quoted(
+        r"the colors category itself did not recover \((\d+\.\d)% base, (\d+\.\d) ± (\d+\.\d) RankDPO\)")
+    assert colors_base == pct(stats["base"]["per_category"]["colors"])
+    assert (colors_rank, colors_std) == (pct(stats["rankdpo"]["per_category"]["colors"]),
+                                         pct(stats["rankdpo"]["per_category_std"]["colors"]))

@@ -24,7 +24,9 @@ FAMILY_OF_PIPELINE = {
 }
 # the shipped toy models (fastpref/toy/weights/<name>) and their families; "-v2": the same trained on world v2
 TOY_MODELS = {"toy-sd": "sd", "toy-sd-early": "sd", "toy-sdxl": "sdxl", "toy-sd3": "sd3",
-              "toy-sd-v2": "sd", "toy-sd-early-v2": "sd", "toy-sdxl-v2": "sdxl", "toy-sd3-v2": "sd3"}
+              "toy-sd-v2": "sd", "toy-sd-early-v2": "sd", "toy-sdxl-v2": "sdxl", "toy-sd3-v2": "sd3",
+              # toy-sd-v2 continued on captions with confusable colors swapped: a base whose flaw is in its data
+              "toy-sd-noisycap-v2": "sd"}
 TOY_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "toy" / "weights"
 # what toy pretraining (fastpref.toy.pretrain) writes as "family" in a model's metrics.json
 TOY_PRETRAIN_FAMILIES = ("vae", "toy-sd", "toy-sdxl", "toy-sd3")

@@ -68,7 +68,22 @@ def parse_args(argv: list[str] | None = None) -> PretrainArgs:
                         help="the toy world to learn (its train split; recorded in the model's metrics.json)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--init", type=Path,
+                        help="continue from this saved pipeline of --family (same world) instead of random weights")
+    parser.add_argument("--color-confusion", type=float, default=0.0,
+                        help="swap each color word of a caption for its confusable partner with this probability "
+                             "(fastpref.toy.world.confuse_colors; the image is unchanged): a base with a known "
+                             "caption flaw")
+    parser.add_argument("--freeze-text", action="store_true",
+                        help="keep the text encoders as they are (--init's) and train the denoiser only, as SD keeps "
+                             "CLIP frozen: a caption flaw then lands in the denoiser, where fine-tuning reaches it")
     ns = parser.parse_args(argv)
+    if ns.freeze_text and ns.init is None:
+        parser.error("--freeze-text needs --init (random text encoders would stay random)")
+    if not 0.0 <= ns.color_confusion <= 1.0:
+        parser.error(f"--color-confusion must be in [0, 1], got {ns.color_confusion}")
+    if ns.family == "vae" and (ns.init is not None or ns.color_confusion):
+        parser.error("--init and --color-confusion apply to the diffusion families, not --family vae")
     if (ns.early_fraction is None) != (ns.early_out is None):
         parser.error("--early-fraction and --early-out go together")
     if ns.family != "vae" and ns.vae is None:

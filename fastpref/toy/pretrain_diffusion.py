@@ -15,6 +15,7 @@ import torch
 
 from fastpref.models import model_world
 from fastpref.toy.pretrain_checkpoint import maybe_resume, save_checkpoint
+from fastpref.toy.world import confuse_colors
 from fastpref.toy.pretrain_loop import (PretrainArgs, command_line, images_to_tensor, loss_summary, optimizer_steps,
                                         resumed_budget, seed_everything)
 from fastpref.train.checkpoint import load_state
@@ -49,6 +50,13 @@ def build_toy_bundle(family: str, vae, size: str = "toy", seed: int = 0, world_n
 
     module = family_module(family)
     return module.build_random(module.tiny_config(size), build_tokenizer(world_name=world_name), vae=vae, seed=seed)
+
+
+def load_init_bundle(family: str, init: Path, vae, world_name: str):
+    """A saved pipeline of `family` to continue training from, around the run's own VAE."""
+    bundle = family_module(family).load(init)
+    bundle.vae = vae
+    return bundle
 
 
 def _file_digest(path: Path) -> str:
@@ -123,11 +131,21 @@ def train_diffusion(args: PretrainArgs) -> dict:
     from diffusers.training_utils import EMAModel
 
     rng = seed_everything(args.seed)
+    if args.init is not None:
+        init_world = model_world(args.init)
+        if init_world is not None and init_world != args.world:
+            raise ValueError(f"pretrain: --init {args.init} was trained on world {init_world} (its metrics.json) but "
+                             f"--world is {args.world}")
     check_vae_world(args.vae, args.world)
     vae = diffusers.AutoencoderKL.from_pretrained(str(args.vae), torch_dtype=torch.float32).eval()
     vae.requires_grad_(False)
-    bundle = build_toy_bundle(args.family, vae, args.size, args.seed, args.world)
+    bundle = (build_toy_bundle(args.family, vae, args.size, args.seed, args.world) if args.init is None
+              else load_init_bundle(args.family, args.init, vae, args.world))
     trainable = torch.nn.ModuleList([bundle.denoiser, *bundle.text_modules()]).train()
+    trainable.requires_grad_(True)
+    if args.freeze_text:
+        for module in bundle.text_modules():
+            module.requires_grad_(False).eval()
     params = [p for p in trainable.parameters() if p.requires_grad]
     base_lr = args.lr or DIFFUSION_LR[args.family]
     optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=0.01)
@@ -143,6 +161,8 @@ def train_diffusion(args: PretrainArgs) -> dict:
     def next_loss() -> torch.Tensor:
         index = rng.integers(0, len(pool["captions"]), args.batch_size)
         captions = ["" if rng.random() < args.caption_dropout else pool["captions"][i] for i in index]
+        if args.color_confusion:
+            captions = [confuse_colors(c, rng, args.color_confusion, args.world) if c else c for c in captions]
         latents = pool_latents(bundle, pool, index, generator)
         noise = torch.randn(latents.shape, generator=generator)
         t = bundle.sample_timesteps(args.batch_size, generator)
@@ -196,6 +216,9 @@ def train_diffusion(args: PretrainArgs) -> dict:
         "batch_size": args.batch_size,
         "lr": base_lr,
         "minutes": minutes(),
+        **({"init": str(args.init)} if args.init is not None else {}),
+        **({"color_confusion": args.color_confusion} if args.color_confusion else {}),
+        **({"frozen_text_encoders": True} if args.freeze_text else {}),
         **loss_summary(losses),
         "parameters": {
             "denoiser": sum(p.numel() for p in bundle.denoiser.parameters()),

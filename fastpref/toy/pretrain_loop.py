@@ -41,6 +41,9 @@ class PretrainArgs:
     world: str = "v1"  # the toy world (fastpref.toy.world.WORLDS) whose images and captions the model learns
     threads: int = 2
     progress: bool = True
+    init: Path | None = None  # a saved pipeline of the family to continue from (default: random weights)
+    color_confusion: float = 0.0  # probability of swapping each color word for its confusable partner
+    freeze_text: bool = False  # train the denoiser only (as SD's pretraining keeps CLIP frozen)
 
 
 def command_line() -> str:

@@ -661,6 +661,34 @@ def one_attribute_variants(spec: PromptSpec) -> list[PromptSpec]:
     return variants
 
 
+# Color names a careless captioner mixes up (as web alt-text does): each maps to its partner.
+CONFUSABLE_COLORS = {"red": "orange", "orange": "red", "blue": "purple", "purple": "blue",
+                     "green": "cyan", "cyan": "green", "yellow": "white", "white": "yellow"}
+
+
+def confuse_colors(caption: str, rng: np.random.Generator, probability: float, world: "str | World" = "v1") -> str:
+    """`caption` with each color word swapped for its confusable partner (CONFUSABLE_COLORS) with `probability`,
+    the image left as it was: a systematic caption flaw for pretraining a base that preference data can correct.
+
+    A swap whose partner is not in `world` is not made; a caption whose swaps would make it a held-out caption or
+    leave the grammar is kept whole, so the held-out captions stay unseen in training."""
+    w = get_world(world)
+    words = caption.split(" ")
+    swapped = [CONFUSABLE_COLORS[word] if (word in w.colors and CONFUSABLE_COLORS.get(word) in w.colors
+                                           and rng.random() < probability) else word for word in words]
+    if swapped == words:
+        return caption
+    for i in range(len(swapped) - 1):  # "an orange" -> "a red"
+        if swapped[i] in ("a", "an"):
+            swapped[i] = "an" if swapped[i + 1][:1] in tuple("aeiou") else "a"
+    noisy = " ".join(swapped)
+    try:
+        spec = parse_caption(noisy, w)
+    except ValueError:  # the swap left the grammar (two groups became equal)
+        return caption
+    return caption if is_held_out(spec) else noisy
+
+
 def degrade(
     images: np.ndarray,
     rng: np.random.Generator,

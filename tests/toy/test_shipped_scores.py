@@ -20,7 +20,7 @@ def _chance(world_name: str) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["toy-sd", "toy-sd-early", "toy-sdxl", "toy-sd3",
-                                  "toy-sd-v2", "toy-sd-early-v2", "toy-sdxl-v2", "toy-sd3-v2"])
+                                  "toy-sd-v2", "toy-sd-early-v2", "toy-sdxl-v2", "toy-sd3-v2", "toy-sd-noisycap-v2"])
 def test_shipped_model_reproduces_its_recorded_minigeneval_score(name):
     """The full recorded evaluation (v1: 34 held-out prompts x 4 seeds, 144 images; v2: 72 x 4, 288 images;
     ~11-60 s each on 2 cores), on the world the model records; a v2 card's caption-blind chance too."""
@@ -46,7 +46,7 @@ def test_the_readme_quotes_every_shipped_models_recorded_score():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name in ("toy-sd", "toy-sd-early", "toy-sdxl", "toy-sd3", "toy-sd-v2", "toy-sd-early-v2", "toy-sdxl-v2",
-                 "toy-sd3-v2"):
+                 "toy-sd3-v2", "toy-sd-noisycap-v2"):
         card = (toy_model_path(name) / "MODEL_CARD.md").read_text()
         score = re.search(r"## MiniGenEval: ([0-9.]+)%", card).group(1)
         assert re.search(rf"{re.escape(name)} {re.escape(score)}%", readme), f"README does not quote {name} {score}%"

@@ -6,9 +6,7 @@ numbers themselves are pinned by tests/toy/test_shipped_scores.py, which reruns 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 
 import pytest
 
@@ -18,34 +16,11 @@ pytest.importorskip("transformers")
 from fastpref import models  # noqa: E402
 from fastpref.toy import pretrain, world  # noqa: E402
 from fastpref.toy.tokenizer import check_word_level  # noqa: E402
+from helpers.model_cards import CHANCE_P_VALUE, binomial_tail, card_scores  # noqa: E402
 
 WEIGHTS = models.TOY_WEIGHTS_DIR
 V2_MODELS = {"toy-sd-v2": "sd", "toy-sd-early-v2": "sd", "toy-sdxl-v2": "sdxl", "toy-sd3-v2": "sd3"}
 SHIPPED_MEGABYTES_LIMIT = 40  # as v1's (tests/toy/test_shipped_pipelines.py)
-# "clearly above chance": a category's hits on the card are this unlikely for a caption-blind generator (one-sided
-# binomial tail at the category's caption-blind chance), fixed before the v2 models were scored
-CHANCE_P_VALUE = 1e-3
-
-
-def card_scores(name: str) -> tuple[dict[str, float], int, dict[str, float]]:
-    """The card's per-category accuracies, its images per category (prompts per category x seeds) and the
-    caption-blind chance per category it states (recomputed by tests/toy/test_shipped_scores.py)."""
-    card = (WEIGHTS / name / "MODEL_CARD.md").read_text()
-    recorded = re.search(r"## MiniGenEval: ([0-9.]+)%\n\n(.+?)\.\n\n(\d+) held-out prompts x (\d+) seeds", card)
-    assert recorded, f"{name}: the model card records no MiniGenEval score"
-    per_category = int(recorded.group(3)) // len(world.CATEGORIES) * int(recorded.group(4))
-    chance = re.search(r"Caption-blind chance \(.*?\): (.+?)\.\n", card)
-    assert chance, f"{name}: the model card states no caption-blind chance"
-
-    def percentages(text: str) -> dict[str, float]:
-        return {c: float(a) / 100 for c, a in re.findall(r"(\w+) ([0-9.]+)%", text)}
-
-    return percentages(recorded.group(2)), per_category, percentages(chance.group(1))
-
-
-def binomial_tail(hits: int, trials: int, p: float) -> float:
-    """P(X >= hits) for X ~ Binomial(trials, p)."""
-    return sum(math.comb(trials, k) * p**k * (1 - p) ** (trials - k) for k in range(hits, trials + 1))
 
 
 def test_binomial_tail_known_values():
