@@ -12,6 +12,9 @@ A study names a run recipe (`recipe`), overrides applied to all of it (`override
     study/eval/base.json            the base model, evaluated once
     study/eval/<variant>-seed<s>.json
 
+An online recipe (GRPO, SPO, DRaFT: prompts only, no synth / label / cache) is one `fastpref run` whose trainings
+are every (variant, seed); a seed key whose section the recipe lacks (cache.reference_errors.seed there) is skipped.
+
 Every stage skips finished work (the stages of `fastpref run` do; evaluations are files), so running the same
 command again after a kill resumes, and the same seeds give the same table. The report (report.md / .json /
 scores.png) gives MiniGenEval overall and per category per variant as mean ± std over training seeds, the
@@ -98,12 +101,13 @@ class Plan:
     synth: dict[str, dict]  # synth key -> synth section
     data: dict[str, str]  # data (synth + label) key -> its synth key
     runs: dict[str, dict]  # run key -> the run recipe (data_root/output_dir unset; variants = its trainings)
-    run_data: dict[str, str]  # run key -> data key
+    run_data: dict[str, str | None]  # run key -> data key (None: an online recipe, prompts only)
     trainings: list[Training]
     eval: dict | None  # the eval section shared by all
 
     def counts(self) -> dict[str, int]:
-        return {"synth": len(self.synth), "label": len(self.data), "cache": len(self.runs),
+        return {"synth": len(self.synth), "label": len(self.data),
+                "cache": sum(key is not None for key in self.run_data.values()),
                 "train": len(self.trainings), "eval": len(self.trainings) + 1}
 
 
@@ -134,7 +138,9 @@ def variant_recipe(cfg: StudyConfig, recipe: dict[str, Any], variant: str, seed:
     """The full run recipe of one (variant, seed): recipe + study overrides + variant overrides + seed keys."""
     data = with_overrides(recipe, cfg.overrides, "overrides")
     data = with_overrides(data, cfg.variants[variant], f"variants.{variant}")
-    data = with_overrides(data, {key: seed for key in cfg.seed_keys}, "seed_keys")
+    # a seed key whose section the recipe lacks (an online recipe has no cache) has nothing to seed
+    seeded = {key: seed for key in cfg.seed_keys if key.split(".")[0] in data}
+    data = with_overrides(data, seeded, "seed_keys")
     for key in ("variants", "main_variant", "data_root", "output_dir", "eval"):
         data.pop(key, None)
     return data
@@ -145,7 +151,8 @@ def plan_study(cfg: StudyConfig, recipe: dict[str, Any]) -> Plan:
 
     shared = with_overrides(recipe, cfg.overrides, "overrides")
     if shared.get("importer") is not None:
-        raise ConfigError("recipe: a study runs Syn-Pic recipes (synth + label); this one has an importer: section")
+        raise ConfigError("recipe: a study runs Syn-Pic recipes (synth + label) or online ones (prompts only); this "
+                          "one has an importer: section")
     plan = Plan({}, {}, {}, {}, [], shared.get("eval", {}))
     for variant in cfg.variants:
         for seed in cfg.seeds:
@@ -157,12 +164,16 @@ def plan_study(cfg: StudyConfig, recipe: dict[str, Any]) -> Plan:
                 build_stages(run)
             except ConfigError as err:
                 raise ConfigError(f"variants.{variant} (seed {seed}): {err}") from None
-            synth_key = content_key(data["synth"])
-            data_key = content_key(data["synth"], data["label"])
-            run_key = content_key(data["synth"], data["label"], data["cache"])
-            plan.synth[synth_key] = data["synth"]
-            plan.data[data_key] = synth_key
-            plan.run_data[run_key] = data_key
+            if data.get("synth") is None:  # online: the policy samples its own images; one run trains them all
+                run_key = content_key({key: value for key, value in data.items() if key != "train"})
+                plan.run_data[run_key] = None
+            else:
+                synth_key = content_key(data["synth"])
+                data_key = content_key(data["synth"], data["label"])
+                run_key = content_key(data["synth"], data["label"], data["cache"])
+                plan.synth[synth_key] = data["synth"]
+                plan.data[data_key] = synth_key
+                plan.run_data[run_key] = data_key
             training = Training(variant, seed, run_key)
             run = plan.runs.setdefault(run_key, {**{k: v for k, v in data.items() if k != "train"}, "trainings": {}})
             run["trainings"][training.name] = data["train"]
@@ -201,8 +212,9 @@ class Study:
         trainings = run.pop("trainings")
         names = list(trainings)
         data = {**run, "train": trainings[names[0]], "main_variant": names[0], "eval": None,
-                "data_root": str(self.data_root(self.plan.run_data[run_key])),
                 "output_dir": str(self.run_dir(run_key)), "progress": self.cfg.progress}
+        if self.plan.run_data[run_key] is not None:
+            data["data_root"] = str(self.data_root(self.plan.run_data[run_key]))
         # each further training as overrides of the first: only the keys that differ
         data["variants"] = {name: flat_differences(trainings[names[0]], trainings[name]) for name in names[1:]}
         return from_dict(RunConfig, data)
@@ -232,7 +244,8 @@ class Study:
         seconds: dict[str, float] = {}
         for i, run_key in enumerate(self.plan.runs):
             print(f"[fastpref study] run {i + 1}/{len(self.plan.runs)}: {self.run_dir(run_key)}", flush=True)
-            self.link_synth(self.plan.run_data[run_key])
+            if self.plan.run_data[run_key] is not None:
+                self.link_synth(self.plan.run_data[run_key])
             report = run_pipeline(self.run_config(run_key))
             for stage, value in report["seconds"].items():
                 kind = stage.split(" ")[0]

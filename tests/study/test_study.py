@@ -208,3 +208,46 @@ def test_prompt_weighted_seed_spread_folds_a_small_categorys_extra_seeds_like_th
         lone = np.mean([passed(0, s) for s in range(f, 64, 4)])
         folds.append(np.mean([lone] + [float(passed(p, f)) for p in range(1, 9)]))
     assert prompt_mean_seed_spread(result) == pytest.approx(np.std(folds, ddof=1))
+
+
+TINY_ONLINE = {
+    "train.max_steps": 2, "train.checkpoint_every": 2, "train.validation.every": 0,
+    "train.online.prompts_per_rollout": 2, "train.online.group_size": 2, "train.online.num_steps": 2,
+    "train.online.sample_batch_size": 4, "train.online.grpo.train_batch_size": 4,
+    "eval.seeds_per_prompt": 1, "eval.max_prompts_per_category": 1, "eval.min_images_per_category": 1,
+    "eval.steps": 2,
+}
+
+
+def test_an_online_recipe_is_one_run_per_study_with_a_training_per_seed(tmp_path):
+    """A prompts-only recipe (GRPO) has no synth / label / cache to share: the default seed keys seed what it has
+    (train.seed), and every (variant, seed) is a training of one run."""
+    cfg = from_dict(StudyConfig, {
+        "recipe": str(ROOT / "configs/toy-grpo-sd.yaml"), "output_dir": str(tmp_path / "study"), "seeds": [0, 1],
+        "overrides": TINY_ONLINE, "progress": False,
+        "variants": {"grpo": {}, "fast": {"train.lr": 1.0e-3}}, "claims": [{"better": "grpo", "than": "base"}]})
+    study = Study(cfg)
+    assert study.plan.counts() == {"synth": 0, "label": 0, "cache": 0, "train": 4, "eval": 5}
+    assert len({t.run for t in study.plan.trainings}) == 1
+    run = study.run_config(study.plan.trainings[0].run)
+    assert run.data_root is None and run.cache is None and run.synth is None
+    from fastpref.pipeline import build_stages
+
+    trains = build_stages(run).trains
+    assert {name: (t.seed, t.lr) for name, t in trains.items()} == {
+        "grpo-seed0": (0, 3.0e-4), "grpo-seed1": (1, 3.0e-4), "fast-seed0": (0, 1.0e-3), "fast-seed1": (1, 1.0e-3)}
+
+
+def test_a_tiny_online_study_runs_end_to_end(tmp_path):
+    cfg = from_dict(StudyConfig, {
+        "recipe": str(ROOT / "configs/toy-grpo-sd.yaml"), "output_dir": str(tmp_path / "study"), "seeds": [0, 1],
+        "overrides": TINY_ONLINE, "progress": False, "variants": {"grpo": {}},
+        "claims": [{"better": "grpo", "than": "base"}]})
+    report = Study(cfg).run()
+    out = tmp_path / "study"
+    assert report["counts"] == {"synth": 0, "label": 0, "cache": 0, "train": 2, "eval": 3}
+    assert sorted(p.name for p in (out / "eval").glob("*.json")) == ["base.json", "grpo-seed0.json",
+                                                                      "grpo-seed1.json"]
+    assert not (out / "data").exists() and not (out / "synth").exists()
+    assert set(report["variants"]) == {"base", "grpo"} and report["claims"][0]["verdict"] in (
+        "shown", "not shown", "reversed")
