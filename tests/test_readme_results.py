@@ -53,7 +53,7 @@ WHERE = ("output_dir", "data_root")
 
 @pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-grpo-sd-v2-sweep", "toy-draftp-v2-sweep",
                                   "toy-sft-control-v2", "toy-grpo-v2-sweep", "toy-spo-v2-sweep",
-                                  "toy-oracle", "toy-noisycap-sweep"])
+                                  "toy-oracle", "toy-noisycap-sweep", "toy-grpo-noisycap-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -314,3 +314,34 @@ def test_the_readme_quotes_the_recorded_noisy_caption_study():
     assert colors_base == pct(stats["base"]["per_category"]["colors"])
     assert (colors_rank, colors_std) == (pct(stats["rankdpo"]["per_category"]["colors"]),
                                          pct(stats["rankdpo"]["per_category_std"]["colors"]))
+
+
+def test_the_readme_quotes_the_recorded_grpo_runs_on_the_noisy_caption_base():
+    """The GRPO section's noisy-caption numbers: the sweep (docs/results/toy-grpo-noisycap-sweep.json) and the
+    2-seed study (docs/results/grpo-noisycap.json, recorded with the study file as it is now)."""
+    sweep = result("toy-grpo-noisycap-sweep")["eval"]
+    (gain, low, high, base, lr1e3, main_gain, main_low, main_high), = quoted(
+        r"lr 1e-3 gave ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] points over the base \((\d+\.\d)% -> (\d+\.\d)%\), "
+        r"lr 3e-4 ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]")
+    assert (base, lr1e3) == (pct(sweep["base"]["overall"]), pct(sweep["lr1e3"]["overall"]))
+    for name, quoted_interval in (("lr1e3", (gain, low, high)), ("main", (main_gain, main_low, main_high))):
+        paired = sweep[name]["paired"]["base"]["prompt_mean"]
+        assert quoted_interval == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
+    assert result("toy-grpo-noisycap-sweep")["config"]["train"]["model"]["path"] == "toy-sd-noisycap-v2"
+
+    study = result("grpo-noisycap")
+    spec = yaml.safe_load((ROOT / "configs" / "studies" / "grpo-noisycap.yaml").read_text())
+    assert study["seeds"] == spec["seeds"] and study["recipe"] == spec["recipe"]
+    assert spec["overrides"]["train.lr"] == 1.0e-3 and spec["overrides"]["train.model.path"] == "toy-sd-noisycap-v2"
+    (seconds, grpo, grpo_std, base, gain, spread, low, high), = quoted(
+        r"\(`fastpref study configs/studies/grpo-noisycap.yaml`, recorded: `docs/results/grpo-noisycap.md`, "
+        r"([\d,]+) seconds of training on the 2-core CPU\) GRPO scores (\d+\.\d) ± (\d+\.\d) against the base's (\d+\.\d): "
+        r"([+-]\d+\.\d), within the combined spread of (\d+\.\d) \(paired interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)")
+    stats = study["variants"]
+    assert int(seconds.replace(",", "")) == round(study["seconds"]["train"])
+    assert (grpo, grpo_std, base) == (pct(stats["grpo"]["overall"]), pct(stats["grpo"]["overall_std"]),
+                                      pct(stats["base"]["overall"]))
+    claim, = study["claims"]
+    assert claim["verdict"] == "not shown"
+    assert (gain, spread) == (f"{100 * claim['gain']:+.1f}", pct(claim["combined_spread"]))
+    assert (low, high) == tuple(f"{100 * v:+.1f}" for v in claim["interval"])
