@@ -53,7 +53,8 @@ WHERE = ("output_dir", "data_root")
 
 @pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-grpo-sd-v2-sweep", "toy-draftp-v2-sweep",
                                   "toy-sft-control-v2", "toy-grpo-v2-sweep", "toy-spo-v2-sweep",
-                                  "toy-oracle", "toy-noisycap-sweep", "toy-grpo-noisycap-sweep"])
+                                  "toy-oracle", "toy-noisycap-sweep", "toy-grpo-noisycap-sweep",
+                                  "toy-spo-noisycap-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -345,3 +346,17 @@ def test_the_readme_quotes_the_recorded_grpo_runs_on_the_noisy_caption_base():
     assert claim["verdict"] == "not shown"
     assert (gain, spread) == (f"{100 * claim['gain']:+.1f}", pct(claim["combined_spread"]))
     assert (low, high) == tuple(f"{100 * v:+.1f}" for v in claim["interval"])
+
+
+def test_the_readme_quotes_the_recorded_spo_run_on_the_noisy_caption_base():
+    record = result("toy-spo-noisycap-sweep")
+    evals = record["eval"]
+    (seconds, spo, base, gain, low, high), = quoted(
+        r"`docs/results/toy-spo-noisycap-sweep.md`, (\d+) seconds of training\) gives (\d+\.\d)% against the base's "
+        r"(\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\): not shown")
+    assert int(seconds) == round(record["seconds"]["train main"])
+    assert (spo, base) == (pct(evals["main"]["overall"]), pct(evals["base"]["overall"]))
+    paired = evals["main"]["paired"]["base"]["prompt_mean"]
+    assert (gain, low, high) == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
+    assert paired["low"] < 0 < paired["high"]
+    assert record["config"]["train"]["model"]["path"] == "toy-sd-noisycap-v2"
