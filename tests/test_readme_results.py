@@ -54,7 +54,7 @@ WHERE = ("output_dir", "data_root")
 @pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-grpo-sd-v2-sweep", "toy-draftp-v2-sweep",
                                   "toy-sft-control-v2", "toy-grpo-v2-sweep", "toy-spo-v2-sweep",
                                   "toy-oracle", "toy-noisycap-sweep", "toy-grpo-noisycap-sweep",
-                                  "toy-spo-noisycap-sweep"])
+                                  "toy-spo-noisycap-sweep", "toy-draft-noisycap-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -360,3 +360,36 @@ def test_the_readme_quotes_the_recorded_spo_run_on_the_noisy_caption_base():
     assert (gain, low, high) == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
     assert paired["low"] < 0 < paired["high"]
     assert record["config"]["train"]["model"]["path"] == "toy-sd-noisycap-v2"
+
+
+def test_the_readme_quotes_the_recorded_draft_runs_on_the_noisy_caption_base():
+    """The DRaFT section's noisy-caption numbers: the sweep (docs/results/toy-draft-noisycap-sweep.json) and the
+    3-seed study (docs/results/draft-noisycap.json, recorded with the study file as it is now)."""
+    sweep = result("toy-draft-noisycap-sweep")["eval"]
+    (base, final, gain, low, high, step20, gain20, low20, high20, colors_base, colors_final, r_base, r_final), = quoted(
+        r"MiniGenEval (\d+\.\d)% -> (\d+\.\d)% after 40 steps \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\) and "
+        r"(\d+\.\d)% at step 20 \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), colors (\d+\.\d)% -> (\d+\.\d)%, "
+        r"while the held-out ShapeCLIP reward hardly moved \((\d\.\d+) -> (\d\.\d+)\)")
+    assert (base, final, step20) == tuple(pct(sweep[n]["overall"]) for n in ("base", "kl0", "kl0@20"))
+    for name, interval in (("kl0", (gain, low, high)), ("kl0@20", (gain20, low20, high20))):
+        paired = sweep[name]["paired"]["base"]["prompt_mean"]
+        assert interval == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
+    assert (colors_base, colors_final) == (pct(sweep["base"]["per_category"]["colors"]),
+                                           pct(sweep["kl0"]["per_category"]["colors"]))
+    assert (r_base, r_final) == (f"{sweep['base']['reward']['shapeclip']:.3f}",
+                                 f"{sweep['kl0']['reward']['shapeclip']:.3f}")
+    (lr1e3,), = quoted(r"\(1e-3: (\d+\.\d)% on the sweep seeds\)")
+    assert lr1e3 == pct(sweep["lr1e-3"]["overall"])
+
+    study = result("draft-noisycap")
+    spec = yaml.safe_load((ROOT / "configs" / "studies" / "draft-noisycap.yaml").read_text())
+    assert study["seeds"] == spec["seeds"] and study["recipe"] == spec["recipe"]
+    (seconds, s0, s1, s2, base, mean, std), = quoted(
+        r"recorded: `docs/results/draft-noisycap.md`, (\d+) seconds of training\) it does not hold: (\d+\.\d)%, "
+        r"(\d+\.\d)% and (\d+\.\d)% against the base's (\d+\.\d)% \((\d+\.\d) ± (\d+\.\d), not shown\)")
+    stats = study["variants"]
+    assert int(seconds) == round(study["seconds"]["train"])
+    assert [s0, s1, s2] == [pct(v) for v in stats["draft"]["per_seed"]]
+    assert (base, mean, std) == (pct(stats["base"]["overall"]), pct(stats["draft"]["overall"]),
+                                 pct(stats["draft"]["overall_std"]))
+    assert study["claims"][0]["verdict"] == "not shown"
