@@ -165,4 +165,10 @@ PROBES = [
           ("fastpref/online/grpo.py", '"advantages": advantages[local].float(),',
            '"advantages": advantages[local].float().roll(1),'),
           seconds=30),
+    # --- the noisy-caption base (README "The toy world"): held-out captions stay unseen in its pretraining
+    probe("noisy-captions-leak-held-out",
+          "confuse_colors makes a swap that names a held-out color-shape pair",
+          ["tests/toy/test_noisy_captions.py::test_full_confusion_swaps_every_color_it_may_and_never_leaks_a_held_out_caption"],
+          ("fastpref/toy/world.py", "    return caption if is_held_out(spec) else noisy\n", "    return noisy\n"),
+          seconds=15),
 ]
