@@ -378,14 +378,14 @@ def test_the_readme_quotes_the_recorded_draft_runs_on_the_noisy_caption_base():
                                            pct(sweep["kl0"]["per_category"]["colors"]))
     assert (r_base, r_final) == (f"{sweep['base']['reward']['shapeclip']:.3f}",
                                  f"{sweep['kl0']['reward']['shapeclip']:.3f}")
-    (lr1e3,), = quoted(r"\(1e-3: (\d+\.\d)% on the sweep seeds\)")
+    (lr1e3,), = quoted(r"At lr 1e-3 \((\d+\.\d)% on the sweep seeds;")
     assert lr1e3 == pct(sweep["lr1e-3"]["overall"])
 
     study = result("draft-noisycap")
     spec = yaml.safe_load((ROOT / "configs" / "studies" / "draft-noisycap.yaml").read_text())
     assert study["seeds"] == spec["seeds"] and study["recipe"] == spec["recipe"]
     (seconds, s0, s1, s2, base, mean, std), = quoted(
-        r"recorded: `docs/results/draft-noisycap.md`, (\d+) seconds of training\) it does not hold: (\d+\.\d)%, "
+        r"recorded: `docs/results/draft-noisycap.md`, (\d+) seconds of training for both lrs\) it does not hold: (\d+\.\d)%, "
         r"(\d+\.\d)% and (\d+\.\d)% against the base's (\d+\.\d)% \((\d+\.\d) ± (\d+\.\d), not shown\)")
     stats = study["variants"]
     assert int(seconds) == round(study["seconds"]["train"])
@@ -393,3 +393,14 @@ def test_the_readme_quotes_the_recorded_draft_runs_on_the_noisy_caption_base():
     assert (base, mean, std) == (pct(stats["base"]["overall"]), pct(stats["draft"]["overall"]),
                                  pct(stats["draft"]["overall_std"]))
     assert study["claims"][0]["verdict"] == "not shown"
+    (low_lr, low_std, low_base, low_gain, low_spread, colors_base, colors, colors_std), = quoted(
+        r"stable but small: (\d+\.\d) ± (\d+\.\d) against (\d+\.\d) \(([+-]\d+\.\d), within the combined spread of "
+        r"(\d+\.\d): not shown\), colors (\d+\.\d)% -> (\d+\.\d) ± (\d+\.\d)")
+    slow = stats["draft-lr1e3"]
+    assert (low_lr, low_std, low_base) == (pct(slow["overall"]), pct(slow["overall_std"]), base)
+    claim = next(c for c in study["claims"] if c["better"] == "draft-lr1e3")
+    assert claim["verdict"] == "not shown"
+    assert (low_gain, low_spread) == (f"{100 * claim['gain']:+.1f}", pct(claim["combined_spread"]))
+    assert (colors_base, colors, colors_std) == (pct(stats["base"]["per_category"]["colors"]),
+                                                 pct(slow["per_category"]["colors"]),
+                                                 pct(slow["per_category_std"]["colors"]))
