@@ -27,12 +27,13 @@ LATENT_POOL_IMAGES = 16_000
 LR_WARMUP_STEPS = 100
 
 
-def check_vae_world(vae_dir: Path, world_name: str) -> None:
-    """Refuse a VAE trained on another world: its latent statistics and colors are that world's."""
-    vae_world = model_world(vae_dir)
-    if vae_world is not None and vae_world != world_name:
-        raise ValueError(f"pretrain: --vae {vae_dir} was trained on world {vae_world} (its metrics.json) but --world "
-                         f"is {world_name}: train a VAE with --world {world_name} first")
+def check_model_world(path: Path, flag: str, world_name: str, hint: str = "") -> None:
+    """Refuse a model (--vae, --init) trained on another world: its latent statistics, colors and words are that
+    world's."""
+    trained_on = model_world(path)
+    if trained_on is not None and trained_on != world_name:
+        raise ValueError(f"pretrain: {flag} {path} was trained on world {trained_on} (its metrics.json) but --world "
+                         f"is {world_name}{hint}")
 
 
 def family_module(family: str):
@@ -52,7 +53,7 @@ def build_toy_bundle(family: str, vae, size: str = "toy", seed: int = 0, world_n
     return module.build_random(module.tiny_config(size), build_tokenizer(world_name=world_name), vae=vae, seed=seed)
 
 
-def load_init_bundle(family: str, init: Path, vae, world_name: str):
+def load_init_bundle(family: str, init: Path, vae):
     """A saved pipeline of `family` to continue training from, around the run's own VAE."""
     bundle = family_module(family).load(init)
     bundle.vae = vae
@@ -132,15 +133,12 @@ def train_diffusion(args: PretrainArgs) -> dict:
 
     rng = seed_everything(args.seed)
     if args.init is not None:
-        init_world = model_world(args.init)
-        if init_world is not None and init_world != args.world:
-            raise ValueError(f"pretrain: --init {args.init} was trained on world {init_world} (its metrics.json) but "
-                             f"--world is {args.world}")
-    check_vae_world(args.vae, args.world)
+        check_model_world(args.init, "--init", args.world)
+    check_model_world(args.vae, "--vae", args.world, f": train a VAE with --world {args.world} first")
     vae = diffusers.AutoencoderKL.from_pretrained(str(args.vae), torch_dtype=torch.float32).eval()
     vae.requires_grad_(False)
     bundle = (build_toy_bundle(args.family, vae, args.size, args.seed, args.world) if args.init is None
-              else load_init_bundle(args.family, args.init, vae, args.world))
+              else load_init_bundle(args.family, args.init, vae))
     trainable = torch.nn.ModuleList([bundle.denoiser, *bundle.text_modules()]).train()
     trainable.requires_grad_(True)
     if args.freeze_text:
