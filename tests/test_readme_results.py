@@ -54,7 +54,8 @@ WHERE = ("output_dir", "data_root")
 @pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-grpo-sd-v2-sweep", "toy-draftp-v2-sweep",
                                   "toy-sft-control-v2", "toy-grpo-v2-sweep", "toy-spo-v2-sweep",
                                   "toy-oracle", "toy-noisycap-sweep", "toy-grpo-noisycap-sweep",
-                                  "toy-spo-noisycap-sweep", "toy-draft-noisycap-sweep"])
+                                  "toy-spo-noisycap-sweep", "toy-draft-noisycap-sweep",
+                                  "toy-ncp-v2-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -99,6 +100,25 @@ def test_the_readme_quotes_the_recorded_ncp_run():
         assert (rank, dpo) == (want["NCP-RankDPO"], want["NCP-DPO"])
     for base, rank, dpo in quoted(r"from (\d+\.\d)% to (\d+\.\d)% with NCP-RankDPO and (\d+\.\d)% with NCP-DPO"):
         assert (base, rank, dpo) == (want["base"], want["NCP-RankDPO"], want["NCP-DPO"])
+    for difference, low, high, verdict in quoted(r"NCP-RankDPO vs base ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] "
+                                                 r"points \((not shown|better than the base|worse than the base)\)"):
+        interval = ev["ncp-rankdpo"]["paired"]["base"]["prompt_mean"]
+        assert (difference, low, high) == tuple(f"{100 * interval[k]:+.1f}" for k in ("difference", "low", "high"))
+        assert verdict == ("better than the base" if interval["low"] > 0 else
+                           "worse than the base" if interval["high"] < 0 else "not shown")
+    for base in quoted(r"NCP-DPO (?:\d+\.\d)% against the base's (\d+\.\d)%"):
+        assert base == (want["base"],)
+
+
+def test_the_readme_quotes_the_ncp_sweep_on_v2():
+    ev = result("toy-ncp-v2-sweep")["eval"]
+    lrs = {"3e-6": ev["ncp-rankdpo"]["paired"]["base"]["prompt_mean"], "1e-6": ev["lr1e-6"]["paired"]["base"]["prompt_mean"]}
+    found = quoted(r"lr (3e-6|1e-6) ([+-]\d+\.\d)")
+    assert {lr for lr, _ in found} == set(lrs)
+    for lr, difference in found:
+        assert difference == f"{100 * lrs[lr]['difference']:+.1f}"
+    best = max(lrs, key=lambda lr: lrs[lr]["difference"])
+    assert f"sweep seeds to lr {best}" in " ".join(README.split())
 
 
 def test_the_readme_quotes_the_recorded_study():

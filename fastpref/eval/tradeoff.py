@@ -4,7 +4,7 @@
 measures, for the base, DRaFT (the main variant, kl_coeff 0: at the training steps listed in
 eval.main_checkpoints and at its end) and DRaFT+ (the other variants), from the very images MiniGenEval scored:
 
-- reward: ShapeCLIP (the training reward), prompt-weighted: the mean over prompts of each prompt's mean over its
+- reward: ShapeCLIP (the training reward: its cosine, or its contrastive probability), prompt-weighted: the mean over prompts of each prompt's mean over its
   seeds, as the diversity is a mean over prompts (MiniGenEval gives its small categories more seeds; weighing
   images equally would let the one single_object prompt count 32 times);
 - diversity: each prompt's mean pairwise ShapeCLIP 1 - cos (and pixel RMS) over its seeds, averaged over prompts
@@ -63,8 +63,10 @@ class PromptScores:
         return float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
 
 
-def prompt_scores(result, shapeclip_model=None) -> PromptScores:
-    """PromptScores of a MiniGenEval result that kept its images (evaluate(..., keep_images=True))."""
+def prompt_scores(result, shapeclip_model=None, contrastive: bool = False, world_name: str = "v1") -> PromptScores:
+    """PromptScores of a MiniGenEval result that kept its images (evaluate(..., keep_images=True)); the reward is
+    ShapeCLIP's cosine, or with contrastive its probability of the caption against its one-attribute variants
+    (the training reward's setting: ShapeCLIPReward)."""
     from fastpref.rewards.toy import ShapeCLIPReward
     from fastpref.toy import shapeclip
 
@@ -77,7 +79,8 @@ def prompt_scores(result, shapeclip_model=None) -> PromptScores:
         raise ValueError("trade-off: every prompt needs >= 2 seeds for its diversity (eval.seeds_per_prompt >= 2)")
     pixels = diversity._pixels(result.images)
     with torch.no_grad():
-        rewards = ShapeCLIPReward(model)(pixels, captions, batch_size=256).double().cpu().numpy()
+        reward = ShapeCLIPReward(model, world=world_name, contrastive=contrastive)
+        rewards = reward(pixels, captions, batch_size=256).double().cpu().numpy()
     offset, per_prompt = result.settings.get("seed_offset", 0), result.settings["seeds_per_prompt"]
     distances = {
         "pixel": diversity.group_diversity(pixels, captions, diversity.pixel_distance),
@@ -152,15 +155,17 @@ def matched_reward(scores: dict[str, PromptScores], curve: Sequence[str], candid
 
 def measure(results: dict[str, Any], minigeneval: dict[str, dict[str, Any]], curve: Sequence[str],
             candidates: Sequence[str], labels: dict[str, dict[str, Any]], base: str = "base",
-            shapeclip_model=None, n_boot: int = 2000) -> dict[str, Any]:
+            shapeclip_model=None, n_boot: int = 2000, contrastive: bool = False,
+            world_name: str = "v1") -> dict[str, Any]:
     """The trade-off section of a run report.
 
     results: name -> MiniGenEvalResult (images kept); minigeneval: name -> the report's eval entry (overall,
     prompt_mean); curve: DRaFT's path in training order, starting with the base; candidates: the DRaFT+ models;
-    labels: name -> {"kl_coeff", "step"}."""
+    labels: name -> {"kl_coeff", "step"}; contrastive and world_name: the training reward's ShapeCLIP setting."""
     from fastpref.eval.minigeneval import bootstrap_difference
 
-    scores = {name: prompt_scores(results[name], shapeclip_model) for name in [*curve, *candidates]}
+    scores = {name: prompt_scores(results[name], shapeclip_model, contrastive, world_name)
+              for name in [*curve, *candidates]}
     _check_same_prompts(scores)
     rows = {}
     for name, s in scores.items():
@@ -173,8 +178,11 @@ def measure(results: dict[str, Any], minigeneval: dict[str, dict[str, Any]], cur
         rows[name] = row
     matched = {name: {d: matched_reward(scores, curve, name, d, n_boot=n_boot) for d in DISTANCES}
                for name in candidates}
-    return {"reward": "shapeclip", "base": base, "curve": list(curve), "candidates": list(candidates),
+    return {"reward": "shapeclip-contrastive" if contrastive else "shapeclip", "base": base, "curve": list(curve), "candidates": list(candidates),
             "models": rows, "matched": matched}
+
+
+REWARD_LABELS = {"shapeclip": "ShapeCLIP", "shapeclip-contrastive": "ShapeCLIP contrastive"}
 
 
 def _interval(iv: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:
@@ -186,9 +194,11 @@ def report_lines(section: dict[str, Any], plot: str | None = "tradeoff.png") -> 
     models, base = section["models"], section["base"]
     spread = models[base]["reward_seed_spread"]
     lines = ["## Reward vs diversity (DRaFT: kl_coeff 0; DRaFT+: kl_coeff > 0)", "",
-             "Held-out MiniGenEval prompts and seeds; reward = ShapeCLIP and diversity = mean pairwise distance "
+             f"Held-out MiniGenEval prompts and seeds; reward = {REWARD_LABELS[section['reward']]} and diversity = "
+             "mean pairwise distance "
              "over a prompt's seeds, both prompt-weighted.", "",
-             "| model | kl_coeff | step | ShapeCLIP reward | vs base (95% interval) | diversity ShapeCLIP 1-cos | "
+             f"| model | kl_coeff | step | {REWARD_LABELS[section['reward']]} reward | vs base (95% interval) | "
+             "diversity ShapeCLIP 1-cos | "
              "diversity pixel RMS | MiniGenEval | prompt-weighted |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, row in models.items():
@@ -247,7 +257,7 @@ def save_plot(section: dict[str, Any], path: str | Path) -> Path | None:
                         textcoords="offset points")
         for n in section["candidates"]:
             ax.plot(models[n]["reward"], models[n][key], "s", label=f"DRaFT+ kl {models[n].get('kl_coeff')}")
-        ax.set_xlabel("ShapeCLIP reward (held-out, prompt-weighted)")
+        ax.set_xlabel(f"{REWARD_LABELS[section['reward']]} reward (held-out, prompt-weighted)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

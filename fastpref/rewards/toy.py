@@ -55,17 +55,27 @@ class VerifierReward(Reward):
 
 @register_reward
 class ShapeCLIPReward(Reward):
-    """Cosine similarity in ShapeCLIP's space, in [-1, 1]; gradients reach the pixels."""
+    """Cosine similarity in ShapeCLIP's space, in [-1, 1]; gradients reach the pixels.
+
+    contrastive=True scores instead the probability ShapeCLIP gives the caption against every caption one
+    attribute away from it (fastpref.toy.world.one_attribute_variants: another shape, color, count, relation or
+    order), softmax at ShapeCLIP's logit scale, in [0, 1]. The cosine saturates on a good base (world v2's base
+    images score ~0.8 whatever their mistakes), while the probability stays low exactly where an attribute is
+    wrong: a differentiable stand-in for the verifier."""
 
     name = "shapeclip"
     differentiable = True
 
-    def __init__(self, model=None, world: str = "v1"):
+    def __init__(self, model=None, world: str = "v1", contrastive: bool = False):
         from fastpref.toy import shapeclip, world as toy_world
 
         self.world = toy_world.get_world(world).name
         self.model = model if model is not None else shapeclip.load_shipped(world_name=self.world)
         self.model.eval().requires_grad_(False)
+        if not isinstance(contrastive, bool):
+            raise ValueError(f"shapeclip reward: contrastive must be true or false, got {contrastive!r}")
+        self.contrastive = contrastive
+        self._candidates: dict[str, list[str]] = {}  # prompt -> [prompt, its one-attribute variants]
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path | None = None, **kwargs: Any) -> "ShapeCLIPReward":
@@ -93,7 +103,29 @@ class ShapeCLIPReward(Reward):
 
     def score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        return self.model.similarity(pixels.to(device), prompts).to(pixels.device)
+        if not self.contrastive:
+            return self.model.similarity(pixels.to(device), prompts).to(pixels.device)
+        if len(pixels) != len(prompts):
+            raise ValueError(f"shapeclip reward: {len(pixels)} images but {len(prompts)} prompts")
+        rows = [self._candidate_captions(prompt) for prompt in prompts]
+        captions = sorted({c for row in rows for c in row})
+        index = {c: i for i, c in enumerate(captions)}
+        with torch.no_grad():  # the text side is frozen and shared by the batch
+            text = self.model.encode_text(captions)
+        logits = self.model.logit_scale.exp().clamp(max=100.0) * self.model.encode_images(pixels.to(device)) @ text.T
+        probabilities = []
+        for i, row in enumerate(rows):
+            # the prompt first: its probability among the candidates of its own row
+            probabilities.append(logits[i, [index[c] for c in row]].softmax(dim=0)[0])
+        return torch.stack(probabilities).to(pixels.device)
+
+    def _candidate_captions(self, prompt: str) -> list[str]:
+        if prompt not in self._candidates:
+            from fastpref.toy.world import one_attribute_variants, parse_caption
+
+            spec = parse_caption(prompt, self.world)
+            self._candidates[prompt] = [spec.caption] + [v.caption for v in one_attribute_variants(spec)]
+        return self._candidates[prompt]
 
 
 @register_reward

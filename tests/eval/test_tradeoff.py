@@ -91,9 +91,28 @@ def test_prompt_scores_of_renders_agree_with_the_diversity_module():
         tradeoff.prompt_scores(one_seed)
 
 
+def test_prompt_scores_use_the_training_rewards_setting():
+    from fastpref.rewards.toy import ShapeCLIPReward
+
+    result = evaluate(world_generate, seeds_per_prompt=2, max_prompts_per_category=2, min_images_per_category=2,
+                      seed_offset=3)
+    captions = [x.caption for x in result.samples]
+    pixels = diversity._pixels(result.images)
+    for contrastive in (False, True):
+        s = tradeoff.prompt_scores(result, contrastive=contrastive)
+        expected = ShapeCLIPReward(contrastive=contrastive)(pixels, captions).numpy()
+        flat = [r for rewards in s.rewards for r in rewards]  # rows in first-seen caption order
+        order = [i for c in s.captions for i, x in enumerate(captions) if x == c]
+        np.testing.assert_allclose(flat, expected[order], rtol=1e-5, atol=1e-6)
+        # renders of the truth: the cosine sits near 0.8, the probability against the variants near 1 (position
+        # captions excepted: ShapeCLIP reads relations poorly and spreads their probability over the variants)
+        assert (0.5 < np.median(flat) < 0.95) if not contrastive else np.median(flat) > 0.95
+
+
 def test_measure_report_lines_and_plot(tmp_path, monkeypatch):
     models = world()
-    monkeypatch.setattr(tradeoff, "prompt_scores", lambda result, model=None: models[result])
+    seen = []
+    monkeypatch.setattr(tradeoff, "prompt_scores", lambda result, *setting: seen.append(setting[1:]) or models[result])
     minigeneval = {name: {"overall": 0.5, "prompt_mean": 0.4} for name in models}
     labels = {"base": {"kl_coeff": None, "step": 0}, "draft": {"kl_coeff": 0.0, "step": 60},
               "above": {"kl_coeff": 0.5, "step": 60}, "beyond": {"kl_coeff": 1.0, "step": 60}}
@@ -110,6 +129,11 @@ def test_measure_report_lines_and_plot(tmp_path, monkeypatch):
     assert any(line.startswith("- above (shapeclip):") and line.endswith("interval above zero") for line in lines)
     assert any(line.startswith("- beyond (shapeclip):") and "no matched point" in line for line in lines)
     assert "![reward vs diversity](tradeoff.png)" in lines
+    assert set(seen) == {(False, "v1")} and "| ShapeCLIP reward |" in text
+    contrastive = tradeoff.measure({name: name for name in models}, minigeneval, ["base", "draft"], ["above"], labels,
+                                   contrastive=True, world_name="v2")
+    assert seen[-1] == (True, "v2") and contrastive["reward"] == "shapeclip-contrastive"
+    assert "| ShapeCLIP contrastive reward |" in "\n".join(tradeoff.report_lines(contrastive))
     pytest.importorskip("matplotlib")
     from PIL import Image
 

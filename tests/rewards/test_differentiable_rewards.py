@@ -65,6 +65,18 @@ def test_shapeclip_reward_gradient_matches_finite_differences():
     directional_check(lambda x: reward.score(x, PROMPTS), interior_pixels(2, 3, 20, 24))  # resized inside
 
 
+def test_contrastive_shapeclip_reward_gradient_matches_finite_differences():
+    from fastpref.toy.shapeclip import ShapeCLIP
+    from fastpref.toy.world import vocabulary
+
+    torch.manual_seed(0)
+    model = ShapeCLIP(words=vocabulary("v1"), conv_channels=(8, 16), embed_dim=8, image_hidden=8, text_hidden=16,
+                      text_layers=1, text_heads=2, image_size=16).double()
+    reward = toy.ShapeCLIPReward(model, contrastive=True)
+    prompts = ["a red circle", "two squares", "a blue triangle left of a green square"]  # in v1's grammar
+    directional_check(lambda x: reward.score(x, prompts), interior_pixels(3, 3, 16, 16))
+
+
 @pytest.mark.parametrize("name", ["clipscore", "pickscore", "aesthetic", "hpsv2", "hpsv2-crop"])
 def test_clip_rewards_gradient_matches_finite_differences(clip_parts, name):
     model, tokenizer = clip_parts

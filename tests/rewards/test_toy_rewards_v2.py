@@ -55,6 +55,27 @@ def test_v2_shapeclip_reward_uses_the_v2_weights_and_prefers_true_captions():
         build_reward("shapeclip")(images, captions)
 
 
+def test_contrastive_shapeclip_is_the_probability_of_the_caption_against_its_one_attribute_variants():
+    reward = build_reward("shapeclip", world="v2", contrastive=True)
+    images, captions = _v2_batch(24, seed=8, split="eval")
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        scores = reward.score(pixels, captions)
+        for pixel, caption, score in zip(pixels, captions, scores):
+            # the reference: ShapeCLIP's own logits over the caption and every caption one attribute away
+            candidates = [caption] + [v.caption for v in world.one_attribute_variants(world.parse_caption(caption, "v2"))]
+            assert len(candidates) >= 8
+            expected = reward.model(pixel[None], candidates)[0].softmax(0)[0]
+            torch.testing.assert_close(score, expected, rtol=1e-4, atol=1e-6)
+        # true captions win against a one-attribute-off caption scored the same way (whose variants hold the truth)
+        wrong = reward.score(pixels, _one_off(captions, 9))
+    assert ((0 <= scores) & (scores <= 1)).all()
+    assert (scores > wrong).float().mean() >= 0.75
+    assert scores.mean() > 2 * wrong.mean()
+    with pytest.raises(ValueError, match="contrastive must be true or false"):
+        ShapeCLIPReward(reward.model, world="v2", contrastive="yes")
+
+
 def test_a_shapeclip_folder_of_another_world_is_refused(tmp_path):
     model = shapeclip.ShapeCLIP(words=world.vocabulary("v1"), conv_channels=(8, 8, 8, 8), image_hidden=16,
                                 text_hidden=16, text_layers=1, text_heads=2, embed_dim=8)
