@@ -146,7 +146,8 @@ def lpips_diversity(images: ImageBatch, groups: Sequence[Hashable], net: str = "
 def eval_extras(result, shapeclip_model=None) -> dict[str, Any]:
     """Beside a MiniGenEval result (fastpref.eval.minigeneval): the diversity over each prompt's seeds and the toy
     rewards of the same images: {"diversity": {"pixel", "shapeclip", "groups", "pairs"},
-    "reward": {"shapeclip", "quality"}} (means over the images)."""
+    "reward": {"shapeclip", "shapeclip_contrastive", "quality"}} (means over the images; shapeclip_contrastive is
+    ShapeCLIP's probability of the caption against its one-attribute variants, DRaFT's sharper reward)."""
     if result.images is None:
         raise ValueError("diversity: the MiniGenEval result kept no images (evaluate(..., keep_images=True))")
     from fastpref.rewards.toy import QualityReward, ShapeCLIPReward
@@ -159,6 +160,8 @@ def eval_extras(result, shapeclip_model=None) -> dict[str, Any]:
     with torch.no_grad():
         rewards = {
             "shapeclip": float(ShapeCLIPReward(model, world=world_name)(pixels, captions, batch_size=256).mean()),
+            "shapeclip_contrastive": float(ShapeCLIPReward(model, world=world_name, contrastive=True)(
+                pixels, captions, batch_size=256).mean()),
             "quality": float(QualityReward(world=world_name)(pixels, captions, batch_size=256).mean()),
         }
     return {"diversity": toy_diversity(pixels, captions, model), "reward": rewards}
@@ -168,4 +171,5 @@ def describe(extras: dict[str, Any]) -> str:
     d, r = extras["diversity"], extras["reward"]
     return (f"diversity over seeds: pixel RMS {d['pixel']:.4f}, ShapeCLIP 1-cos {d['shapeclip']:.4f} "
             f"({d['groups']} prompts, {d['pairs']} pairs); reward: ShapeCLIP {r['shapeclip']:.4f}, "
-            f"quality {r['quality']:.4f}")
+            + (f"ShapeCLIP contrastive {r['shapeclip_contrastive']:.4f}, " if "shapeclip_contrastive" in r else "")
+            + f"quality {r['quality']:.4f}")

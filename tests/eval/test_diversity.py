@@ -68,7 +68,8 @@ def test_eval_extras_report_diversity_and_rewards():
     extras = diversity.eval_extras(result)
     assert extras["diversity"]["groups"] == len({s.caption for s in result.samples})
     assert extras["reward"]["shapeclip"] > 0.3 and extras["reward"]["quality"] > 0.9  # clean true renders
-    assert "pixel RMS" in diversity.describe(extras)
+    assert extras["reward"]["shapeclip_contrastive"] > 0.5  # the true caption outscores its one-attribute variants
+    assert "pixel RMS" in diversity.describe(extras) and "ShapeCLIP contrastive" in diversity.describe(extras)
 
 
 def test_fastpref_eval_writes_diversity_and_rewards_beside_minigeneval(tmp_path, capsys):
@@ -76,7 +77,7 @@ def test_fastpref_eval_writes_diversity_and_rewards_beside_minigeneval(tmp_path,
          "--min-images-per-category", "2", "--grid-per-category", "1"])
     summary = json.loads((tmp_path / "summary.json").read_text())["world"]
     assert summary["diversity"]["pixel"] > 0 and summary["diversity"]["shapeclip"] > 0
-    assert set(summary["reward"]) == {"shapeclip", "quality"}
+    assert set(summary["reward"]) == {"shapeclip", "shapeclip_contrastive", "quality"}
     assert "diversity over seeds" in capsys.readouterr().out
 
 
