@@ -55,7 +55,8 @@ WHERE = ("output_dir", "data_root")
                                   "toy-sft-control-v2", "toy-grpo-v2-sweep", "toy-spo-v2-sweep",
                                   "toy-oracle", "toy-noisycap-sweep", "toy-grpo-noisycap-sweep",
                                   "toy-spo-noisycap-sweep", "toy-draft-noisycap-sweep",
-                                  "toy-ncp-v2-sweep"])
+                                  "toy-ncp-v2-sweep", "toy-draftc-v2-sweep", "toy-draftc-noisycap-sweep",
+                                  "toy-draftc-v1-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -100,7 +101,7 @@ def test_the_readme_quotes_the_recorded_ncp_run():
         assert (rank, dpo) == (want["NCP-RankDPO"], want["NCP-DPO"])
     for base, rank, dpo in quoted(r"from (\d+\.\d)% to (\d+\.\d)% with NCP-RankDPO and (\d+\.\d)% with NCP-DPO"):
         assert (base, rank, dpo) == (want["base"], want["NCP-RankDPO"], want["NCP-DPO"])
-    for difference, low, high, verdict in quoted(r"NCP-RankDPO vs base ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] "
+    for difference, low, high, verdict in quoted(r"NCP-RankDPO minus the base ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] "
                                                  r"points \((not shown|better than the base|worse than the base)\)"):
         interval = ev["ncp-rankdpo"]["paired"]["base"]["prompt_mean"]
         assert (difference, low, high) == tuple(f"{100 * interval[k]:+.1f}" for k in ("difference", "low", "high"))
@@ -424,3 +425,35 @@ def test_the_readme_quotes_the_recorded_draft_runs_on_the_noisy_caption_base():
     assert (colors_base, colors, colors_std) == (pct(stats["base"]["per_category"]["colors"]),
                                                  pct(slow["per_category"]["colors"]),
                                                  pct(slow["per_category_std"]["colors"]))
+
+
+def test_the_readme_quotes_the_contrastive_draft_sweeps():
+    """The DRaFT section's contrastive-reward sentence: docs/results/toy-draftc-{v2,noisycap,v1}-sweep.json."""
+    v2, noisy, v1 = (result(f"toy-draftc-{w}-sweep") for w in ("v2", "noisycap", "v1"))
+    for record in (v2, noisy, v1):
+        assert record["config"]["train"]["online"]["reward_kwargs"] == {"shapeclip": {"contrastive": True}}
+
+    def interval(evals, name):
+        paired = evals[name]["paired"]["base"]["prompt_mean"]
+        return tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
+
+    (base, lr1, d, lo, hi, lr3), = quoted(
+        r"toy-draftc-v2-sweep.md`\) (\d+\.\d)% -> (\d+\.\d)% at lr 1e-3 \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\) "
+        r"and (\d+\.\d)% at lr 3e-3")
+    e = v2["eval"]
+    assert (base, lr1, lr3) == tuple(pct(e[n]["overall"]) for n in ("base", "lr1e-3", "kl0"))
+    assert (d, lo, hi) == interval(e, "lr1e-3") and v2["config"]["train"]["lr"] == 3.0e-3
+    (base, drafted, d, lo, hi), = quoted(
+        r"the noisy-caption base (\d+\.\d)% -> (\d+\.\d)% at lr 1e-3 \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\],")
+    e = noisy["eval"]
+    assert (base, drafted) == (pct(e["base"]["overall"]), pct(e["kl0"]["overall"])) and (d, lo, hi) == interval(e, "kl0")
+    assert noisy["config"]["train"]["lr"] == 1.0e-3
+    (base, drafted, r_base, r_drafted, r05, r3, r20), = quoted(
+        r"(\d+\.\d)% -> (\d+\.\d)%, the held-out contrastive reward (\d\.\d{3}) -> (\d\.\d{3}), DRaFT\+ at kl_coeff "
+        r"0\.5 / 3 / 20 (\d\.\d{3}) / (\d\.\d{3}) / (\d\.\d{3}) \(no interval above zero\)")
+    models = v1["tradeoff"]["models"]
+    assert v1["tradeoff"]["reward"] == "shapeclip-contrastive"
+    assert (base, drafted) == (pct(v1["eval"]["base"]["overall"]), pct(v1["eval"]["kl0"]["overall"]))
+    assert (r_base, r_drafted, r05, r3, r20) == tuple(f"{models[n]['reward']:.3f}"
+                                                      for n in ("base", "kl0", "kl0.5", "kl3", "kl20"))
+    assert all(row["reward_vs_base"]["low"] <= 0 for name, row in models.items() if name != "base")
