@@ -357,15 +357,23 @@ def test_the_readme_quotes_the_recorded_grpo_runs_on_the_noisy_caption_base():
     assert spec["overrides"]["train.lr"] == 1.0e-3 and spec["overrides"]["train.model.path"] == "toy-sd-noisycap-v2"
     (seconds, grpo, grpo_std, base, gain, spread, low, high), = quoted(
         r"\(`fastpref study configs/studies/grpo-noisycap.yaml`, recorded: `docs/results/grpo-noisycap.md`, "
-        r"([\d,]+) seconds of training on the 2-core CPU\) GRPO scores (\d+\.\d) ± (\d+\.\d) against the base's (\d+\.\d): "
+        r"([\d,]+) seconds of training on the 2-core CPU for both lengths\) GRPO scores (\d+\.\d) ± (\d+\.\d) against the base's (\d+\.\d): "
         r"([+-]\d+\.\d), within the combined spread of (\d+\.\d) \(paired interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)")
     stats = study["variants"]
     assert int(seconds.replace(",", "")) == round(study["seconds"]["train"])
     assert (grpo, grpo_std, base) == (pct(stats["grpo"]["overall"]), pct(stats["grpo"]["overall_std"]),
                                       pct(stats["base"]["overall"]))
-    claim, = study["claims"]
+    claims = {c["name"]: c for c in study["claims"]}
+    claim = claims["GRPO > base"]
     assert claim["verdict"] == "not shown"
     assert (gain, spread) == (f"{100 * claim['gain']:+.1f}", pct(claim["combined_spread"]))
+    assert (low, high) == tuple(f"{100 * v:+.1f}" for v in claim["interval"])
+    (longer, longer_std, gain, low, high), = quoted(r"160 steps \(the same trainings resumed from their 80-step checkpoints, "
+                                                   r"which the exact resume makes the 160-step runs\) score (\d+\.\d) ± "
+                                                   r"(\d+\.\d), ([+-]\d+\.\d) \(paired interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)")
+    claim = claims["GRPO, 160 steps > base"]
+    assert (longer, longer_std) == (pct(stats["grpo-s160"]["overall"]), pct(stats["grpo-s160"]["overall_std"]))
+    assert claim["verdict"] == "not shown" and gain == f"{100 * claim['gain']:+.1f}"
     assert (low, high) == tuple(f"{100 * v:+.1f}" for v in claim["interval"])
 
 
