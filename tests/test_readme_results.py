@@ -56,7 +56,7 @@ WHERE = ("output_dir", "data_root")
                                   "toy-oracle", "toy-noisycap-sweep", "toy-grpo-noisycap-sweep",
                                   "toy-spo-noisycap-sweep", "toy-draft-noisycap-sweep",
                                   "toy-ncp-v2-sweep", "toy-draftc-v2-sweep", "toy-draftc-noisycap-sweep",
-                                  "toy-draftc-v1-sweep"])
+                                  "toy-draftc-v1-sweep", "toy-draftp-v2-lr1e-3-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -465,3 +465,18 @@ def test_the_readme_quotes_the_contrastive_draft_sweeps():
     assert (r_base, r_drafted, r05, r3, r20) == tuple(f"{models[n]['reward']:.3f}"
                                                       for n in ("base", "kl0", "kl0.5", "kl3", "kl20"))
     assert all(row["reward_vs_base"]["low"] <= 0 for name, row in models.items() if name != "base")
+
+
+def test_the_readme_quotes_the_draft_v2_sweep_at_lr_1e_3():
+    record = result("toy-draftp-v2-lr1e-3-sweep")
+    assert record["config"]["train"]["lr"] == 1.0e-3 and record["config"]["train"]["model"]["path"] == "toy-sd-v2"
+    models, evals = record["tradeoff"]["models"], record["eval"]
+    (base, drafted, r_base, r_drafted, d, lo, hi, kl05), = quoted(
+        r"keeps MiniGenEval \((\d+\.\d)% -> (\d+\.\d)%\) but still lowers the held-out reward, (\d\.\d{3}) -> (\d\.\d{3}) "
+        r"\(([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\]\), and DRaFT\+ only holds it at the base \(kl_coeff 0\.5: "
+        r"([+-]\d\.\d{3})\)")
+    assert (base, drafted) == (pct(evals["base"]["overall"]), pct(evals["kl0"]["overall"]))
+    assert (r_base, r_drafted) == (f"{models['base']['reward']:.3f}", f"{models['kl0']['reward']:.3f}")
+    gain = models["kl0"]["reward_vs_base"]
+    assert (d, lo, hi) == tuple(f"{gain[k]:+.3f}" for k in ("difference", "low", "high")) and gain["difference"] < 0
+    assert kl05 == f"{models['kl0.5']['reward_vs_base']['difference']:+.3f}"
