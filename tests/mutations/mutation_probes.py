@@ -171,4 +171,13 @@ PROBES = [
           ["tests/toy/test_noisy_captions.py::test_full_confusion_swaps_every_color_it_may_and_never_leaks_a_held_out_caption"],
           ("fastpref/toy/world.py", "    return caption if is_held_out(spec) else noisy\n", "    return noisy\n"),
           seconds=15),
+    # --- the contrastive ShapeCLIP reward (README "DRaFT"): the caption against its own one-attribute variants
+    probe("contrastive-reward-softmax-over-the-batch",
+          "the contrastive ShapeCLIP reward takes its softmax over every caption of the batch, not the row's own",
+          ["tests/rewards/test_toy_rewards_v2.py::"
+           "test_contrastive_shapeclip_is_the_probability_of_the_caption_against_its_one_attribute_variants"],
+          ("fastpref/rewards/toy.py",
+           "probabilities.append(logits[i, [index[c] for c in row]].softmax(dim=0)[0])",
+           "probabilities.append(logits[i].softmax(dim=0)[index[row[0]]])"),
+          seconds=15),
 ]
