@@ -56,7 +56,8 @@ WHERE = ("output_dir", "data_root")
                                   "toy-oracle", "toy-noisycap-sweep", "toy-grpo-noisycap-sweep",
                                   "toy-spo-noisycap-sweep", "toy-draft-noisycap-sweep",
                                   "toy-ncp-v2-sweep", "toy-draftc-v2-sweep", "toy-draftc-noisycap-sweep",
-                                  "toy-draftc-v1-sweep", "toy-draftp-v2-lr1e-3-sweep"])
+                                  "toy-draftc-v1-sweep", "toy-draftp-v2-lr1e-3-sweep",
+                                  "toy-draftp-32-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -480,3 +481,15 @@ def test_the_readme_quotes_the_draft_v2_sweep_at_lr_1e_3():
     gain = models["kl0"]["reward_vs_base"]
     assert (d, lo, hi) == tuple(f"{gain[k]:+.3f}" for k in ("difference", "low", "high")) and gain["difference"] < 0
     assert kl05 == f"{models['kl0.5']['reward_vs_base']['difference']:+.3f}"
+
+
+def test_the_readme_quotes_the_draft_sweep_at_32_images_per_step():
+    record = result("toy-draftp-32-sweep")
+    assert record["config"]["train"]["online"]["prompts_per_rollout"] == 32
+    models = record["tradeoff"]["models"]
+    (d, lo, hi, ratio), = quoted(r"32 images per step instead of 16 \(sampling seeds 5000\+, recorded: "
+                                 r"`docs/results/toy-draftp-32-sweep.md`\) gave ([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), "
+                                 r"([+-]\d\.\d{3})\] after 40 steps, (\d+\.\d)x the base's seed spread there")
+    gain = models["kl0"]["reward_vs_base"]
+    assert (d, lo, hi) == tuple(f"{gain[k]:+.3f}" for k in ("difference", "low", "high"))
+    assert ratio == f"{gain['difference'] / models['base']['reward_seed_spread']:.1f}"
