@@ -40,12 +40,17 @@ class EvalConfig:
     # also evaluate the main variant's checkpoints at these training steps ("<main>@<step>"): DRaFT's path over
     # training, against which a DRaFT recipe's report compares DRaFT+ at a matched reward (fastpref.eval.tradeoff)
     main_checkpoints: list[int] = field(default_factory=list)
+    # held_out (the claims') or train: the training captions, to see what a fine-tune fit beside what carried over
+    split: str = "held_out"
 
     def validate(self) -> None:
+        from fastpref.eval.minigeneval import SPLITS
         from fastpref.toy.world import WORLDS
 
         if self.world is not None and self.world not in WORLDS:
             raise ConfigError(f"world: {self.world!r} is not one of {tuple(WORLDS)}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split: {self.split!r} is not one of {SPLITS}")
 
 
 @dataclass
@@ -336,10 +341,18 @@ def evaluate_pipeline(pipeline, ev: EvalConfig, call_kwargs: dict | None = None,
         raise ValueError("eval.world: not resolved; build_stages sets it to the recipe's world (recipe_world)")
     generate = DiffusersGenerate(pipeline, num_inference_steps=ev.steps, guidance_scale=ev.guidance_scale,
                                  pipeline_kwargs=call_kwargs or {})
-    return evaluate(generate, seeds_per_prompt=ev.seeds_per_prompt,
-                    max_prompts_per_category=ev.max_prompts_per_category, batch_size=ev.batch_size,
-                    seed_offset=ev.seed_offset, progress=progress,
-                    min_images_per_category=ev.min_images_per_category, world_name=ev.world)
+    result = evaluate(generate, seeds_per_prompt=ev.seeds_per_prompt,
+                      max_prompts_per_category=ev.max_prompts_per_category, batch_size=ev.batch_size,
+                      seed_offset=ev.seed_offset, progress=progress,
+                      min_images_per_category=ev.min_images_per_category, world_name=ev.world, split=ev.split)
+    result.settings["eval_config"] = eval_identity(ev)
+    return result
+
+
+def eval_identity(ev: EvalConfig) -> dict[str, Any]:
+    """The eval settings that decide a MiniGenEval's images and scores (not its batch size, nor which checkpoints
+    a run also evaluates): a stored evaluation is reused only while these are unchanged."""
+    return {k: v for k, v in dataclasses.asdict(ev).items() if k not in ("batch_size", "main_checkpoints")}
 
 
 def run_eval(stages: Stages, cfg: RunConfig, out: Path, report: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -287,7 +287,14 @@ class Study:
         return load(train.model.path, family=train.model.family).pipeline
 
     def _evaluated(self, name: str, make_pipeline, ev) -> dict[str, Any]:
+        from fastpref.pipeline import eval_identity
+
         path = self.eval_path(name)
+        if path.exists() and json.loads(path.read_text())["settings"].get("eval_config") != eval_identity(ev):
+            # the study's eval section changed since (or the file predates the record of its settings): a stale
+            # score must not pass for the new one
+            print(f"[fastpref study] {path}: made with other eval settings; evaluating {name} again", flush=True)
+            path.unlink()
         if not path.exists():
             from fastpref.pipeline import evaluate_pipeline
 

@@ -250,13 +250,21 @@ def verdict(interval: PairedInterval | dict[str, Any], other: str = "the base") 
     return "not shown: interval contains zero"
 
 
-def select_prompts(max_prompts_per_category: int | None = 12, world_name: str = "v1") -> list[world.PromptSpec]:
+SPLITS = ("held_out", "train")
+
+
+def select_prompts(max_prompts_per_category: int | None = 12, world_name: str = "v1",
+                   split: str = "held_out") -> list[world.PromptSpec]:
     """The fixed evaluation prompts: up to max_prompts_per_category per category, spread evenly
-    through world.eval_prompts(world_name)' order (None: all of them)."""
+    through world.eval_prompts(world_name)' order (None: all of them). split "train" picks the same way from the
+    training captions instead: what a fine-tune learned on the prompts it saw, beside what carried over to unseen
+    ones (MiniGenEval's claims are on the held-out split)."""
+    if split not in SPLITS:
+        raise ValueError(f"MiniGenEval split: {split!r} is not one of {SPLITS}")
     chosen = []
-    held_out = world.eval_prompts(world_name)
+    pool = world.eval_prompts(world_name) if split == "held_out" else world.train_prompts(world_name)
     for category in world.CATEGORIES:
-        specs = [s for s in held_out if s.category == category]
+        specs = [s for s in pool if s.category == category]
         if max_prompts_per_category is not None and len(specs) > max_prompts_per_category:
             picks = np.linspace(0, len(specs) - 1, max_prompts_per_category).round().astype(int)
             specs = [specs[i] for i in picks]
@@ -275,6 +283,7 @@ def evaluate(
     keep_images: bool = True,
     progress: bool = False,
     world_name: str = "v1",
+    split: str = "held_out",
 ) -> MiniGenEvalResult:
     """Generate every (prompt, seed) image in batches and score it with the verifier.
 
@@ -286,7 +295,7 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     world.get_world(world_name)  # an unknown world is named before any image is generated
-    specs = list(specs) if specs is not None else select_prompts(max_prompts_per_category, world_name)
+    specs = list(specs) if specs is not None else select_prompts(max_prompts_per_category, world_name, split)
     seeds_of_category = {}
     for category in world.CATEGORIES:
         prompts = sum(s.category == category for s in specs)
@@ -330,6 +339,7 @@ def evaluate(
         "num_prompts": len(specs),
         "prompts_per_category": {c: sum(s.category == c for s in specs) for c in world.CATEGORIES},
         "world": specs[0].world if specs else world_name,
+        "split": split,
     }
     return MiniGenEvalResult(
         overall=float(np.mean(list(per_category.values()))),
@@ -479,6 +489,8 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", default=None, choices=sorted(world.WORLDS),
                         help="the toy world whose held-out prompts are evaluated (default: the one the models record, "
                              "fastpref.models.model_world; v1 when none does)")
+    parser.add_argument("--split", default="held_out", choices=SPLITS,
+                        help="held_out (the claims' prompts) or train (training captions: what a fine-tune fit)")
     parser.add_argument("--grid-per-category", type=int, default=2)
     args = parser.parse_args(argv)
     args.world = _models_world(args.model, args.world)
@@ -496,7 +508,7 @@ def cli(argv: list[str] | None = None) -> int:
         result = evaluate(generate, seeds_per_prompt=args.seeds, max_prompts_per_category=max_prompts,
                           batch_size=args.batch_size, seed_offset=args.seed_offset,
                           min_images_per_category=args.min_images_per_category, progress=True,
-                          world_name=args.world)
+                          world_name=args.world, split=args.split)
         result.settings.update(model=spec, num_inference_steps=args.steps, guidance_scale=args.guidance)
         result.save(args.out / f"{name}.json")
         results[name] = result

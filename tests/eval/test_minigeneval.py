@@ -56,6 +56,33 @@ def test_prompts_are_held_out_fixed_and_capped():
     assert len(minigeneval.select_prompts(None)) == len(world.eval_prompts())
 
 
+@pytest.mark.parametrize("world_name", ["v1", "v2"])
+def test_the_train_split_picks_training_captions_the_same_way(world_name):
+    specs = minigeneval.select_prompts(5, world_name, split="train")
+    assert specs == minigeneval.select_prompts(5, world_name, split="train")
+    assert set(specs) <= set(world.train_prompts(world_name))
+    assert not set(specs) & set(world.eval_prompts(world_name))
+    for category in world.CATEGORIES:
+        available = sum(s.category == category for s in world.train_prompts(world_name))
+        assert sum(s.category == category for s in specs) == min(5, available) > 0
+    result = minigeneval.evaluate(minigeneval.world_generate if world_name == "v1" else
+                                  lambda c, s: minigeneval.world_generate(c, s, world_name=world_name),
+                                  seeds_per_prompt=1, max_prompts_per_category=2, min_images_per_category=1,
+                                  world_name=world_name, split="train")
+    assert result.settings["split"] == "train" and result.overall == 1.0  # the renderer draws what it is told
+    assert {s.caption for s in result.samples} <= {s.caption for s in world.train_prompts(world_name)}
+    with pytest.raises(ValueError, match="split: 'test' is not one of"):
+        minigeneval.select_prompts(5, world_name, split="test")
+
+
+def test_eval_config_refuses_an_unknown_split_naming_the_key():
+    from fastpref.config import ConfigError, from_dict
+    from fastpref.pipeline import EvalConfig
+
+    with pytest.raises(ConfigError, match="split"):
+        from_dict(EvalConfig, {"split": "validation"}).validate()
+
+
 def _seeded_noisy_world(captions, seeds):
     """Imperfect images that depend only on (caption, seed): some fail, deterministically."""
     images = minigeneval.world_generate(captions, seeds)

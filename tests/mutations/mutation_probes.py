@@ -180,4 +180,12 @@ PROBES = [
            "probabilities.append(logits[i, [index[c] for c in row]].softmax(dim=0)[0])",
            "probabilities.append(logits[i].softmax(dim=0)[index[row[0]]])"),
           seconds=15),
+    # --- studies: a stored evaluation is reused only while the eval settings that made it are unchanged
+    probe("study-reuses-stale-evaluations",
+          "fastpref study reads back a stored MiniGenEval made with other eval settings",
+          ["tests/study/test_study.py::test_a_tiny_online_study_runs_end_to_end"],
+          ("fastpref/study.py",
+           'if path.exists() and json.loads(path.read_text())["settings"].get("eval_config") != eval_identity(ev):',
+           "if False:"),
+          seconds=40),
 ]

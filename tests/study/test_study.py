@@ -251,3 +251,13 @@ def test_a_tiny_online_study_runs_end_to_end(tmp_path):
     assert not (out / "data").exists() and not (out / "synth").exists()
     assert set(report["variants"]) == {"base", "grpo"} and report["claims"][0]["verdict"] in (
         "shown", "not shown", "reversed")
+
+    # the same study with another eval section: the trainings are reused, the stored evaluations are not
+    trained = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/train/*/checkpoints/*/trainable.safetensors")}
+    assert len(trained) == 2
+    cfg.overrides = {**TINY_ONLINE, "eval.split": "train"}
+    Study(cfg).run()
+    for name in ("base", "grpo-seed0", "grpo-seed1"):
+        settings = json.loads((out / "eval" / f"{name}.json").read_text())["settings"]
+        assert settings["split"] == "train" and settings["eval_config"]["split"] == "train"
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/train/*/checkpoints/*/trainable.safetensors")} == trained
