@@ -493,3 +493,18 @@ def test_the_readme_quotes_the_draft_sweep_at_32_images_per_step():
     gain = models["kl0"]["reward_vs_base"]
     assert (d, lo, hi) == tuple(f"{gain[k]:+.3f}" for k in ("difference", "low", "high"))
     assert ratio == f"{gain['difference'] / models['base']['reward_seed_spread']:.1f}"
+
+
+def test_the_readme_quotes_the_grpo_study_on_the_training_captions():
+    record = result("grpo-noisycap-train")
+    assert record["study"] == "configs/studies/grpo-noisycap.yaml" and "overrides.eval.split=train" in record["overrides"]
+    stats, claims = record["variants"], {c["name"]: c for c in record["claims"]}
+    (base, grpo, grpo_std, gain, spread, longer, longer_std), = quoted(
+        r"`docs/results/grpo-noisycap-train.md`\) GRPO is no better either: base (\d+\.\d)%, GRPO (\d+\.\d) ± (\d+\.\d) "
+        r"\(([+-]\d+\.\d), within the combined spread of (\d+\.\d)\), 160 steps (\d+\.\d) ± (\d+\.\d)")
+    assert (base, grpo, grpo_std) == (pct(stats["base"]["overall"]), pct(stats["grpo"]["overall"]),
+                                      pct(stats["grpo"]["overall_std"]))
+    claim = claims["GRPO > base"]
+    assert claim["verdict"] == "not shown" and (gain, spread) == (f"{100 * claim['gain']:+.1f}",
+                                                                   pct(claim["combined_spread"]))
+    assert (longer, longer_std) == (pct(stats["grpo-s160"]["overall"]), pct(stats["grpo-s160"]["overall_std"]))

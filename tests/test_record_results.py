@@ -52,3 +52,24 @@ def test_a_linked_image_that_is_missing_is_named(record, tmp_path):
     run = fake_run(tmp_path / "toy-draftp", images=("tradeoff.png",))
     with pytest.raises(SystemExit, match="links tradeoff.png, which .* does not hold"):
         record.record(run, commit="abc123")
+
+
+def fake_study(study_dir: Path) -> Path:
+    study_dir.mkdir()
+    (study_dir / "report.json").write_text(json.dumps({"variants": {"base": {}}, "claims": [], "seeds": [0]}))
+    (study_dir / "report.md").write_text("# fastpref study\n\n![MiniGenEval per variant](scores.png)\n")
+    (study_dir / "scores.png").write_bytes(b"png")
+    return study_dir
+
+
+def test_a_study_is_recorded_under_its_study_file_or_with_the_study_file_and_overrides_it_ran_with(record, tmp_path):
+    saved = json.loads(record.record(fake_study(tmp_path / "study-oracle"), commit="abc").read_text())
+    assert saved["study"] == "configs/studies/oracle.yaml" and "overrides" not in saved
+    assert saved["command"] == "fastpref study configs/studies/oracle.yaml"
+    assert "](oracle-scores.png)" in (tmp_path / "results" / "oracle.md").read_text()
+    out = record.record(fake_study(tmp_path / "study-oracle-train"), commit="abc",
+                        recipe="configs/studies/oracle.yaml", overrides=["overrides.eval.split=train"])
+    saved = json.loads(out.read_text())
+    assert out.name == "oracle-train.json" and saved["study"] == "configs/studies/oracle.yaml"
+    assert saved["overrides"] == ["overrides.eval.split=train"]
+    assert saved["command"] == "fastpref study configs/studies/oracle.yaml overrides.eval.split=train"

@@ -28,9 +28,13 @@ def commit_of(repo: Path) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
-def record_study(study_dir: Path, report: dict, name: str, commit: str | None) -> Path:
-    """A `fastpref study` report: its json (+ command and commit), its markdown and its bar chart."""
-    result = {"study": f"configs/studies/{name}.yaml", "command": f"fastpref study configs/studies/{name}.yaml",
+def record_study(study_dir: Path, report: dict, name: str, commit: str | None, study: str | None = None,
+                 overrides: list[str] | None = None) -> Path:
+    """A `fastpref study` report: its json (+ command and commit), its markdown and its bar chart. study: the study
+    file when it is not configs/studies/<name>.yaml, run with command-line overrides (e.g. another eval split)."""
+    study = study or f"configs/studies/{name}.yaml"
+    result = {"study": study, "command": " ".join(["fastpref", "study", study, *map(shlex.quote, overrides or [])]),
+              **({"overrides": list(overrides)} if overrides else {}),
               "commit": commit or commit_of(HERE.parents[1]), "recorded": datetime.date.today().isoformat(),
               **report}
     out = HERE / f"{name}.json"
@@ -45,7 +49,7 @@ def record(run_dir: Path, name: str | None = None, commit: str | None = None, re
            overrides: list[str] | None = None) -> Path:
     report = json.loads((run_dir / "report.json").read_text())
     if "claims" in report and "variants" in report:
-        return record_study(run_dir, report, name or run_dir.name.removeprefix("study-"), commit)
+        return record_study(run_dir, report, name or run_dir.name.removeprefix("study-"), commit, recipe, overrides)
     if "eval" not in report:
         raise SystemExit(f"{run_dir / 'report.json'}: no 'eval' section (was the run's eval stage skipped?)")
     name = name or run_dir.name
@@ -94,7 +98,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a `fastpref run` output_dir (holds report.json)")
     parser.add_argument("--name", help="result name (default: the run directory's name, e.g. toy-rankdpo)")
     parser.add_argument("--commit", help="the commit the run was made from (default: this checkout's HEAD)")
-    parser.add_argument("--recipe", help="the recipe the run used, when it is not configs/<name>.yaml (a sweep)")
+    parser.add_argument("--recipe", help="the recipe the run used, when it is not configs/<name>.yaml (a sweep); "
+                                         "for a study, its study file when not configs/studies/<name>.yaml")
     parser.add_argument("--overrides", nargs="*", default=[], help="the run's command-line overrides, as given")
     args = parser.parse_args()
     print(f"wrote {record(args.run_dir, args.name, args.commit, args.recipe, args.overrides)}")
