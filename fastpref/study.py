@@ -56,6 +56,9 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     seed_keys: list[str] = field(default_factory=lambda: list(SEED_KEYS))
     overrides: dict[str, Any] = field(default_factory=dict)  # applied to every variant before its own
+    # keys of the recipe's eval section to change, merged key by key (e.g. {split: train}, or on the command line
+    # eval.split=train): the same trainings judged another way; changed settings re-evaluate, never retrain
+    eval: dict[str, Any] = field(default_factory=dict)
     claims: list[ClaimConfig] = field(default_factory=list)
     progress: bool = True
 
@@ -147,13 +150,14 @@ def variant_recipe(cfg: StudyConfig, recipe: dict[str, Any], variant: str, seed:
 
 
 def plan_study(cfg: StudyConfig, recipe: dict[str, Any]) -> Plan:
-    from fastpref.pipeline import RunConfig, build_stages
+    from fastpref.pipeline import EvalConfig, RunConfig, build_stages
 
     shared = with_overrides(recipe, cfg.overrides, "overrides")
     if shared.get("importer") is not None:
         raise ConfigError("recipe: a study runs Syn-Pic recipes (synth + label) or online ones (prompts only); this "
                           "one has an importer: section")
-    plan = Plan({}, {}, {}, {}, [], shared.get("eval", {}))
+    plan = Plan({}, {}, {}, {}, [], {**(shared.get("eval") or {}), **cfg.eval})
+    from_dict(EvalConfig, plan.eval, "eval.")  # a bad eval key is refused before anything trains
     for variant in cfg.variants:
         for seed in cfg.seeds:
             data = variant_recipe(cfg, recipe, variant, seed)

@@ -255,9 +255,23 @@ def test_a_tiny_online_study_runs_end_to_end(tmp_path):
     # the same study with another eval section: the trainings are reused, the stored evaluations are not
     trained = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/train/*/checkpoints/*/trainable.safetensors")}
     assert len(trained) == 2
-    cfg.overrides = {**TINY_ONLINE, "eval.split": "train"}
+    cfg.eval = {"split": "train"}  # the study's eval section: merged into the recipe's, key by key
     Study(cfg).run()
     for name in ("base", "grpo-seed0", "grpo-seed1"):
         settings = json.loads((out / "eval" / f"{name}.json").read_text())["settings"]
         assert settings["split"] == "train" and settings["eval_config"]["split"] == "train"
+        # every other eval setting is still the recipe's (with the study's overrides)
+        assert (settings["seeds_per_prompt"], settings["seed_offset"], settings["eval_config"]["steps"]) == (1, 2000, 2)
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/train/*/checkpoints/*/trainable.safetensors")} == trained
+
+
+def test_the_study_command_line_changes_the_eval_section_key_by_key(tmp_path):
+    """`fastpref study X.yaml eval.split=train`: the recipe's eval section with split changed, nothing else."""
+    cfg = load_config(StudyConfig, str(ROOT / "configs/studies/grpo-noisycap.yaml"),
+                      [f"output_dir={tmp_path / 'study'}", "eval.split=train"])
+    plan = Study(cfg).plan
+    assert plan.eval["split"] == "train"
+    assert (plan.eval["seed_offset"], plan.eval["seeds_per_prompt"], plan.eval["max_prompts_per_category"]) == (2000, 4, 24)
+    with pytest.raises(ConfigError, match="eval.split"):  # refused while planning, before anything trains
+        Study(load_config(StudyConfig, str(ROOT / "configs/studies/grpo-noisycap.yaml"),
+                          [f"output_dir={tmp_path / 'study'}", "eval.split=validation"]))
