@@ -497,7 +497,7 @@ def test_the_readme_quotes_the_draft_sweep_at_32_images_per_step():
 
 def test_the_readme_quotes_the_grpo_study_on_the_training_captions():
     record = result("grpo-noisycap-train")
-    assert record["study"] == "configs/studies/grpo-noisycap.yaml" and "overrides.eval.split=train" in record["overrides"]
+    assert record["study"] == "configs/studies/grpo-noisycap.yaml" and "eval.split=train" in record["overrides"]
     stats, claims = record["variants"], {c["name"]: c for c in record["claims"]}
     (base, grpo, grpo_std, gain, spread, longer, longer_std), = quoted(
         r"`docs/results/grpo-noisycap-train.md`\) GRPO is no better either: base (\d+\.\d)%, GRPO (\d+\.\d) ± (\d+\.\d) "
