@@ -508,3 +508,16 @@ def test_the_readme_quotes_the_grpo_study_on_the_training_captions():
     assert claim["verdict"] == "not shown" and (gain, spread) == (f"{100 * claim['gain']:+.1f}",
                                                                    pct(claim["combined_spread"]))
     assert (longer, longer_std) == (pct(stats["grpo-s160"]["overall"]), pct(stats["grpo-s160"]["overall_std"]))
+
+
+def test_the_readme_quotes_the_noisy_caption_study_on_the_training_captions():
+    record = result("noisycap-train")
+    assert record["study"] == "configs/studies/noisycap.yaml" and "eval.split=train" in record["overrides"]
+    stats = record["variants"]
+    (base, rank, rank_std, dpo, dpo_std, sft, sft_std), = quoted(
+        r"`docs/results/noisycap-train.md`\) score base (\d+\.\d)%, RankDPO (\d+\.\d) ± (\d+\.\d), DPO (\d+\.\d) ± "
+        r"(\d+\.\d), SFT (\d+\.\d) ± (\d+\.\d) \(every claim not shown\)")
+    assert base == pct(stats["base"]["overall"])
+    assert (rank, rank_std, dpo, dpo_std, sft, sft_std) == tuple(
+        pct(stats[v][k]) for v in ("rankdpo", "dpo", "sft") for k in ("overall", "overall_std"))
+    assert all(claim["verdict"] == "not shown" for claim in record["claims"])
