@@ -291,22 +291,21 @@ class Study:
         return load(train.model.path, family=train.model.family).pipeline
 
     def _evaluated(self, name: str, make_pipeline, ev) -> dict[str, Any]:
-        from fastpref.pipeline import eval_identity
+        from fastpref.pipeline import eval_identity, evaluate_pipeline
 
         path = self.eval_path(name)
-        if path.exists() and json.loads(path.read_text())["settings"].get("eval_config") != eval_identity(ev):
+        stored = json.loads(path.read_text()) if path.exists() else None
+        if stored is not None:
+            if stored["settings"].get("eval_config") == eval_identity(ev):
+                return stored
             # the study's eval section changed since (or the file predates the record of its settings): a stale
             # score must not pass for the new one
             print(f"[fastpref study] {path}: made with other eval settings; evaluating {name} again", flush=True)
-            path.unlink()
-        if not path.exists():
-            from fastpref.pipeline import evaluate_pipeline
-
-            result = evaluate_pipeline(make_pipeline(), ev, self._call_kwargs(), progress=self.cfg.progress)
-            tmp = path.with_suffix(".json.tmp")
-            result.save(tmp)
-            os.replace(tmp, path)  # a killed evaluation leaves no file that looks finished
-            print(f"[fastpref study] MiniGenEval {name}: {100 * result.overall:.1f}%", flush=True)
+        result = evaluate_pipeline(make_pipeline(), ev, self._call_kwargs(), progress=self.cfg.progress)
+        tmp = path.with_suffix(".json.tmp")
+        result.save(tmp)
+        os.replace(tmp, path)  # a killed evaluation leaves no file that looks finished
+        print(f"[fastpref study] MiniGenEval {name}: {100 * result.overall:.1f}%", flush=True)
         return json.loads(path.read_text())
 
     def _call_kwargs(self) -> dict:

@@ -4,8 +4,8 @@
 measures, for the base, DRaFT (the main variant, kl_coeff 0: at the training steps listed in
 eval.main_checkpoints and at its end) and DRaFT+ (the other variants), from the very images MiniGenEval scored:
 
-- reward: ShapeCLIP (the training reward: its cosine, or its contrastive probability), prompt-weighted: the mean over prompts of each prompt's mean over its
-  seeds, as the diversity is a mean over prompts (MiniGenEval gives its small categories more seeds; weighing
+- reward: ShapeCLIP (the training reward: its cosine, or its contrastive probability), prompt-weighted: the mean
+  over prompts of each prompt's mean over its seeds, as the diversity is a mean over prompts (MiniGenEval gives its small categories more seeds; weighing
   images equally would let the one single_object prompt count 32 times);
 - diversity: each prompt's mean pairwise ShapeCLIP 1 - cos (and pixel RMS) over its seeds, averaged over prompts
   (fastpref.eval.diversity);
@@ -178,8 +178,8 @@ def measure(results: dict[str, Any], minigeneval: dict[str, dict[str, Any]], cur
         rows[name] = row
     matched = {name: {d: matched_reward(scores, curve, name, d, n_boot=n_boot) for d in DISTANCES}
                for name in candidates}
-    return {"reward": "shapeclip-contrastive" if contrastive else "shapeclip", "base": base, "curve": list(curve), "candidates": list(candidates),
-            "models": rows, "matched": matched}
+    return {"reward": "shapeclip-contrastive" if contrastive else "shapeclip", "base": base, "curve": list(curve),
+            "candidates": list(candidates), "models": rows, "matched": matched}
 
 
 REWARD_LABELS = {"shapeclip": "ShapeCLIP", "shapeclip-contrastive": "ShapeCLIP contrastive"}
@@ -195,8 +195,7 @@ def report_lines(section: dict[str, Any], plot: str | None = "tradeoff.png") -> 
     spread = models[base]["reward_seed_spread"]
     lines = ["## Reward vs diversity (DRaFT: kl_coeff 0; DRaFT+: kl_coeff > 0)", "",
              f"Held-out MiniGenEval prompts and seeds; reward = {REWARD_LABELS[section['reward']]} and diversity = "
-             "mean pairwise distance "
-             "over a prompt's seeds, both prompt-weighted.", "",
+             "mean pairwise distance over a prompt's seeds, both prompt-weighted.", "",
              f"| model | kl_coeff | step | {REWARD_LABELS[section['reward']]} reward | vs base (95% interval) | "
              "diversity ShapeCLIP 1-cos | "
              "diversity pixel RMS | MiniGenEval | prompt-weighted |",

@@ -185,7 +185,7 @@ PROBES = [
           "fastpref study reads back a stored MiniGenEval made with other eval settings",
           ["tests/study/test_study.py::test_a_tiny_online_study_runs_end_to_end"],
           ("fastpref/study.py",
-           'if path.exists() and json.loads(path.read_text())["settings"].get("eval_config") != eval_identity(ev):',
-           "if False:"),
+           'if stored["settings"].get("eval_config") == eval_identity(ev):',
+           "if True:"),
           seconds=40),
 ]
