@@ -182,6 +182,12 @@ def measure(results: dict[str, Any], minigeneval: dict[str, dict[str, Any]], cur
             "candidates": list(candidates), "models": rows, "matched": matched}
 
 
+def trains_on_contrastive(online) -> bool:
+    """Whether a training's ShapeCLIP reward is the contrastive one (online.reward_kwargs: {shapeclip: {contrastive:
+    true}}): the trade-off then scores that reward, not the cosine."""
+    return bool(online.reward_kwargs.get("shapeclip", {}).get("contrastive", False))
+
+
 REWARD_LABELS = {"shapeclip": "ShapeCLIP", "shapeclip-contrastive": "ShapeCLIP contrastive"}
 
 

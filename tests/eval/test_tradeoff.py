@@ -162,3 +162,11 @@ def test_main_checkpoints_must_be_steps_the_main_training_saves_and_keeps():
                "train.keep_checkpoints=4")
     stages("eval.main_checkpoints=[5, 10]", "train.checkpoint_every=5", "train.max_steps=20",
            "train.keep_checkpoints=4")
+
+
+def test_a_draft_recipe_with_the_contrastive_reward_is_scored_with_it():
+    from fastpref.pipeline import RunConfig, build_stages
+
+    for overrides, expected in (([], False), (["train.online.reward_kwargs={shapeclip: {contrastive: true}}"], True)):
+        stages = build_stages(load_config(RunConfig, str(CONFIGS / "toy-draftp.yaml"), overrides))
+        assert [tradeoff.trains_on_contrastive(t.online) for t in stages.trains.values()] == [expected] * 4
