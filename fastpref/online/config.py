@@ -47,6 +47,10 @@ class GRPOConfig:
     # does (it adds back a few to keep the batch divisible; so does fastpref)
     drop_zero_advantage: bool = True
     steps_per_rollout: int = 1  # optimizer steps per rollout (Flow-GRPO's SD3 recipes: 2 per epoch)
+    # passes over each rollout's kept samples, reshuffled every pass [train.num_inner_epochs]: pass e > 0 trains off
+    # the policy that sampled them, so its ratio moves and clip_range binds; steps_per_rollout x inner_epochs
+    # optimizer steps per rollout
+    inner_epochs: int = 1
     train_batch_size: int = 8  # samples per training micro-batch, per process [train.batch_size]
     cfg: bool = True  # classifier-free guidance in the training forward too, uncond half detached [train.cfg]
     ema: bool = False  # an EMA of the trainable weights for validation grids and the exported weights [train.ema]
@@ -62,7 +66,7 @@ class GRPOConfig:
             raise ConfigError(f"kl_beta: must be >= 0, got {self.kl_beta}")
         if not 0 < self.timestep_fraction <= 1:
             raise ConfigError(f"timestep_fraction: must be in (0, 1], got {self.timestep_fraction}")
-        for key in ("steps_per_rollout", "train_batch_size", "ema_every"):
+        for key in ("steps_per_rollout", "inner_epochs", "train_batch_size", "ema_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.ema_decay < 1:

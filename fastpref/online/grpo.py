@@ -6,7 +6,8 @@ fastpref rewards of online.reward. Advantages are group-relative: (r - mean of t
 of the whole rollout's rewards (grpo.global_std) or of the prompt's (per-prompt stat tracking as
 flow_grpo/stat_tracking.py with its per-epoch clear), clamped to +-adv_clip_max. Samples with a zero advantage are
 dropped (a few are added back to keep the split even, as the reference code does). The kept samples are spread over
-grpo.steps_per_rollout optimizer steps and the processes (rollout.gather_permute_split); each optimizer step runs,
+grpo.steps_per_rollout optimizer steps and the processes (rollout.gather_permute_split), grpo.inner_epochs times in
+a new order (Flow-GRPO's num_inner_epochs; passes after the first are off-policy); each optimizer step runs,
 for every micro-batch of train_batch_size samples, one micro-step per trained sampling step j (the first
 int(num_steps * timestep_fraction)): the policy's Gaussian for x_j -> x_{j+1} re-evaluated at the taken x_{j+1},
 ratio = exp(log_prob - old_log_prob), fastpref.ops.grpo_loss (clipped ratio + kl_beta * KL on the means to the
@@ -122,11 +123,11 @@ class GRPOMethod:
 
     @staticmethod
     def configured_steps_per_rollout(cfg) -> int:
-        return cfg.online.grpo.steps_per_rollout
+        return cfg.online.grpo.steps_per_rollout * cfg.online.grpo.inner_epochs
 
     @property
     def steps_per_rollout(self) -> int:
-        return self.cfg.steps_per_rollout
+        return self.cfg.steps_per_rollout * self.cfg.inner_epochs
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -178,8 +179,11 @@ class GRPOMethod:
             **{f"cond.{key}": value.cpu() for key, value in traj.cond.items()},
         }
         kept_rows = {name: value[local_keep] for name, value in rows.items()}
-        permutation = group_generator(engine.seed, prompts.epoch, prompts.start, "online/grpo-permute")
-        parts = gather_permute_split(kept_rows, keys[local_keep], permutation, parts=self.cfg.steps_per_rollout)
+        parts = []
+        for inner in range(self.cfg.inner_epochs):  # every pass: all kept samples, in a new order
+            tag = "online/grpo-permute" + (f"/{inner}" if inner else "")
+            permutation = group_generator(engine.seed, prompts.epoch, prompts.start, tag)
+            parts += gather_permute_split(kept_rows, keys[local_keep], permutation, parts=self.cfg.steps_per_rollout)
         placeholder = {name: value[:1] for name, value in rows.items()}  # for empty micro-batches (weight 0)
 
         all_terms = {name: engine.gather(value.double()) for name, value in terms.items()}

@@ -166,6 +166,41 @@ def test_one_update_moves_log_probs_toward_the_better_images(tiny_models, tmp_pa
     assert aligned > 0, aligned
 
 
+def test_inner_epochs_pass_over_each_rollout_again_off_policy(tiny_models, tmp_path):
+    """online.grpo.inner_epochs 2 (Flow-GRPO's num_inner_epochs): one rollout feeds 2 optimizer steps, each over
+    all of its kept samples, the second in a new order and off-policy (the ratio moves from 1 there)."""
+    from fastpref.train.online import OnlineTrainer
+
+    cfg = grpo_config(tiny_models["sd3"], tmp_path / "run", max_steps=2, checkpoint_every=2,
+                      **{"online.grpo.inner_epochs": 2, "online.grpo.kl_beta": 0.0})
+    trainer = OnlineTrainer(cfg)
+    method, rollout, parts_seen = trainer.method, trainer.method.rollout, []
+    assert method.steps_per_rollout == 2 and type(method).configured_steps_per_rollout(cfg) == 2
+
+    def recorded(prompts):
+        parts = rollout(prompts)
+        parts_seen.append(parts)
+        return parts
+
+    method.rollout = recorded
+    batches = trainer.batches()
+    records = [trainer.optimizer_step(batches)[0] for _ in range(2)]
+    assert len(parts_seen) == 1 and len(parts_seen[0]) == 2  # one rollout, two passes
+
+    def rows_of(part):  # each sample once per pass: its final latent's bytes, in the pass's order
+        chunks = {id(batch["rows"]): batch["rows"] for batch in part if batch["count"]}
+        return [bytes(row.numpy().tobytes()) for rows in chunks.values() for row in rows["latents"][:, -1]]
+
+    first, second = rows_of(parts_seen[0][0]), rows_of(parts_seen[0][1])
+    assert sorted(first) == sorted(second) and len(set(first)) == len(first) > 1
+    assert first != second  # reshuffled
+    assert abs(records[0]["ratio"] - 1) < 1e-5 and records[0]["approx_kl"] < 1e-8
+    assert records[1]["approx_kl"] > 1e-8  # the second pass scores the samples under the updated policy
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        OnlineTrainer(grpo_config(tiny_models["sd3"], tmp_path / "bad", checkpoint_every=1, max_steps=2,
+                                  **{"online.grpo.inner_epochs": 2}))
+
+
 def test_advantage_statistics_report_the_clamp(tiny_models, tmp_path):
     """adv_clip_max 0.5 clamps some of the tiny model's advantages (|A| ~ 1 under the global std): the logged
     maximum is the clamp and the clipped fraction counts them; without a clamp that bites, none is clipped."""
@@ -207,6 +242,7 @@ def test_grpo_refuses_bad_online_settings_before_loading(tiny_models, tmp_path):
     ({"online.group_size": 1}, "online.group_size"),
     ({"online.eta": 0.0}, "online.eta"),
     ({"online.grpo.steps_per_rollout": 3}, "online.grpo.steps_per_rollout"),
+    ({"online.grpo.inner_epochs": 0}, "online.grpo.inner_epochs"),
 ])
 def test_bad_grpo_configs_are_refused_before_any_model_loads(tmp_path, monkeypatch, overrides, key):
     """Through `train` (as `fastpref train` runs it) on a model path that does not exist: the error names the key,
