@@ -136,6 +136,7 @@ def online_config(arch: Arch, settings: OnlineSettings, device: torch.device, ou
         if settings.keep_all:
             overrides.append("online.grpo.drop_zero_advantage=false")
         overrides += [f"online.group_size={settings.group_size}", "online.grpo.steps_per_rollout=1",
+                      "online.grpo.inner_epochs=1",
                       f"online.grpo.train_batch_size={settings.train_batch_size}"]
         if settings.timestep_fraction is not None:
             overrides.append(f"online.grpo.timestep_fraction={settings.timestep_fraction}")

@@ -51,13 +51,14 @@ def flatten(node, prefix=""):
 WHERE = ("output_dir", "data_root")
 
 
-@pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-grpo-sd-v2-sweep", "toy-draftp-v2-sweep",
+@pytest.mark.parametrize("name", ["toy-rankdpo", "toy-ncp", "toy-draftp", "toy-draftp-v1", "toy-grpo-sd-v2-sweep",
+                                  "toy-draftp-v2-sweep",
                                   "toy-sft-control-v2", "toy-grpo-v2-sweep", "toy-spo-v2-sweep",
                                   "toy-oracle", "toy-noisycap-sweep", "toy-grpo-noisycap-sweep",
                                   "toy-spo-noisycap-sweep", "toy-draft-noisycap-sweep",
                                   "toy-ncp-v2-sweep", "toy-draftc-v2-sweep", "toy-draftc-noisycap-sweep",
                                   "toy-draftc-v1-sweep", "toy-draftp-v2-lr1e-3-sweep",
-                                  "toy-draftp-32-sweep"])
+                                  "toy-draftp-32-sweep", "toy-grpo-noisycap-inner-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -142,9 +143,10 @@ def test_the_readme_quotes_the_recorded_study():
     assert verdicts == {c["name"]: (c["verdict"], c["prompt_weighted"]["verdict"]) for c in study["claims"]}
 
 
-def test_the_readme_quotes_the_recorded_draft_tradeoff():
-    """The DRaFT section's rewards, intervals and matched-diversity result are docs/results/toy-draftp.json's."""
-    record = result("toy-draftp")
+def test_the_readme_quotes_the_recorded_draft_tradeoff_on_world_v1():
+    """The DRaFT section's world-v1 rewards, intervals and matched-diversity result are docs/results/toy-draftp-v1.json's
+    (configs/toy-draftp-v1.yaml)."""
+    record = result("toy-draftp-v1")
     models, matched = record["tradeoff"]["models"], record["tradeoff"]["matched"]
     gain = models["kl0"]["reward_vs_base"]
     (base, drafted, diff, low, high, ratio, spread), = quoted(
@@ -155,7 +157,7 @@ def test_the_readme_quotes_the_recorded_draft_tradeoff():
     assert gain["low"] > 0  # the README says "raises": the interval is above zero
     assert ratio == f"{gain['difference'] / models['base']['reward_seed_spread']:.1f}"
     assert spread == f"{models['base']['reward_seed_spread']:.3f}"
-    (r01, r05, r3), = quoted(r"\(0\.1: (\d\.\d{3}), 0\.5: (\d\.\d{3}), 3: (\d\.\d{3})\)")
+    (r01, r05, r3), = quoted(r"holds it back as kl_coeff grows \(0\.1: (\d\.\d{3}), 0\.5: (\d\.\d{3}), 3: (\d\.\d{3})\)")
     assert (r01, r05, r3) == tuple(f"{models[v]['reward']:.3f}" for v in ("kl0.1", "kl0.5", "kl3"))
     (diff, low, high), = quoted(r"in ShapeCLIP features, ([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\]")
     kept = matched["kl0.1"]["shapeclip"]
@@ -521,3 +523,51 @@ def test_the_readme_quotes_the_noisy_caption_study_on_the_training_captions():
     assert (rank, rank_std, dpo, dpo_std, sft, sft_std) == tuple(
         pct(stats[v][k]) for v in ("rankdpo", "dpo", "sft") for k in ("overall", "overall_std"))
     assert all(claim["verdict"] == "not shown" for claim in record["claims"])
+
+
+def test_the_readme_quotes_the_grpo_inner_epochs_sweep():
+    record = result("toy-grpo-noisycap-inner-sweep")
+    inner = record["config"]["variants"]["inner4"]
+    assert inner["online.grpo.inner_epochs"] == 4 and inner["online.grpo.clip_range"] == 1e-2
+    evals = record["eval"]
+    (seconds, score, base, d, lo, hi, one_d, one_lo, one_hi, one_score), = quoted(
+        r"4 passes over each of 40 rollouts \(160 optimizer steps,\s+(\d+) seconds of training\) gave, on the sweep "
+        r"seeds 1000\+ \(recorded: `docs/results/toy-grpo-noisycap-inner-sweep.md`\),\s+(\d+\.\d)% against the base's "
+        r"(\d+\.\d)%: ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\], beside one pass over 80 rollouts' "
+        r"([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] \((\d+\.\d)%\)")
+    assert seconds == f"{record['seconds']['train inner4']:.0f}"
+    assert (score, base, one_score) == tuple(pct(evals[n]["overall"]) for n in ("inner4", "base", "lr1e3"))
+    for name, quoted_interval in (("inner4", (d, lo, hi)), ("lr1e3", (one_d, one_lo, one_hi))):
+        paired = evals[name]["paired"]["base"]["prompt_mean"]
+        assert quoted_interval == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
+    assert evals["inner4"]["paired"]["base"]["prompt_mean"]["low"] < 0  # "not yet a claim"
+
+
+def test_the_readme_quotes_the_recorded_draft_tradeoff_on_world_v2():
+    """The DRaFT section's v2 recipe numbers are docs/results/toy-draftp.json's (configs/toy-draftp.yaml)."""
+    record = result("toy-draftp")
+    assert record["config"]["train"]["model"]["path"] == "toy-sd-v2"
+    models, matched, evals = record["tradeoff"]["models"], record["tradeoff"]["matched"], record["eval"]
+    gain = models["kl0"]["reward_vs_base"]
+    (base, drafted, d, lo, hi), = quoted(
+        r"DRaFT-1 leaves the ShapeCLIP reward where it was, (\d\.\d{3}) -> (\d\.\d{3}), ([+-]\d\.\d{3}) "
+        r"\[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\] \(paired bootstrap 95% over prompts: not shown\)")
+    assert (base, drafted) == (f"{models['base']['reward']:.3f}", f"{models['kl0']['reward']:.3f}")
+    assert (d, lo, hi) == tuple(f"{gain[k]:+.3f}" for k in ("difference", "low", "high"))
+    assert gain["low"] <= 0 <= gain["high"]
+    (r01, r05, r3), = quoted(r"DRaFT\+ holds it at the base \(0\.1: (\d\.\d{3}), 0\.5: (\d\.\d{3}), 3: (\d\.\d{3})\)")
+    assert (r01, r05, r3) == tuple(f"{models[v]['reward']:.3f}" for v in ("kl0.1", "kl0.5", "kl3"))
+    assert all(models[v]["reward_vs_base"]["low"] <= 0 <= models[v]["reward_vs_base"]["high"]
+               for v in ("kl0.1", "kl0.5", "kl3"))
+    # "no DRaFT+ diversity difference at a matched reward is shown"
+    for kinds in matched.values():
+        for row in kinds.values():
+            assert row["verdict"].startswith(("not shown", "no matched point")), row["verdict"]
+    (mge_base, mge_drafted, md, mlo, mhi), = quoted(
+        r"MiniGenEval: base (\d+\.\d)%, DRaFT-1 (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\], not shown\)")
+    assert (mge_base, mge_drafted) == (pct(evals["base"]["overall"]), pct(evals["kl0"]["overall"]))
+    paired = evals["kl0"]["paired"]["base"]["prompt_mean"]
+    assert (md, mlo, mhi) == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
+    (minutes,), = quoted(r"(\d+\.\d) min wall for the 4 trainings and 6 evaluations on the 2-core CPU;\s+recorded in "
+                         r"`docs/results/toy-draftp\.\{json,md\}`")
+    assert minutes == f"{sum(record['seconds'].values()) / 60:.1f}"

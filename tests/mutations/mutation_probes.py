@@ -188,4 +188,11 @@ PROBES = [
            'if stored["settings"].get("eval_config") == eval_identity(ev):',
            "if True:"),
           seconds=40),
+    # --- GRPO's inner epochs (README "GRPO"): every pass over a rollout reshuffles its samples
+    probe("grpo-inner-epochs-repeat-one-order",
+          "every inner epoch of a GRPO rollout trains its samples in the first pass's order",
+          ["tests/online/test_online_train.py::test_inner_epochs_pass_over_each_rollout_again_off_policy"],
+          ("fastpref/online/grpo.py", 'tag = "online/grpo-permute" + (f"/{inner}" if inner else "")',
+           'tag = "online/grpo-permute"'),
+          seconds=20),
 ]

@@ -72,13 +72,13 @@ def test_toy_draft_recipe_trains_toy_sd(tmp_path):
 
 
 def test_draft_plus_on_the_flow_model_toy_sd3_through_fastpref_train(tmp_path):
-    """`fastpref train --config configs/toy-draft.yaml model.path=toy-sd3`, DRaFT+ with K = 2: the flow sampler (Euler
+    """`fastpref train --config configs/toy-draft.yaml model.path=toy-sd3-v2`, DRaFT+ with K = 2: the flow sampler (Euler
     on the flow ODE) with gradients through its last 2 velocity predictions, the KL to the adapters-off reference (0
     at the first step, > 0 once the LoRA moved), reward and grad norm logged, the LoRA updated."""
     from fastpref.pipeline import train_cli
 
     out = tmp_path / "run"
-    code = train_cli(["--config", str(CONFIGS / "toy-draft.yaml"), "model.path=toy-sd3", f"output_dir={out}",
+    code = train_cli(["--config", str(CONFIGS / "toy-draft.yaml"), "model.path=toy-sd3-v2", f"output_dir={out}",
                       "max_steps=2", "checkpoint_every=2", "progress=false", "tensorboard=false", "lr_warmup_steps=0",
                       "validation.every=0", "online.prompts_per_rollout=2", "online.num_steps=4",
                       "online.draft.k=2", "online.draft.kl_coeff=0.5", "online.draft.batch_size=2"])
@@ -144,6 +144,37 @@ def test_toy_draftp_recipe_is_a_kl_sweep():
         data["online"]["draft"]["kl_coeff"] = reference["online"]["draft"]["kl_coeff"]
         data["output_dir"] = reference["output_dir"]
         assert data == reference
+
+
+def test_toy_draft_recipes_are_world_v2_and_the_v1_one_differs_only_in_its_world():
+    """configs/toy-draft.yaml trains as configs/toy-draftp.yaml's main variant (the v2 recipes), and
+    configs/toy-draftp-v1.yaml is that sweep on world v1: the v1 model, v1's training prompts and v1's tuned lr,
+    everything else equal (the records made before the move name it)."""
+    from fastpref.pipeline import RunConfig, build_stages
+
+    def trains(name):
+        stages = build_stages(load_config(RunConfig, CONFIGS / name, []))
+        return {key: to_dict(train) for key, train in stages.trains.items()}
+
+    v2, v1 = trains("toy-draftp.yaml"), trains("toy-draftp-v1.yaml")
+    draft = trains("toy-draft.yaml")["main"]
+    main = dict(v2["kl0"])
+    assert main["model"]["path"] == "toy-sd-v2" and main["online"]["prompts"] == "toy-v2:train-balanced"
+    for key in ("output_dir", "validation", "keep_checkpoints"):
+        draft.pop(key), main.pop(key)
+    assert draft == main
+    assert v1.keys() == v2.keys()
+    for name in v2:
+        a, b = v1[name], v2[name]
+        assert a["model"]["path"] == "toy-sd" and a["online"]["prompts"] == "toy:train-balanced" and a["lr"] == 3e-3
+        assert a["online"]["toy_world"] in (None, "v1") and b["online"]["toy_world"] == "v2"  # the rewards' world
+        for data in (a, b):
+            data.pop("output_dir", None), data["model"].pop("path"), data.pop("lr")
+            data["online"].pop("prompts"), data["online"].pop("toy_world")
+        assert a == b, name
+    eval_v1, eval_v2 = (load_config(RunConfig, CONFIGS / name, []).eval for name in ("toy-draftp-v1.yaml",
+                                                                                     "toy-draftp.yaml"))
+    assert to_dict(eval_v1) == to_dict(eval_v2)
 
 
 @pytest.mark.slow
