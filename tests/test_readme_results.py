@@ -360,7 +360,7 @@ def test_the_readme_quotes_the_recorded_grpo_runs_on_the_noisy_caption_base():
     assert spec["overrides"]["train.lr"] == 1.0e-3 and spec["overrides"]["train.model.path"] == "toy-sd-noisycap-v2"
     (seconds, grpo, grpo_std, base, gain, spread, low, high), = quoted(
         r"\(`fastpref study configs/studies/grpo-noisycap.yaml`, recorded: `docs/results/grpo-noisycap.md`, "
-        r"([\d,]+) seconds of training on the 2-core CPU for both lengths\) GRPO scores (\d+\.\d) ± (\d+\.\d) against the base's (\d+\.\d): "
+        r"([\d,]+) seconds of training on the 2-core CPU for its three variants\) GRPO scores (\d+\.\d) ± (\d+\.\d) against the base's (\d+\.\d): "
         r"([+-]\d+\.\d), within the combined spread of (\d+\.\d) \(paired interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)")
     stats = study["variants"]
     assert int(seconds.replace(",", "")) == round(study["seconds"]["train"])
@@ -571,3 +571,47 @@ def test_the_readme_quotes_the_recorded_draft_tradeoff_on_world_v2():
     (minutes,), = quoted(r"(\d+\.\d) min wall for the 4 trainings and 6 evaluations on the 2-core CPU;\s+recorded in "
                          r"`docs/results/toy-draftp\.\{json,md\}`")
     assert minutes == f"{sum(record['seconds'].values()) / 60:.1f}"
+
+
+def test_the_readme_quotes_the_grpo_inner_epochs_study():
+    """The GRPO section's grpo-inner4 numbers: held out (docs/results/grpo-noisycap.json) and on the training captions
+    (docs/results/grpo-noisycap-train.json), both from configs/studies/grpo-noisycap.yaml as it is now."""
+    spec = yaml.safe_load((ROOT / "configs" / "studies" / "grpo-noisycap.yaml").read_text())
+    assert spec["variants"]["grpo-inner4"]["train.online.grpo.inner_epochs"] == 4
+    held_out, train = result("grpo-noisycap"), result("grpo-noisycap-train")
+    claims = {c["name"]: c for c in held_out["claims"]}
+    train_claims = {c["name"]: c for c in train["claims"]}
+
+    def interval(claim):
+        return tuple(f"{100 * v:+.1f}" for v in claim["interval"])
+
+    (score, std, base, gain, low, high, spread, vs_gain, vs_low, vs_high), = quoted(
+        r"on the evaluation seeds 2000\+ it scores (\d+\.\d) ± (\d+\.\d) against the base's (\d+\.\d): ([+-]\d+\.\d), "
+        r"paired interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\] above zero but within the combined spread of (\d+\.\d), so by "
+        r"the study's rule still not shown; against 160 single-pass rollouts at about the same CPU time, ([+-]\d+\.\d) "
+        r"\(interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)")
+    stats = held_out["variants"]
+    assert (score, std, base) == (pct(stats["grpo-inner4"]["overall"]), pct(stats["grpo-inner4"]["overall_std"]),
+                                  pct(stats["base"]["overall"]))
+    claim = claims["GRPO, 4 passes per rollout > base"]
+    assert claim["verdict"] == "not shown" and claim["interval"][0] > 0
+    assert (gain, spread, (low, high)) == (f"{100 * claim['gain']:+.1f}", pct(claim["combined_spread"]), interval(claim))
+    claim = claims["GRPO, 4 passes per rollout > GRPO, 160 steps"]
+    assert (vs_gain, (vs_low, vs_high)) == (f"{100 * claim['gain']:+.1f}", interval(claim))
+    (t_score, t_std, t_base, t_gain, t_spread, t_low, t_high, s_gain, s_low, s_high), = quoted(
+        r"On the training captions it is the first GRPO setting that fits them: (\d+\.\d) ± (\d+\.\d) against the base's "
+        r"(\d+\.\d), ([+-]\d+\.\d) beyond the combined spread of (\d+\.\d) \(interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), "
+        r"and ([+-]\d+\.\d) over 160 single-pass rollouts \(interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)")
+    stats = train["variants"]
+    assert (t_score, t_std, t_base) == (pct(stats["grpo-inner4"]["overall"]), pct(stats["grpo-inner4"]["overall_std"]),
+                                        pct(stats["base"]["overall"]))
+    claim = train_claims["GRPO, 4 passes per rollout > base"]
+    assert claim["verdict"] == "shown"
+    assert (t_gain, t_spread, (t_low, t_high)) == (f"{100 * claim['gain']:+.1f}", pct(claim["combined_spread"]),
+                                                   interval(claim))
+    claim = train_claims["GRPO, 4 passes per rollout > GRPO, 160 steps"]
+    assert claim["verdict"] == "shown" and (s_gain, (s_low, s_high)) == (f"{100 * claim['gain']:+.1f}", interval(claim))
+    (fit, held), = quoted(r"it fits the training captions \(([+-]\d+\.\d) points, beyond the seed spread\) and is "
+                          r"([+-]\d+\.\d) on the held-out ones, interval above zero but within the spread")
+    assert (fit, held) == (f"{100 * train_claims['GRPO, 4 passes per rollout > base']['gain']:+.1f}",
+                           f"{100 * claims['GRPO, 4 passes per rollout > base']['gain']:+.1f}")
