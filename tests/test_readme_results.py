@@ -582,35 +582,40 @@ def test_the_readme_quotes_the_grpo_inner_epochs_study():
     claims = {c["name"]: c for c in held_out["claims"]}
     train_claims = {c["name"]: c for c in train["claims"]}
 
-    def interval(claim):
-        return tuple(f"{100 * v:+.1f}" for v in claim["interval"])
+    def scores(record):  # the quoted "score ± std against the base's base"
+        stats = record["variants"]
+        return (pct(stats["grpo-inner4"]["overall"]), pct(stats["grpo-inner4"]["overall_std"]),
+                pct(stats["base"]["overall"]))
 
-    (score, std, base, gain, low, high, spread, vs_gain, vs_low, vs_high), = quoted(
+    def gain_spread_interval(claim):
+        return (f"{100 * claim['gain']:+.1f}", pct(claim["combined_spread"]),
+                *(f"{100 * v:+.1f}" for v in claim["interval"]))
+
+    def gain_interval(claim):
+        gain, _, low, high = gain_spread_interval(claim)
+        return gain, low, high
+
+    found, = quoted(
         r"on the evaluation seeds 2000\+ it scores (\d+\.\d) ± (\d+\.\d) against the base's (\d+\.\d): ([+-]\d+\.\d), "
         r"paired interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\] above zero but within the combined spread of (\d+\.\d), so by "
         r"the study's rule still not shown; against 160 single-pass rollouts at about the same CPU time, ([+-]\d+\.\d) "
         r"\(interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)")
-    stats = held_out["variants"]
-    assert (score, std, base) == (pct(stats["grpo-inner4"]["overall"]), pct(stats["grpo-inner4"]["overall_std"]),
-                                  pct(stats["base"]["overall"]))
+    (gain, low, high, spread), versus = found[3:7], found[7:]
+    assert found[:3] == scores(held_out)
     claim = claims["GRPO, 4 passes per rollout > base"]
     assert claim["verdict"] == "not shown" and claim["interval"][0] > 0
-    assert (gain, spread, (low, high)) == (f"{100 * claim['gain']:+.1f}", pct(claim["combined_spread"]), interval(claim))
-    claim = claims["GRPO, 4 passes per rollout > GRPO, 160 steps"]
-    assert (vs_gain, (vs_low, vs_high)) == (f"{100 * claim['gain']:+.1f}", interval(claim))
-    (t_score, t_std, t_base, t_gain, t_spread, t_low, t_high, s_gain, s_low, s_high), = quoted(
+    assert (gain, spread, low, high) == gain_spread_interval(claim)
+    assert versus == gain_interval(claims["GRPO, 4 passes per rollout > GRPO, 160 steps"])
+    found, = quoted(
         r"On the training captions it is the first GRPO setting that fits them: (\d+\.\d) ± (\d+\.\d) against the base's "
         r"(\d+\.\d), ([+-]\d+\.\d) beyond the combined spread of (\d+\.\d) \(interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), "
         r"and ([+-]\d+\.\d) over 160 single-pass rollouts \(interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)")
-    stats = train["variants"]
-    assert (t_score, t_std, t_base) == (pct(stats["grpo-inner4"]["overall"]), pct(stats["grpo-inner4"]["overall_std"]),
-                                        pct(stats["base"]["overall"]))
-    claim = train_claims["GRPO, 4 passes per rollout > base"]
-    assert claim["verdict"] == "shown"
-    assert (t_gain, t_spread, (t_low, t_high)) == (f"{100 * claim['gain']:+.1f}", pct(claim["combined_spread"]),
-                                                   interval(claim))
-    claim = train_claims["GRPO, 4 passes per rollout > GRPO, 160 steps"]
-    assert claim["verdict"] == "shown" and (s_gain, (s_low, s_high)) == (f"{100 * claim['gain']:+.1f}", interval(claim))
+    (gain, spread, low, high), versus = found[3:7], found[7:]
+    assert found[:3] == scores(train)
+    claim, versus_claim = (train_claims[f"GRPO, 4 passes per rollout > {than}"] for than in ("base", "GRPO, 160 steps"))
+    assert claim["verdict"] == versus_claim["verdict"] == "shown"
+    assert (gain, spread, low, high) == gain_spread_interval(claim)
+    assert versus == gain_interval(versus_claim)
     (fit, held), = quoted(r"it fits the training captions \(([+-]\d+\.\d) points, beyond the seed spread\) and is "
                           r"([+-]\d+\.\d) on the held-out ones, interval above zero but within the spread")
     assert (fit, held) == (f"{100 * train_claims['GRPO, 4 passes per rollout > base']['gain']:+.1f}",
