@@ -58,7 +58,8 @@ WHERE = ("output_dir", "data_root")
                                   "toy-spo-noisycap-sweep", "toy-draft-noisycap-sweep",
                                   "toy-ncp-v2-sweep", "toy-draftc-v2-sweep", "toy-draftc-noisycap-sweep",
                                   "toy-draftc-v1-sweep", "toy-draftp-v2-lr1e-3-sweep",
-                                  "toy-draftp-32-sweep", "toy-grpo-noisycap-inner-sweep"])
+                                  "toy-draftp-32-sweep", "toy-grpo-noisycap-inner-sweep",
+                                  "toy-grpo-sd-v2-inner-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -620,3 +621,15 @@ def test_the_readme_quotes_the_grpo_inner_epochs_study():
                           r"([+-]\d+\.\d) on the held-out ones, interval above zero but within the spread")
     assert (fit, held) == (f"{100 * train_claims['GRPO, 4 passes per rollout > base']['gain']:+.1f}",
                            f"{100 * claims['GRPO, 4 passes per rollout > base']['gain']:+.1f}")
+
+
+def test_the_readme_quotes_the_grpo_inner_epochs_sweep_on_the_clean_base():
+    record = result("toy-grpo-sd-v2-inner-sweep")
+    assert record["config"]["variants"]["inner4"]["online.grpo.inner_epochs"] == 4
+    evals = record["eval"]
+    found, = quoted(r"it scores (\d+\.\d)% against the base's (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), so the "
+                    r"recipes keep one pass")
+    paired = evals["inner4"]["paired"]["base"]["prompt_mean"]
+    assert found == (pct(evals["inner4"]["overall"]), pct(evals["base"]["overall"]),
+                     *(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high")))
+    assert paired["low"] < 0 < paired["high"]
