@@ -397,9 +397,9 @@ def run_eval(stages: Stages, cfg: RunConfig, out: Path, report: dict[str, Any] |
                                                              for s in steps}}
         labels.update({name: {"kl_coeff": t.online.draft.kl_coeff, "step": t.max_steps}
                        for name, t in stages.trains.items()})
+        contrastive = tradeoff.trains_on_contrastive(stages.trains[main_name].online)
         report["tradeoff"] = tradeoff.measure(results, summary, curve, candidates, labels, shapeclip_model=model,
-                                              contrastive=tradeoff.trains_on_contrastive(stages.trains[main_name].online),
-                                              world_name=stages.world)
+                                              contrastive=contrastive, world_name=stages.world)
         tradeoff.save_plot(report["tradeoff"], out / "tradeoff.png")
     return summary
 

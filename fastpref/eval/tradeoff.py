@@ -5,8 +5,8 @@ measures, for the base, DRaFT (the main variant, kl_coeff 0: at the training ste
 eval.main_checkpoints and at its end) and DRaFT+ (the other variants), from the very images MiniGenEval scored:
 
 - reward: ShapeCLIP (the training reward: its cosine, or its contrastive probability), prompt-weighted: the mean
-  over prompts of each prompt's mean over its seeds, as the diversity is a mean over prompts (MiniGenEval gives its small categories more seeds; weighing
-  images equally would let the one single_object prompt count 32 times);
+  over prompts of each prompt's mean over its seeds, as the diversity is a mean over prompts (MiniGenEval gives its
+  small categories more seeds; weighing images equally would let the one single_object prompt count 32 times);
 - diversity: each prompt's mean pairwise ShapeCLIP 1 - cos (and pixel RMS) over its seeds, averaged over prompts
   (fastpref.eval.diversity);
 - MiniGenEval beside them, so that reward hacking (reward up, correctness down) is visible.

@@ -179,11 +179,12 @@ class GRPOMethod:
             **{f"cond.{key}": value.cpu() for key, value in traj.cond.items()},
         }
         kept_rows = {name: value[local_keep] for name, value in rows.items()}
-        parts = []
-        for inner in range(self.cfg.inner_epochs):  # every pass: all kept samples, in a new order
-            tag = "online/grpo-permute" + (f"/{inner}" if inner else "")
-            permutation = group_generator(engine.seed, prompts.epoch, prompts.start, tag)
-            parts += gather_permute_split(kept_rows, keys[local_keep], permutation, parts=self.cfg.steps_per_rollout)
+        # one order per pass over the kept samples (inner epochs); the first pass keeps the tag runs had before
+        # inner_epochs existed, so their rollouts train as they did
+        passes = [group_generator(engine.seed, prompts.epoch, prompts.start,
+                                  "online/grpo-permute" + (f"/{inner}" if inner else ""))
+                  for inner in range(self.cfg.inner_epochs)]
+        parts = gather_permute_split(kept_rows, keys[local_keep], passes, parts=self.cfg.steps_per_rollout)
         placeholder = {name: value[:1] for name, value in rows.items()}  # for empty micro-batches (weight 0)
 
         all_terms = {name: engine.gather(value.double()) for name, value in terms.items()}

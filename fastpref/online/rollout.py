@@ -15,6 +15,8 @@ permutation, an even split): the same global batches whatever the world size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import contextlib
 import math
 from dataclasses import dataclass, field
@@ -302,7 +304,8 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
-def gather_permute_split(rows: dict[str, torch.Tensor], keys: torch.Tensor, generator: torch.Generator,
+def gather_permute_split(rows: dict[str, torch.Tensor], keys: torch.Tensor,
+                         generator: torch.Generator | Sequence[torch.Generator],
                          parts: int = 1) -> list[dict[str, torch.Tensor]]:
     """Redistribute per-sample rows over the processes so that the result does not depend on the world size.
 
@@ -311,7 +314,9 @@ def gather_permute_split(rows: dict[str, torch.Tensor], keys: torch.Tensor, gene
     order do not matter), permutes them with `generator` (seeded the same on every process), keeps the largest
     multiple of world_size * parts rows, and returns this process's share of each of the `parts` consecutive
     chunks: part k of rank r = rows [k * m + r * m / W, k * m + (r + 1) * m / W) of the permuted list, m the chunk
-    size. SPO's pairs kept per step (which vary per rank) and GRPO's kept samples go through it.
+    size. SPO's pairs kept per step (which vary per rank) and GRPO's kept samples go through it. A sequence of
+    generators makes one pass per generator over the same gathered rows (GRPO's inner epochs), the rows gathered once:
+    len(generators) x parts shares, pass by pass.
     """
     rank, world = _world()
     keys = keys.to(torch.int64)
@@ -320,16 +325,17 @@ def gather_permute_split(rows: dict[str, torch.Tensor], keys: torch.Tensor, gene
     if not torch.equal(gathered_keys[order][1:] != gathered_keys[order][:-1],
                        torch.ones(max(len(order) - 1, 0), dtype=torch.bool)):
         raise ValueError("gather_permute_split: keys are not unique over the processes")
-    permutation = order[torch.randperm(len(order), generator=generator)]
     total = (len(order) // (world * parts)) * world * parts
     per_part = total // parts
     per_rank = per_part // world
     gathered = {name: all_gather_rows(value.to(_collective_device(value)) if world > 1 else value).cpu()
                 for name, value in rows.items()}
     shares = []
-    for k in range(parts):
-        take = permutation[k * per_part + rank * per_rank: k * per_part + (rank + 1) * per_rank]
-        shares.append({name: value[take] for name, value in gathered.items()})
+    for one in [generator] if isinstance(generator, torch.Generator) else generator:
+        permutation = order[torch.randperm(len(order), generator=one)]
+        for k in range(parts):
+            take = permutation[k * per_part + rank * per_rank: k * per_part + (rank + 1) * per_rank]
+            shares.append({name: value[take] for name, value in gathered.items()})
     return shares
 
 

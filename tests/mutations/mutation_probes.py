@@ -192,7 +192,7 @@ PROBES = [
     probe("grpo-inner-epochs-repeat-one-order",
           "every inner epoch of a GRPO rollout trains its samples in the first pass's order",
           ["tests/online/test_online_train.py::test_inner_epochs_pass_over_each_rollout_again_off_policy"],
-          ("fastpref/online/grpo.py", 'tag = "online/grpo-permute" + (f"/{inner}" if inner else "")',
-           'tag = "online/grpo-permute"'),
+          ("fastpref/online/grpo.py", '"online/grpo-permute" + (f"/{inner}" if inner else "")',
+           '"online/grpo-permute"'),
           seconds=20),
 ]
