@@ -291,16 +291,20 @@ def test_sigkill_and_resume_is_exact(tiny_models, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero2", "zero3"])
-def test_two_processes_equal_one(tiny_models, tmp_path, strategy):
+@pytest.mark.parametrize("strategy, extra", [
+    ("ddp", {}), ("fsdp2", {}), ("zero2", {}), ("zero3", {}),
+    # 2 passes over each rollout instead of 2 optimizer steps of half of it: the same steps per rollout
+    ("ddp", {"online.grpo.steps_per_rollout": 1, "online.grpo.inner_epochs": 2}),
+], ids=["ddp", "fsdp2", "zero2", "zero3", "ddp-inner-epochs"])
+def test_two_processes_equal_one(tiny_models, tmp_path, strategy, extra):
     """2 gloo processes (each samples half the prompts; rewards gathered for the advantages; kept samples spread by
-    one global permutation) train as 1 process does on the same global rollout."""
+    one global permutation per pass) train as 1 process does on the same global rollout."""
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed", reason="the 'distributed' extra (deepspeed) is not installed")
-    one = write_config(resume_config(tiny_models, tmp_path / "one"), tmp_path / "one.yaml")
+    one = write_config(resume_config(tiny_models, tmp_path / "one", **extra), tmp_path / "one.yaml")
     proc = launch(one)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    two = write_config(resume_config(tiny_models, tmp_path / "two", parallel=strategy), tmp_path / "two.yaml")
+    two = write_config(resume_config(tiny_models, tmp_path / "two", parallel=strategy, **extra), tmp_path / "two.yaml")
     proc = launch(two, nproc=2)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
