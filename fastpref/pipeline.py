@@ -508,6 +508,17 @@ def seed_summary_lines(summary: dict[str, Any]) -> list[str]:
             *claim_lines(summary["claims"]), ""]
 
 
+def extras_report_lines(extras: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The rewards-and-diversity table of a run or study report (fastpref.eval.diversity), where every model's
+    evaluation carries them (a report made before they were measured has none)."""
+    from fastpref.eval.diversity import extras_lines, summarize_extras
+
+    if "base" not in extras or not all(e and all("reward" in x and "diversity" in x for x in e)
+                                       for e in extras.values()):
+        return []
+    return extras_lines(summarize_extras(extras))
+
+
 def write_report(out: Path, report: dict[str, Any]) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# fastpref run: {out}", ""]
@@ -521,6 +532,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
             weighted = f"{100 * r['prompt_mean']:.1f}" if "prompt_mean" in r else "-"
             lines.append(f"| {name} | **{100 * r['overall']:.1f}** | {weighted} | {seeds} | {cells} |")
         lines += ["", *improvement_lines(report["eval"]), ""]
+        lines += extras_report_lines({name: [r] for name, r in report["eval"].items()})
         if "seeds" in report:
             lines += seed_summary_lines(report["seeds"])
         lines += ["![before/after](grid.png)", ""]

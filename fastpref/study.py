@@ -291,22 +291,35 @@ class Study:
         return load(train.model.path, family=train.model.family).pipeline
 
     def _evaluated(self, name: str, make_pipeline, ev) -> dict[str, Any]:
+        from fastpref.eval.diversity import eval_extras
         from fastpref.pipeline import eval_identity, evaluate_pipeline
 
         path = self.eval_path(name)
         stored = json.loads(path.read_text()) if path.exists() else None
         if stored is not None:
-            if stored["settings"].get("eval_config") == eval_identity(ev):
+            if stored["settings"].get("eval_config") == eval_identity(ev) and "extras" in stored:
                 return stored
-            # the study's eval section changed since (or the file predates the record of its settings): a stale
-            # score must not pass for the new one
+            # the study's eval section changed since (or the file predates the record of its settings, or of the
+            # rewards and diversity of its images): a stale score must not pass for the new one
             print(f"[fastpref study] {path}: made with other eval settings; evaluating {name} again", flush=True)
         result = evaluate_pipeline(make_pipeline(), ev, self._call_kwargs(), progress=self.cfg.progress)
+        data = result.to_json()
+        # the images are not stored: their rewards and diversity are measured now, beside the scores
+        data["extras"] = eval_extras(result, self._shapeclip(ev.world))
         tmp = path.with_suffix(".json.tmp")
-        result.save(tmp)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, path)  # a killed evaluation leaves no file that looks finished
         print(f"[fastpref study] MiniGenEval {name}: {100 * result.overall:.1f}%", flush=True)
         return json.loads(path.read_text())
+
+    def _shapeclip(self, world: str):
+        """The shipped ShapeCLIP of the evaluated world, loaded once per study."""
+        from fastpref.toy import shapeclip
+
+        if getattr(self, "_shapeclip_model", (None, None))[0] != world:
+            self._shapeclip_model = (world, shapeclip.load_shipped(world_name=world))
+        return self._shapeclip_model[1]
 
     def _call_kwargs(self) -> dict:
         from fastpref.models import resolve_path
@@ -345,14 +358,21 @@ def flat_differences(base: dict[str, Any], other: dict[str, Any], prefix: str = 
 
 def build_report(cfg: StudyConfig, results: dict[str, dict[str, Any]], seconds: dict[str, float],
                  counts: dict[str, int]) -> dict[str, Any]:
-    from fastpref.eval.verdicts import judge_seeded_claim, variant_statistics
+    from fastpref.eval.verdicts import judge_seeded_claim, seeded_name, variant_statistics
 
     stats = variant_statistics(results, list(cfg.variants), cfg.seeds)
     eval_spread = results["base"]["seed_spread"]
     claims = [{"name": claim.name or f"{claim.better} > {claim.than}",
                **judge_seeded_claim(results, stats, claim.better, claim.than, cfg.seeds)} for claim in cfg.claims]
-    return {"recipe": cfg.recipe, "seeds": cfg.seeds, "counts": counts, "variants": stats, "claims": claims,
-            "base_eval_seed_spread": eval_spread, "seconds": seconds}
+    report = {"recipe": cfg.recipe, "seeds": cfg.seeds, "counts": counts, "variants": stats, "claims": claims,
+              "base_eval_seed_spread": eval_spread, "seconds": seconds}
+    extras = {"base": [results["base"].get("extras")],
+              **{v: [results[seeded_name(v, seed)].get("extras") for seed in cfg.seeds] for v in cfg.variants}}
+    if all(e is not None for models in extras.values() for e in models):
+        from fastpref.eval.diversity import summarize_extras
+
+        report["extras"] = summarize_extras(extras)
+    return report
 
 
 def write_study_report(out: Path, report: dict[str, Any]) -> None:
@@ -368,6 +388,10 @@ def write_study_report(out: Path, report: dict[str, Any]) -> None:
                 if "prompt_mean_eval_seed_spread" in stats["base"] else "."), "", *seed_table_lines(stats)]
     lines += ["", "## Claims", ""]
     lines += claim_lines(report["claims"], name_of=lambda c: c["name"])
+    if "extras" in report:
+        from fastpref.eval.diversity import extras_lines
+
+        lines += ["", *extras_lines(report["extras"])]
     lines += ["", "![MiniGenEval per variant](scores.png)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()]
     lines += ["", "Stages run: " + ", ".join(f"{k} {v}" for k, v in report["counts"].items()), ""]

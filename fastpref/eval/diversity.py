@@ -173,3 +173,66 @@ def describe(extras: dict[str, Any]) -> str:
             f"({d['groups']} prompts, {d['pairs']} pairs); reward: ShapeCLIP {r['shapeclip']:.4f}, "
             + (f"ShapeCLIP contrastive {r['shapeclip_contrastive']:.4f}, " if "shapeclip_contrastive" in r else "")
             + f"quality {r['quality']:.4f}")
+
+
+# -- beside MiniGenEval in run and study reports ------------------------------------------------------------------
+
+# a model whose diversity falls below (1 - COLLAPSE_TOLERANCE) x the base's is flagged as collapsing (the online
+# issues' "no collapse" bar: diversity within 20% of the base's)
+COLLAPSE_TOLERANCE = 0.2
+EXTRAS_COLUMNS = (("reward", "shapeclip", "ShapeCLIP"), ("reward", "shapeclip_contrastive", "ShapeCLIP contrastive"),
+                  ("reward", "quality", "quality"), ("diversity", "shapeclip", "diversity ShapeCLIP 1-cos"),
+                  ("diversity", "pixel", "diversity pixel RMS"))
+
+
+def summarize_extras(per_model: dict[str, Sequence[dict[str, Any]]], base: str = "base",
+                     tolerance: float = COLLAPSE_TOLERANCE) -> dict[str, dict[str, Any]]:
+    """name -> the eval_extras of each of its models (one per training seed; the base: one) -> per name the mean and
+    std (ddof 1; 0 for one model) of every reward and diversity, each mean diversity over the base's, and whether
+    every diversity stays within `tolerance` of the base's (`collapse` false) -- read from the means over seeds."""
+    import numpy as np
+
+    if base not in per_model:
+        raise KeyError(f"diversity summary: no {base!r} among {sorted(per_model)}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, extras in per_model.items():
+        if not extras:
+            raise ValueError(f"diversity summary: {name!r} has no evaluated model")
+        row: dict[str, Any] = {"seeds": len(extras)}
+        for section, key, _ in EXTRAS_COLUMNS:
+            values = np.array([e[section][key] for e in extras if key in e[section]], dtype=float)
+            if len(values) == len(extras):
+                row[f"{section}_{key}"] = float(values.mean())
+                row[f"{section}_{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        out[name] = row
+    for row in out.values():
+        ratios = {key: row[f"diversity_{key}"] / out[base][f"diversity_{key}"] for _, key, _ in EXTRAS_COLUMNS[3:]
+                  if f"diversity_{key}" in row and out[base].get(f"diversity_{key}", 0) > 0}
+        row["diversity_vs_base"] = ratios
+        row["collapse"] = any(r < 1 - tolerance for r in ratios.values())
+    return out
+
+
+def extras_lines(summary: dict[str, dict[str, Any]], tolerance: float = COLLAPSE_TOLERANCE) -> list[str]:
+    """Markdown: the rewards and diversity of the very images MiniGenEval scored, per model (mean ± std over its
+    training seeds where it has several), each diversity as a share of the base's, and the collapse verdict."""
+    columns = [c for c in EXTRAS_COLUMNS if all(f"{c[0]}_{c[1]}" in row for row in summary.values())]
+    several = any(row["seeds"] > 1 for row in summary.values())
+
+    def cell(row, section, key):
+        mean, std = row[f"{section}_{key}"], row[f"{section}_{key}_std"]
+        text = f"{mean:.4f}" + (f" ± {std:.4f}" if several else "")
+        ratio = row["diversity_vs_base"].get(key) if section == "diversity" else None
+        return text + (f" ({100 * ratio:.0f}%)" if ratio is not None else "")
+
+    lines = ["## Rewards and diversity of the evaluated images", "",
+             "The images MiniGenEval scored: mean rewards, and the diversity over each prompt's seeds (prompts weighted "
+             "equally) with its share of the base's" + (", mean ± std over the training seeds" if several else "")
+             + f". A model whose diversity falls below {100 * (1 - tolerance):.0f}% of the base's is flagged as "
+             "collapsing.", "",
+             "| model | " + " | ".join(label for _, _, label in columns) + " | collapse |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    for name, row in summary.items():
+        verdict = "yes" if row["collapse"] else "no"
+        lines.append(f"| {name} | " + " | ".join(cell(row, s, k) for s, k, _ in columns) + f" | {verdict} |")
+    return lines + [""]

@@ -7,6 +7,7 @@ import importlib.util
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,3 +108,49 @@ def test_lpips_diversity_on_a_random_weight_backbone():
 def test_lpips_without_the_package_says_what_to_install():
     with pytest.raises(ImportError, match="pip install lpips"):
         diversity.lpips_diversity(torch.rand(2, 3, 8, 8), ["a", "a"])
+
+
+def _extras(shapeclip_reward, quality, div_shapeclip, div_pixel):
+    return {"reward": {"shapeclip": shapeclip_reward, "shapeclip_contrastive": shapeclip_reward / 2,
+                       "quality": quality},
+            "diversity": {"shapeclip": div_shapeclip, "pixel": div_pixel, "groups": 3, "pairs": 9}}
+
+
+def test_summarize_extras_means_over_seeds_shares_of_the_base_and_the_collapse_bar():
+    per_model = {"base": [_extras(0.80, 1.0, 0.10, 0.20)],
+                 "kept": [_extras(0.82, 1.1, 0.09, 0.21), _extras(0.84, 1.3, 0.085, 0.19)],
+                 "collapsed": [_extras(0.90, 1.0, 0.10, 0.15)]}  # pixel diversity 75% of the base's
+    summary = diversity.summarize_extras(per_model)
+    kept = summary["kept"]
+    assert kept["seeds"] == 2 and kept["reward_shapeclip"] == pytest.approx(0.83)
+    assert kept["reward_quality_std"] == pytest.approx(np.std([1.1, 1.3], ddof=1))
+    assert kept["diversity_vs_base"]["shapeclip"] == pytest.approx(0.0875 / 0.10)
+    assert kept["diversity_vs_base"]["pixel"] == pytest.approx(1.0)
+    assert not kept["collapse"] and summary["collapsed"]["collapse"] and not summary["base"]["collapse"]
+    assert summary["base"]["reward_shapeclip_std"] == 0.0
+    # the bar is the tolerance: 0.875 of the base's shapeclip diversity collapses at 10%, not at 20%
+    assert diversity.summarize_extras(per_model, tolerance=0.1)["kept"]["collapse"]
+
+    lines = diversity.extras_lines(summary)
+    assert lines[0] == "## Rewards and diversity of the evaluated images"
+    row = next(line for line in lines if line.startswith("| collapsed |"))
+    assert "0.1500 ± 0.0000 (75%)" in row and row.endswith("| yes |")
+    assert next(line for line in lines if line.startswith("| kept |")).endswith("| no |")
+    with pytest.raises(KeyError, match="'base'"):
+        diversity.summarize_extras({"kept": per_model["kept"]})
+
+
+def test_the_run_report_shows_the_rewards_and_diversity_of_every_model(tmp_path):
+    from fastpref.pipeline import write_report
+
+    row = {"overall": 0.5, "per_category": {"colors": 0.5}, "seed_scores": [0.5], "seed_spread": 0.0}
+    report = {"eval": {"base": {**row, **_extras(0.8, 1.0, 0.1, 0.2)}, "main": {**row, **_extras(0.8, 1.0, 0.05, 0.2)}},
+              "seconds": {"train": 1.0}}
+    write_report(tmp_path, report)
+    text = (tmp_path / "report.md").read_text()
+    assert "## Rewards and diversity of the evaluated images" in text
+    assert next(line for line in text.splitlines() if line.startswith("| main | 0.8000")).endswith("| yes |")
+    # a report whose evaluations carry no rewards (made before they were measured) has no table, and no error
+    del report["eval"]["main"]["reward"]
+    write_report(tmp_path, report)
+    assert "## Rewards and diversity" not in (tmp_path / "report.md").read_text()

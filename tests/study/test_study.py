@@ -242,7 +242,8 @@ def test_a_tiny_online_study_runs_end_to_end(tmp_path):
     cfg = from_dict(StudyConfig, {
         "recipe": str(ROOT / "configs/toy-grpo-sd.yaml"), "output_dir": str(tmp_path / "study"), "seeds": [0, 1],
         "overrides": TINY_ONLINE, "progress": False, "variants": {"grpo": {}},
-        "claims": [{"better": "grpo", "than": "base"}]})
+        "claims": [{"better": "grpo", "than": "base"}],
+        "eval": {"seeds_per_prompt": 2}})  # two seeds per prompt: a diversity to measure
     report = Study(cfg).run()
     out = tmp_path / "study"
     assert report["counts"] == {"synth": 0, "label": 0, "cache": 0, "train": 2, "eval": 3}
@@ -251,6 +252,22 @@ def test_a_tiny_online_study_runs_end_to_end(tmp_path):
     assert not (out / "data").exists() and not (out / "synth").exists()
     assert set(report["variants"]) == {"base", "grpo"} and report["claims"][0]["verdict"] in (
         "shown", "not shown", "reversed")
+    # beside MiniGenEval: the rewards and diversity of the images it scored, per seed in each stored evaluation
+    stored = {n: json.loads((out / "eval" / f"{n}.json").read_text())["extras"]
+              for n in ("base", "grpo-seed0", "grpo-seed1")}
+    per_seed = [stored[f"grpo-seed{s}"]["reward"]["shapeclip"] for s in (0, 1)]
+    assert report["extras"]["grpo"]["reward_shapeclip"] == pytest.approx(np.mean(per_seed))
+    assert report["extras"]["grpo"]["reward_shapeclip_std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert report["extras"]["base"]["diversity_pixel"] == stored["base"]["diversity"]["pixel"] > 0
+    assert "## Rewards and diversity of the evaluated images" in (out / "report.md").read_text()
+    from fastpref.eval.diversity import eval_extras
+    from fastpref.pipeline import EvalConfig, evaluate_pipeline
+
+    study = Study(cfg)
+    ev = from_dict(EvalConfig, {**study.plan.eval, "world": "v2"})
+    again = eval_extras(evaluate_pipeline(study._base_pipeline(), ev, progress=False))
+    assert again["reward"] == pytest.approx(stored["base"]["reward"])
+    assert again["diversity"] == pytest.approx(stored["base"]["diversity"])
 
     # the same study with another eval section: the trainings are reused, the stored evaluations are not
     trained = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/train/*/checkpoints/*/trainable.safetensors")}
