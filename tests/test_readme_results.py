@@ -633,3 +633,33 @@ def test_the_readme_quotes_the_grpo_inner_epochs_sweep_on_the_clean_base():
     assert found == (pct(evals["inner4"]["overall"]), pct(evals["base"]["overall"]),
                      *(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high")))
     assert paired["low"] < 0 < paired["high"]
+
+
+def test_the_readme_quotes_the_grpo_inner_epochs_rerun_and_its_rewards_and_diversity():
+    """The rerun of the grpo-inner4 trainings (docs/results/grpo-noisycap-inner4-rerun.json: the study file with the
+    variant alone) beside the first study's per-seed scores, and the rewards and diversity of its images."""
+    rerun, first = result("grpo-noisycap-inner4-rerun"), result("grpo-noisycap")
+    assert rerun["study"] == "configs/studies/grpo-noisycap.yaml" and rerun["seeds"] == first["seeds"]
+    spec = yaml.safe_load((ROOT / "configs" / "studies" / "grpo-noisycap.yaml").read_text())
+    assert any(spec["variants"]["grpo-inner4"] == yaml.safe_load(o.split("=", 1)[1])["grpo-inner4"]
+               for o in rerun["overrides"] if o.startswith("variants="))
+    stats, claim = rerun["variants"], rerun["claims"][0]
+    found, = quoted(
+        r"`docs/results/grpo-noisycap-inner4-rerun.md`, (\d+) seconds of training\) scores (\d+\.\d) ± (\d+\.\d) against "
+        r"the base's (\d+\.\d): ([+-]\d+\.\d), interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\], not shown")
+    assert found == (f"{rerun['seconds']['train']:.0f}", pct(stats["grpo-inner4"]["overall"]),
+                     pct(stats["grpo-inner4"]["overall_std"]), pct(stats["base"]["overall"]),
+                     f"{100 * claim['gain']:+.1f}", *(f"{100 * v:+.1f}" for v in claim["interval"]))
+    assert claim["verdict"] == "not shown" and claim["interval"][0] < 0
+    (a, b, c, d), = quoted(r"over these four trainings of 4 passes \((\d+\.\d), (\d+\.\d), (\d+\.\d), (\d+\.\d)\)")
+    assert (a, b, c, d) == tuple(pct(x) for x in [*first["variants"]["grpo-inner4"]["per_seed"],
+                                                    *stats["grpo-inner4"]["per_seed"]])
+    extras = rerun["extras"]
+    found, = quoted(
+        r"ShapeCLIP 1 - cos at (\d+)% and pixel RMS at (\d+)% of the base's: no collapse\) with ShapeCLIP (\d\.\d{3}) -> "
+        r"(\d\.\d{3}), its contrastive probability (\d\.\d{3}) -> (\d\.\d{3}) and quality (\d\.\d{3}) -> (\d\.\d{3})")
+    ratios = extras["grpo-inner4"]["diversity_vs_base"]
+    assert found[:2] == (f"{100 * ratios['shapeclip']:.0f}", f"{100 * ratios['pixel']:.0f}")
+    assert not extras["grpo-inner4"]["collapse"]
+    assert found[2:] == tuple(f"{extras[m][f'reward_{k}']:.3f}" for k in ("shapeclip", "shapeclip_contrastive", "quality")
+                              for m in ("base", "grpo-inner4"))
