@@ -59,7 +59,8 @@ WHERE = ("output_dir", "data_root")
                                   "toy-ncp-v2-sweep", "toy-draftc-v2-sweep", "toy-draftc-noisycap-sweep",
                                   "toy-draftc-v1-sweep", "toy-draftp-v2-lr1e-3-sweep",
                                   "toy-draftp-32-sweep", "toy-grpo-noisycap-inner-sweep",
-                                  "toy-grpo-sd-v2-inner-sweep"])
+                                  "toy-grpo-sd-v2-inner-sweep", "toy-spo-v2-inner-sweep",
+                                  "toy-grpo-sd-v2-full-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -663,3 +664,29 @@ def test_the_readme_quotes_the_grpo_inner_epochs_rerun_and_its_rewards_and_diver
     assert not extras["grpo-inner4"]["collapse"]
     assert found[2:] == tuple(f"{extras[m][f'reward_{k}']:.3f}" for k in ("shapeclip", "shapeclip_contrastive", "quality")
                               for m in ("base", "grpo-inner4"))
+
+
+def _versus_base(evals, name):
+    paired = evals[name]["paired"]["base"]["prompt_mean"]
+    return (pct(evals[name]["overall"]), *(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high")))
+
+
+def test_the_readme_quotes_the_spo_inner_step_and_grpo_full_fine_tuning_sweeps():
+    spo = result("toy-spo-v2-inner-sweep")
+    assert spo["config"]["variants"]["inner15"] == {"online.spo.num_inner_step": 15}
+    evals = spo["eval"]
+    found, = quoted(
+        r"`num_inner_step` 3 gives (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\) and 15 \(every branch "
+        r"run to its clean image and scored at t = 0, where the SPM is best\) (\d+\.\d)% \(([+-]\d+\.\d) "
+        r"\[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), beside the recipe's (\d+\.\d)% and the base's (\d+\.\d)%")
+    assert found == (*_versus_base(evals, "inner3"), *_versus_base(evals, "inner15"), pct(evals["main"]["overall"]),
+                     pct(evals["base"]["overall"]))
+    grpo = result("toy-grpo-sd-v2-full-sweep")
+    assert grpo["config"]["train"]["mode"] == "full" and float(grpo["config"]["train"]["lr"]) == 3e-5
+    evals = grpo["eval"]
+    found, = quoted(
+        r"`docs/results/toy-grpo-sd-v2-full-sweep.md`\): lr 3e-5 (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), "
+        r"([+-]\d+\.\d)\]\), lr 1e-5 (\d+\.\d)% \(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), against the base's "
+        r"(\d+\.\d)%")
+    assert found == (*_versus_base(evals, "main"), *_versus_base(evals, "full1e-5"), pct(evals["base"]["overall"]))
+    assert all(evals[v]["paired"]["base"]["prompt_mean"]["low"] < 0 for v in ("main", "full1e-5"))
