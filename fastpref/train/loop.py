@@ -16,7 +16,7 @@ from fastpref.config import ConfigError, save_config, to_dict
 from fastpref.online.config import ONLINE_METHODS as ONLINE_OBJECTIVES
 from fastpref.train.checkpoint import CheckpointManager, rng_state, save_trainable, set_rng_state
 from fastpref.train.config import DTYPES, DataConfig, LoraConfig, ModelConfig, TrainConfig  # noqa: F401 (re-exported)
-from fastpref.train.metrics import (MetricsLogger, RunHistory, format_summary, memory_usage,
+from fastpref.train.metrics import (MetricsLogger, RunHistory, format_summary, host_identity, memory_usage,
                                     progress_postfix, write_summary)
 from fastpref.train.parallel import build_parallel, local_device
 from fastpref.train.reference import (ReferenceModel, plan_reference, reference_precision_gap,  # noqa: F401
@@ -231,7 +231,10 @@ class Trainer:
                    **(memory_usage(self.device) if main else {}),
                    "output_dir": str(self.out), "speedups": self.speedups, "reference": self.reference_mode,
                    "reference_dtype": str(self.reference_dtype).removeprefix("torch.") if self.reference_dtype else None,
-                   "parallel": self.parallel.strategy, "world_size": self.parallel.world_size}
+                   "parallel": self.parallel.strategy, "world_size": self.parallel.world_size,
+                   # what a rerun must match to repeat this run bit for bit: float reductions differ across thread
+                   # counts and CPUs, and a long online run turns that into another trajectory of the same seed
+                   "host": host_identity()}
         if main:
             write_summary(self.out / "summary.json", summary)
             print(format_summary(summary), flush=True)

@@ -237,3 +237,20 @@ def plot_training_curves(runs: dict[str, str | Path], path: str | Path) -> Path 
         fig.savefig(handle, format="png", dpi=110)
     plt.close(fig)
     return path
+
+
+def host_identity() -> dict[str, Any]:
+    """Where a run ran, as far as its numbers depend on it: torch's version and intra-op thread count, the CPU model
+    (Linux: /proc/cpuinfo's first "model name") and the CUDA device, if any."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

@@ -120,6 +120,9 @@ def test_a_run_reports_to_every_sink_and_ends_with_a_summary(cached_dataset, tmp
     assert summary["images_per_s"] == pytest.approx(summary["images"] / summary["train_time_s"])
     assert summary["images"] == 2 * 3 * 2  # 2 groups x K=3 images (rankdpo) x the 2 steps that updated
     assert summary["max_rss_gb"] > 0
+    # where it ran, for a rerun to match: float reductions differ across thread counts and CPUs
+    assert summary["host"]["threads"] == torch.get_num_threads() >= 1
+    assert summary["host"]["torch"] == torch.__version__ and summary["host"]["cpu"]
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert not list(tmp_path.glob(".summary.json.*"))  # the atomic write left no temp file
