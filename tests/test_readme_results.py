@@ -640,21 +640,27 @@ def test_the_readme_quotes_the_grpo_inner_epochs_rerun_and_its_rewards_and_diver
     """The rerun of the grpo-inner4 trainings (docs/results/grpo-noisycap-inner4-rerun.json: the study file with the
     variant alone) beside the first study's per-seed scores, and the rewards and diversity of its images."""
     rerun, first = result("grpo-noisycap-inner4-rerun"), result("grpo-noisycap")
-    assert rerun["study"] == "configs/studies/grpo-noisycap.yaml" and rerun["seeds"] == first["seeds"]
+    assert rerun["study"] == "configs/studies/grpo-noisycap.yaml" and rerun["seeds"][:2] == first["seeds"]
     spec = yaml.safe_load((ROOT / "configs" / "studies" / "grpo-noisycap.yaml").read_text())
     assert any(spec["variants"]["grpo-inner4"] == yaml.safe_load(o.split("=", 1)[1])["grpo-inner4"]
                for o in rerun["overrides"] if o.startswith("variants="))
     stats, claim = rerun["variants"], rerun["claims"][0]
     found, = quoted(
-        r"`docs/results/grpo-noisycap-inner4-rerun.md`, (\d+) seconds of training\) scores (\d+\.\d) ± (\d+\.\d) against "
+        r"`docs/results/grpo-noisycap-inner4-rerun.md`, (\d+) seconds of training for the four\) scores (\d+\.\d) ± "
+        r"(\d+\.\d) against "
         r"the base's (\d+\.\d): ([+-]\d+\.\d), interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\], not shown")
     assert found == (f"{rerun['seconds']['train']:.0f}", pct(stats["grpo-inner4"]["overall"]),
                      pct(stats["grpo-inner4"]["overall_std"]), pct(stats["base"]["overall"]),
                      f"{100 * claim['gain']:+.1f}", *(f"{100 * v:+.1f}" for v in claim["interval"]))
     assert claim["verdict"] == "not shown" and claim["interval"][0] < 0
-    (a, b, c, d), = quoted(r"over these four trainings of 4 passes \((\d+\.\d), (\d+\.\d), (\d+\.\d), (\d+\.\d)\)")
-    assert (a, b, c, d) == tuple(pct(x) for x in [*first["variants"]["grpo-inner4"]["per_seed"],
-                                                    *stats["grpo-inner4"]["per_seed"]])
+    found, = quoted(r"Its seeds 0 and 1 score (\d+\.\d) and (\d+\.\d) where the first study's scored (\d+\.\d) and "
+                    r"(\d+\.\d)")
+    firsts, reruns = first["variants"]["grpo-inner4"]["per_seed"], stats["grpo-inner4"]["per_seed"]
+    assert found == tuple(pct(x) for x in [*reruns[:2], *firsts])
+    found, = quoted(r"Over the six trainings of 4 passes \((\d+\.\d), (\d+\.\d) and (\d+\.\d), (\d+\.\d), "
+                    r"(\d+\.\d), (\d+\.\d)\) every one scores above the base")
+    assert found == tuple(pct(x) for x in [*firsts, *reruns])
+    assert min(firsts + reruns) > stats["base"]["overall"]
     extras = rerun["extras"]
     found, = quoted(
         r"ShapeCLIP 1 - cos at (\d+)% and pixel RMS at (\d+)% of the base's: no collapse\) with ShapeCLIP (\d\.\d{3}) -> "
