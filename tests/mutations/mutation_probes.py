@@ -185,8 +185,8 @@ PROBES = [
           "fastpref study reads back a stored MiniGenEval made with other eval settings",
           ["tests/study/test_study.py::test_a_tiny_online_study_runs_end_to_end"],
           ("fastpref/study.py",
-           'if stored["settings"].get("eval_config") == eval_identity(ev):',
-           "if True:"),
+           'if stored["settings"].get("eval_config") == eval_identity(ev) and "extras" in stored:',
+           'if "extras" in stored:'),
           seconds=40),
     # --- GRPO's inner epochs (README "GRPO"): every pass over a rollout reshuffles its samples
     probe("grpo-inner-epochs-repeat-one-order",

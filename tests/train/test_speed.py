@@ -309,9 +309,18 @@ def test_fused_loss_off_equals_on(cached_dataset, tmp_path):
         trainer = make_trainer(cached_dataset, tmp_path / str(fused), **{
             "objective.name": "rankdpo", "loss_backend": "auto", "speed.fused_loss": fused})
         assert trainer.step_fn.loss_backend == ("auto" if fused else "reference")
+        # away from policy == reference: there every margin is beta (2500) x the difference of two equal errors,
+        # i.e. float32 rounding that each backend's reduction order makes differently, and the loss and gradient
+        # are cancellations of it (measured on an AMD EPYC: 0.69316 vs 0.69329, gradients 6% apart)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for parameter in trainer.bundle.denoiser.parameters():
+                parameter.add_(1e-2 * parameter.abs().mean() * torch.randn(parameter.shape, generator=generator))
         results[fused] = first_step(trainer)
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
-    assert_gradients_close(results[True][1], results[False][1], rel_tol=1e-4)
+    # beta (2500) x float32 rounding of the per-sample errors (~1e-7 relative), which the fused and the reference
+    # reductions sum in different orders, moves the margins by ~3e-4: the loss agrees to ~1e-4 relative, not better
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-3, atol=1e-6)
+    assert_gradients_close(results[True][1], results[False][1], rel_tol=1e-3)
 
 
 # --------------------------------------------------------------------------- missing packages

@@ -37,5 +37,8 @@ def test_zero2_accumulating_two_micro_batches_equals_one_whole_batch(cached_data
     result = run_deepspeed_worker(WORKER, cached_dataset, tmp_path)
     for whole, split in zip(result["whole"], result["split"]):
         assert not whole.get("skipped") and not split.get("skipped")
-        assert split["loss"] == pytest.approx(whole["loss"], rel=1e-4)
+        # 2 x 2 groups and 4 x 1 sum in other orders: beta (2500) x float32 rounding of the errors moves the
+        # margins by ~1e-4 (measured on an AMD EPYC: losses 2.5e-4 apart, relative); a lost micro-batch moves the
+        # gradient norm by ~15% (module doc)
+        assert split["loss"] == pytest.approx(whole["loss"], rel=1e-3)
         assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
