@@ -484,11 +484,17 @@ def seed_table_lines(stats: dict[str, dict[str, Any]]) -> list[str]:
     categories = list(stats["base"]["per_category"])
     pct = (lambda m, s: f"{100 * m:.1f} ± {100 * s:.1f}")
     weighted = all("prompt_mean" in s for s in stats.values())
-    lines = ["| model | seeds | overall | " + ("prompt-weighted | " if weighted else "") + " | ".join(categories) + " |",
-             "|---|---|---|" + ("---|" if weighted else "") + "---|" * len(categories)]
+    # a study's training seconds per variant (the base trains nothing): what each score cost
+    timed = any("train_seconds" in s for s in stats.values())
+    lines = ["| model | seeds | overall | " + ("prompt-weighted | " if weighted else "") + " | ".join(categories)
+             + (" | training seconds" if timed else "") + " |",
+             "|---|---|---|" + ("---|" if weighted else "") + "---|" * len(categories) + ("---|" if timed else "")]
     for name, s in stats.items():
         cells = " | ".join(pct(s["per_category"][c], s["per_category_std"][c]) for c in categories)
         column = f"{pct(s['prompt_mean'], s['prompt_mean_std'])} | " if weighted else ""
+        if timed:
+            cells += (f" | {s['train_seconds']:.0f} ± {s['train_seconds_std']:.0f}" if "train_seconds" in s
+                      else " | -")
         lines.append(f"| {name} | {s['seeds']} | **{pct(s['overall'], s['overall_std'])}** | {column}{cells} |")
     return lines
 
@@ -511,12 +517,10 @@ def seed_summary_lines(summary: dict[str, Any]) -> list[str]:
 def extras_report_lines(extras: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The rewards-and-diversity table of a run or study report (fastpref.eval.diversity), where every model's
     evaluation carries them (a report made before they were measured has none)."""
-    from fastpref.eval.diversity import extras_lines, summarize_extras
+    from fastpref.eval.diversity import extras_lines, summarize_complete_extras
 
-    if "base" not in extras or not all(e and all("reward" in x and "diversity" in x for x in e)
-                                       for e in extras.values()):
-        return []
-    return extras_lines(summarize_extras(extras))
+    summary = summarize_complete_extras(extras)
+    return extras_lines(summary) if summary is not None else []
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:

@@ -14,11 +14,14 @@ A study names a run recipe (`recipe`), overrides applied to all of it (`override
 
 An online recipe (GRPO, SPO, DRaFT: prompts only, no synth / label / cache) is one `fastpref run` whose trainings
 are every (variant, seed); a seed key whose section the recipe lacks (cache.reference_errors.seed there) is skipped.
+A variant may name its own run recipe (`recipe: configs/toy-grpo-sd.yaml` among its overrides): offline and online
+methods then sit in one report, trained from one base model (checked) and judged by the study recipe's eval section.
 
 Every stage skips finished work (the stages of `fastpref run` do; evaluations are files), so running the same
 command again after a kill resumes, and the same seeds give the same table. The report (report.md / .json /
 scores.png) gives MiniGenEval overall and per category per variant as mean ± std over training seeds, the
-base's seed-to-seed spread, the per-stage seconds and a verdict per claim (fastpref.eval.verdicts).
+base's seed-to-seed spread, each variant's training seconds, the per-stage seconds and a verdict per claim
+(fastpref.eval.verdicts).
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ class StudyConfig:
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ConfigError(f"variants.{name}: names are letters, digits, '-' and '_' (they name folders)")
             for key in overrides or {}:
+                if key == "recipe":
+                    if not isinstance(overrides[key], str):
+                        raise ConfigError(f"variants.{name}.recipe: the path of a run recipe, got {overrides[key]!r}")
+                    continue
                 if key.split(".")[0] in ("eval", "output_dir", "variants", "main_variant", "data_root"):
                     raise ConfigError(f"variants.{name}.{key}: the study sets {key.split('.')[0]} for every "
                                       "variant (all variants are evaluated on the same prompts and seeds)")
@@ -138,9 +145,20 @@ def with_overrides(data: dict[str, Any], overrides: dict[str, Any], section: str
 
 
 def variant_recipe(cfg: StudyConfig, recipe: dict[str, Any], variant: str, seed: int) -> dict[str, Any]:
-    """The full run recipe of one (variant, seed): recipe + study overrides + variant overrides + seed keys."""
-    data = with_overrides(recipe, cfg.overrides, "overrides")
-    data = with_overrides(data, cfg.variants[variant], f"variants.{variant}")
+    """The full run recipe of one (variant, seed): recipe (the variant's own, where it names one) + study overrides
+    + variant overrides + seed keys."""
+    overrides = dict(cfg.variants[variant] or {})
+    shared = cfg.overrides or {}
+    if "recipe" in overrides:
+        try:
+            recipe = read_recipe(overrides.pop("recipe"))
+        except ConfigError as err:
+            raise ConfigError(f"variants.{variant}.{err}") from None
+        # the study's overrides are written for its recipe: another recipe takes those whose section it has (an
+        # online one has no synth / label / cache to shrink), as seed keys are
+        shared = {key: value for key, value in shared.items() if key.split(".")[0] in recipe}
+    data = with_overrides(recipe, shared, "overrides")
+    data = with_overrides(data, overrides, f"variants.{variant}")
     # a seed key whose section the recipe lacks (an online recipe has no cache) has nothing to seed
     seeded = {key: seed for key in cfg.seed_keys if key.split(".")[0] in data}
     data = with_overrides(data, seeded, "seed_keys")
@@ -158,6 +176,7 @@ def plan_study(cfg: StudyConfig, recipe: dict[str, Any]) -> Plan:
                           "one has an importer: section")
     plan = Plan({}, {}, {}, {}, [], {**(shared.get("eval") or {}), **cfg.eval})
     from_dict(EvalConfig, plan.eval, "eval.")  # a bad eval key is refused before anything trains
+    base = None  # (first variant, its model, its world)
     for variant in cfg.variants:
         for seed in cfg.seeds:
             data = variant_recipe(cfg, recipe, variant, seed)
@@ -165,16 +184,28 @@ def plan_study(cfg: StudyConfig, recipe: dict[str, Any]) -> Plan:
             try:
                 run = from_dict(RunConfig, {**data, "output_dir": "-", "eval": None})
                 run.validate()
-                build_stages(run)
+                stages = build_stages(run)
             except ConfigError as err:
                 raise ConfigError(f"variants.{variant} (seed {seed}): {err}") from None
+            # the base is evaluated once, from the first training's model: a variant that starts elsewhere would be
+            # judged against a model it never was
+            start = (stages.main.model.path, stages.world)
+            if base is None:
+                base = (variant, *start)
+            elif start != base[1:]:
+                raise ConfigError(f"variants.{variant}: trains model {start[0]!r} of toy world {start[1]}, but "
+                                  f"variants.{base[0]} trains {base[1]!r} of world {base[2]}: every variant of a study "
+                                  "starts from the one base it is compared with (train.model.path / cache.model)")
+            # the trainings of one run are its first one plus overrides (run_config), which can set keys but not
+            # remove them: a variant with its own recipe trains in a run of its own
+            own = [cfg.variants[variant]["recipe"]] if "recipe" in (cfg.variants[variant] or {}) else []
             if data.get("synth") is None:  # online: the policy samples its own images; one run trains them all
-                run_key = content_key({key: value for key, value in data.items() if key != "train"})
+                run_key = content_key({key: value for key, value in data.items() if key != "train"}, *own)
                 plan.run_data[run_key] = None
             else:
                 synth_key = content_key(data["synth"])
                 data_key = content_key(data["synth"], data["label"])
-                run_key = content_key(data["synth"], data["label"], data["cache"])
+                run_key = content_key(data["synth"], data["label"], data["cache"], *own)
                 plan.synth[synth_key] = data["synth"]
                 plan.data[data_key] = synth_key
                 plan.run_data[run_key] = data_key
@@ -243,24 +274,35 @@ class Study:
             {"counts": self.plan.counts(), "trainings": [t.__dict__ for t in self.plan.trainings]}, indent=2) + "\n")
         # seconds spent in every invocation of this study: a resumed or re-run study skips finished stages, and its
         # report must still say what the results cost, not what the last invocation re-checked
+        # per stage kind and per training: what each variant's trainings cost is what the report sets its scores
+        # beside (methods compared at the CPU seconds they took)
         ledger = self.out / "seconds.json"
-        spent: dict[str, float] = json.loads(ledger.read_text()) if ledger.exists() else {}
+        spent = json.loads(ledger.read_text()) if ledger.exists() else {}
+        if "stages" not in spent:  # a ledger written before trainings were counted apart: stage kinds only
+            spent = {"stages": spent, "trainings": {}}
         seconds: dict[str, float] = {}
+        trainings: dict[str, float] = {}
         for i, run_key in enumerate(self.plan.runs):
             print(f"[fastpref study] run {i + 1}/{len(self.plan.runs)}: {self.run_dir(run_key)}", flush=True)
             if self.plan.run_data[run_key] is not None:
                 self.link_synth(self.plan.run_data[run_key])
             report = run_pipeline(self.run_config(run_key))
             for stage, value in report["seconds"].items():
-                kind = stage.split(" ")[0]
+                kind, _, name = stage.partition(" ")
                 seconds[kind] = seconds.get(kind, 0.0) + value
+                if kind == "train":
+                    trainings[name] = value
         start = time.perf_counter()
         results = self.evaluate()
         seconds["eval"] = time.perf_counter() - start
-        seconds = {kind: spent.get(kind, 0.0) + seconds.get(kind, 0.0) for kind in {**spent, **seconds}}
+
+        def added(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:
+            return {key: before.get(key, 0.0) + now.get(key, 0.0) for key in {**before, **now}}
+
+        spent = {"stages": added(spent["stages"], seconds), "trainings": added(spent["trainings"], trainings)}
         with atomic_file(ledger, "w") as handle:
-            handle.write(json.dumps(seconds, indent=2) + "\n")
-        report = build_report(self.cfg, results, seconds, self.plan.counts())
+            handle.write(json.dumps(spent, indent=2) + "\n")
+        report = build_report(self.cfg, results, spent["stages"], self.plan.counts(), spent["trainings"])
         write_study_report(self.out, report)
         print(f"[fastpref study] report: {self.out / 'report.md'}")
         return report
@@ -357,10 +399,19 @@ def flat_differences(base: dict[str, Any], other: dict[str, Any], prefix: str = 
 
 
 def build_report(cfg: StudyConfig, results: dict[str, dict[str, Any]], seconds: dict[str, float],
-                 counts: dict[str, int]) -> dict[str, Any]:
+                 counts: dict[str, int], training_seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    """`seconds`: per stage kind; `training_seconds`: per training ("<variant>-seed<s>"), whose mean ± std over the
+    seeds each variant's row gets (train_seconds, train_seconds_std)."""
+    import numpy as np
+
     from fastpref.eval.verdicts import judge_seeded_claim, seeded_name, variant_statistics
 
     stats = variant_statistics(results, list(cfg.variants), cfg.seeds)
+    for variant in cfg.variants:
+        spent = [(training_seconds or {}).get(seeded_name(variant, seed)) for seed in cfg.seeds]
+        if all(value is not None for value in spent):
+            stats[variant]["train_seconds"] = float(np.mean(spent))
+            stats[variant]["train_seconds_std"] = float(np.std(spent, ddof=1)) if len(spent) > 1 else 0.0
     eval_spread = results["base"]["seed_spread"]
     claims = [{"name": claim.name or f"{claim.better} > {claim.than}",
                **judge_seeded_claim(results, stats, claim.better, claim.than, cfg.seeds)} for claim in cfg.claims]
@@ -368,10 +419,11 @@ def build_report(cfg: StudyConfig, results: dict[str, dict[str, Any]], seconds: 
               "base_eval_seed_spread": eval_spread, "seconds": seconds}
     extras = {"base": [results["base"].get("extras")],
               **{v: [results[seeded_name(v, seed)].get("extras") for seed in cfg.seeds] for v in cfg.variants}}
-    if all(e is not None for models in extras.values() for e in models):
-        from fastpref.eval.diversity import summarize_extras
+    from fastpref.eval.diversity import summarize_complete_extras
 
-        report["extras"] = summarize_extras(extras)
+    summary = summarize_complete_extras(extras)
+    if summary is not None:
+        report["extras"] = summary
     return report
 
 
@@ -382,7 +434,8 @@ def write_study_report(out: Path, report: dict[str, Any]) -> None:
     stats = report["variants"]
     lines = [f"# fastpref study: {out}", "",
              f"Recipe `{report['recipe']}`, training seeds {report['seeds']}; MiniGenEval as mean ± std over the "
-             f"training seeds (the base: one model). Seed-to-seed spread of the base's evaluation: "
+             f"training seeds (the base: one model), beside each variant's training seconds (wall, on the machine of "
+             f"its trainings' summary.json `host`). Seed-to-seed spread of the base's evaluation: "
              f"{100 * report['base_eval_seed_spread']:.1f} points (category mean)"
              + (f", {100 * stats['base']['prompt_mean_eval_seed_spread']:.1f} points (prompt-weighted)."
                 if "prompt_mean_eval_seed_spread" in stats["base"] else "."), "", *seed_table_lines(stats)]

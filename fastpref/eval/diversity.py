@@ -213,6 +213,16 @@ def summarize_extras(per_model: dict[str, Sequence[dict[str, Any]]], base: str =
     return out
 
 
+def summarize_complete_extras(per_model: dict[str, Sequence[dict[str, Any] | None]], base: str = "base"
+                              ) -> dict[str, dict[str, Any]] | None:
+    """summarize_extras where the base and every model carry rewards and diversity; None where any lacks them (an
+    evaluation stored before they were measured): run and study reports then leave the table out."""
+    if base not in per_model or not all(extras and all(e and "reward" in e and "diversity" in e for e in extras)
+                                        for extras in per_model.values()):
+        return None
+    return summarize_extras(per_model, base)
+
+
 def extras_lines(summary: dict[str, dict[str, Any]], tolerance: float = COLLAPSE_TOLERANCE) -> list[str]:
     """Markdown: the rewards and diversity of the very images MiniGenEval scored, per model (mean ± std over its
     training seeds where it has several), each diversity as a share of the base's, and the collapse verdict."""

@@ -140,6 +140,18 @@ def test_summarize_extras_means_over_seeds_shares_of_the_base_and_the_collapse_b
         diversity.summarize_extras({"kept": per_model["kept"]})
 
 
+def test_a_summary_needs_the_extras_of_the_base_and_of_every_model():
+    per_model = {"base": [_extras(0.80, 1.0, 0.10, 0.20)],
+                 "kept": [_extras(0.82, 1.1, 0.09, 0.21), _extras(0.84, 1.3, 0.085, 0.19)]}
+    assert diversity.summarize_complete_extras(per_model) == diversity.summarize_extras(per_model)
+    # one training seed's evaluation stored before extras were measured, one without diversity, no base: no table
+    assert diversity.summarize_complete_extras({**per_model, "kept": [per_model["kept"][0], None]}) is None
+    assert diversity.summarize_complete_extras(
+        {**per_model, "kept": [{"reward": per_model["kept"][0]["reward"]}]}) is None
+    assert diversity.summarize_complete_extras({"kept": per_model["kept"]}) is None
+    assert diversity.summarize_complete_extras({**per_model, "kept": []}) is None
+
+
 def test_the_run_report_shows_the_rewards_and_diversity_of_every_model(tmp_path):
     from fastpref.pipeline import write_report
 

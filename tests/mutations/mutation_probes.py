@@ -188,6 +188,17 @@ PROBES = [
            'if stored["settings"].get("eval_config") == eval_identity(ev) and "extras" in stored:',
            'if "extras" in stored:'),
           seconds=40),
+    # --- studies: every variant starts from the one base the study evaluates and compares it with
+    probe("study-variant-from-another-base",
+          "fastpref study accepts a variant (its own recipe, or a changed model) that trains another base",
+          ["tests/study/test_study.py::test_every_variant_starts_from_the_base_it_is_compared_with"],
+          ("fastpref/study.py", "elif start != base[1:]:", "elif False:"),
+          seconds=10),
+    probe("study-recipes-share-a-run",
+          "fastpref study trains variants of different recipes in one run, as overrides of the first one's training",
+          ["tests/study/test_study.py::test_variants_of_different_recipes_train_each_as_its_own_recipe_says"],
+          ("fastpref/study.py", 'if "recipe" in (cfg.variants[variant] or {}) else []', "if False else []"),
+          seconds=10),
     # --- GRPO's inner epochs (README "GRPO"): every pass over a rollout reshuffles its samples
     probe("grpo-inner-epochs-repeat-one-order",
           "every inner epoch of a GRPO rollout trains its samples in the first pass's order",

@@ -141,12 +141,26 @@ def test_tiny_study_runs_shares_and_reproduces(tmp_path):
     # lose an evaluation and the last checkpoint of one training: the rerun redoes just that, to the same table
     (out / "eval/dpo-seed1.json").unlink()
     again = Study(cfg).run()
-    assert again["variants"] == report["variants"]
+    def scores(variants):  # the training seconds grow with every invocation (below); the scores must not move
+        return {name: {k: v for k, v in row.items() if not k.startswith("train_seconds")}
+                for name, row in variants.items()}
+
+    assert scores(again["variants"]) == scores(report["variants"])
     assert again["claims"] == report["claims"]
     # the seconds are what every invocation spent, not just the rerun's few (it skipped synth, label and cache)
     assert set(again["seconds"]) == set(report["seconds"])
     assert all(again["seconds"][stage] >= report["seconds"][stage] > 0 for stage in report["seconds"])
-    assert json.loads((out / "seconds.json").read_text()) == again["seconds"]
+    assert json.loads((out / "seconds.json").read_text())["stages"] == again["seconds"]
+    # each variant's training seconds, mean ± std over its seeds, in its row of the table
+    for variant in ("rankdpo", "dpo", "random"):
+        spent = json.loads((out / "seconds.json").read_text())["trainings"]
+        per_seed = [spent[f"{variant}-seed{s}"] for s in (0, 1)]
+        assert min(per_seed) > 0 and again["variants"][variant]["train_seconds"] == pytest.approx(np.mean(per_seed))
+        assert again["variants"][variant]["train_seconds"] >= report["variants"][variant]["train_seconds"]
+    assert "train_seconds" not in again["variants"]["base"]
+    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| dpo | 2 |"))
+    mean, std = again["variants"]["dpo"]["train_seconds"], again["variants"]["dpo"]["train_seconds_std"]
+    assert row.endswith(f"| {mean:.0f} ± {std:.0f} |")
 
 
 def test_claim_interval_pairs_seeds_and_sees_a_uniform_gain():
@@ -280,6 +294,80 @@ def test_a_tiny_online_study_runs_end_to_end(tmp_path):
         # every other eval setting is still the recipe's (with the study's overrides)
         assert (settings["seeds_per_prompt"], settings["seed_offset"], settings["eval_config"]["steps"]) == (1, 2000, 2)
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/train/*/checkpoints/*/trainable.safetensors")} == trained
+
+
+NOISYCAP = str(ROOT / "configs/toy-noisycap.yaml")
+
+
+def test_a_variant_with_its_own_recipe_puts_an_online_method_beside_the_offline_ones(tmp_path):
+    """`recipe:` in a variant: GRPO (prompts only) beside RankDPO on the recipe's cache, from the same base model;
+    the study's cache override is not forced onto the online recipe, its train override is."""
+    cfg = from_dict(StudyConfig, {
+        "recipe": NOISYCAP, "output_dir": str(tmp_path / "study"), "seeds": [0, 1], "progress": False,
+        "overrides": {"train.validation.every": 0, "cache.reference_errors.epochs": 2},
+        "variants": {"rankdpo": {},
+                     "grpo": {"recipe": str(ROOT / "configs/toy-grpo-sd.yaml"),
+                              "train.model.path": "toy-sd-noisycap-v2", "train.lr": 1.0e-3}}})
+    study = Study(cfg)
+    # the offline seeds each have their own cache (the seed draws the cached reference's noise); GRPO's are one run
+    assert study.plan.counts() == {"synth": 1, "label": 1, "cache": 2, "train": 4, "eval": 5}
+    online = [t.run for t in study.plan.trainings if t.variant == "grpo"]
+    assert len(set(online)) == 1 and study.plan.run_data[online[0]] is None
+    from fastpref.pipeline import build_stages
+
+    run = study.run_config(online[0])
+    assert run.cache is None and run.synth is None
+    trains = build_stages(run).trains
+    assert {name: (t.objective.name, t.model.path, t.lr, t.seed, t.validation.every) for name, t in trains.items()} == {
+        "grpo-seed0": ("grpo", "toy-sd-noisycap-v2", 1.0e-3, 0, 0),
+        "grpo-seed1": ("grpo", "toy-sd-noisycap-v2", 1.0e-3, 1, 0)}
+    offline = build_stages(study.run_config(next(t.run for t in study.plan.trainings if t.variant == "rankdpo")))
+    assert offline.main.model.path == "toy-sd-noisycap-v2" and offline.main.objective.name == "rankdpo"
+    # the eval section is the study recipe's, for every variant
+    assert study.plan.eval == {**read_yaml(NOISYCAP)["eval"]}
+
+
+def test_variants_of_different_recipes_train_each_as_its_own_recipe_says(tmp_path):
+    """A run's trainings are its first one plus overrides, which cannot remove a key: SPO and DRaFT beside GRPO
+    must not inherit what only GRPO's recipe sets (its 10 sampling steps, its CFG, its grpo section)."""
+    recipes = {"grpo": "configs/toy-grpo-sd.yaml", "spo": "configs/toy-spo.yaml", "draft": "configs/toy-draft.yaml"}
+    cfg = from_dict(StudyConfig, {
+        "recipe": NOISYCAP, "output_dir": str(tmp_path / "study"), "seeds": [0, 1], "progress": False,
+        "variants": {"rankdpo": {}, **{name: {"recipe": str(ROOT / path), "train.model.path": "toy-sd-noisycap-v2"}
+                                       for name, path in recipes.items()}}})
+    study = Study(cfg)
+    runs = {t.variant: t.run for t in study.plan.trainings}
+    assert len(set(runs.values())) == 4
+    from fastpref.pipeline import build_stages
+    from fastpref.train.config import TrainConfig
+
+    for name, path in recipes.items():
+        trains = build_stages(study.run_config(runs[name])).trains
+        want = from_dict(TrainConfig, {**read_yaml(ROOT / path)["train"], "model": {"path": "toy-sd-noisycap-v2"}})
+        got = trains[f"{name}-seed1"]
+        want.online.toy_world = got.online.toy_world  # the run fills in its world (v2) where the recipe leaves it
+        assert (got.objective.name, got.online, got.lr, got.max_steps) == (
+            want.objective.name, want.online, want.lr, want.max_steps), name
+
+
+def read_yaml(path):
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
+
+
+@pytest.mark.parametrize("variant, match", [
+    # the online recipe's own base (toy-sd-v2) is not the noisy-caption base the study's recipe trains
+    ({"recipe": str(ROOT / "configs/toy-grpo-sd.yaml")}, "variants.grpo: trains model 'toy-sd-v2'"),
+    ({"recipe": "configs/nope.yaml"}, "variants.grpo.recipe: 'configs/nope.yaml' is not a file"),
+    ({"recipe": 3}, "variants.grpo.recipe: the path of a run recipe"),
+    # a variant that moves the offline recipe to another model is refused too: it would be judged against this base
+    ({"cache.model": "toy-sd-v2"}, "variants.grpo: trains model 'toy-sd-v2'"),
+])
+def test_every_variant_starts_from_the_base_it_is_compared_with(tmp_path, variant, match):
+    with pytest.raises(ConfigError, match=match.replace(".", r"\.")):
+        Study(from_dict(StudyConfig, {"recipe": NOISYCAP, "output_dir": str(tmp_path), "seeds": [0],
+                                      "variants": {"rankdpo": {}, "grpo": variant}}))
 
 
 def test_the_study_command_line_changes_the_eval_section_key_by_key(tmp_path):
