@@ -380,3 +380,10 @@ def test_the_study_command_line_changes_the_eval_section_key_by_key(tmp_path):
     with pytest.raises(ConfigError, match="eval.split"):  # refused while planning, before anything trains
         Study(load_config(StudyConfig, str(ROOT / "configs/studies/grpo-noisycap.yaml"),
                           [f"output_dir={tmp_path / 'study'}", "eval.split=validation"]))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_study_plans(tmp_path, path):
+    """Each study file still plans against the recipes as they are now (every variant validated, one base)."""
+    study = Study(load_config(StudyConfig, str(path), [f"output_dir={tmp_path / 'study'}"]))
+    assert study.plan.counts()["train"] == len(study.cfg.variants) * len(study.cfg.seeds)
