@@ -60,7 +60,7 @@ WHERE = ("output_dir", "data_root")
                                   "toy-draftc-v1-sweep", "toy-draftp-v2-lr1e-3-sweep",
                                   "toy-draftp-32-sweep", "toy-grpo-noisycap-inner-sweep",
                                   "toy-grpo-sd-v2-inner-sweep", "toy-spo-v2-inner-sweep",
-                                  "toy-grpo-sd-v2-full-sweep"])
+                                  "toy-grpo-sd-v2-full-sweep", "toy-draftp-v1-k-sweep"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -696,3 +696,17 @@ def test_the_readme_quotes_the_spo_inner_step_and_grpo_full_fine_tuning_sweeps()
         r"(\d+\.\d)%")
     assert found == (*_versus_base(evals, "main"), *_versus_base(evals, "full1e-5"), pct(evals["base"]["overall"]))
     assert all(evals[v]["paired"]["base"]["prompt_mean"]["low"] < 0 for v in ("main", "full1e-5"))
+
+
+def test_the_draft_k_sweep_on_v1_is_quoted_from_its_record():
+    record = result("toy-draftp-v1-k-sweep")
+    assert record["config"]["eval"]["seed_offset"] == 5000 and record["config"]["train"]["online"]["draft"]["k"] == 1
+    assert record["config"]["variants"] == {"k3": {"online.draft.k": 3}, "k5": {"online.draft.k": 5}}
+    ev = record["eval"]
+    (base, k1, k3, k5, s_base, s1, s3, s5), = quoted(
+        r"recorded: `docs/results/toy-draftp-v1-k-sweep.md`\): the held-out ShapeCLIP reward goes from the base's "
+        r"(\d\.\d{3}) to (\d\.\d{3}) with K = 1, but (\d\.\d{3}) with K = 3 and (\d\.\d{3}) with K = 5, MiniGenEval "
+        r"(\d+\.\d)% -> (\d+\.\d)% / (\d+\.\d)% / (\d+\.\d)%")
+    names = ("base", "kl0", "k3", "k5")
+    assert (base, k1, k3, k5) == tuple(f"{ev[n]['reward']['shapeclip']:.3f}" for n in names)
+    assert (s_base, s1, s3, s5) == tuple(f"{100 * ev[n]['overall']:.1f}" for n in names)
