@@ -461,13 +461,31 @@ def plot_scores(stats: dict[str, dict[str, Any]], path: Path) -> Path:
     names = list(stats)
     means = [100 * stats[n]["overall"] for n in names]
     errors = [100 * stats[n]["overall_std"] for n in names]
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    timed = [n for n in names if "train_seconds" in stats[n]]
+    width = 1.2 * len(names) + 2
+    if timed:  # beside the bars: each variant's score against the seconds its trainings took
+        fig, (ax, cost) = plt.subplots(1, 2, figsize=(width + 5, 3.5), gridspec_kw={"width_ratios": [width, 5]})
+    else:
+        fig, ax = plt.subplots(figsize=(width, 3.5))
     ax.bar(names, means, yerr=errors, capsize=4, color=["#999999"] + ["#4c72b0"] * (len(names) - 1))
     spread = 100 * stats["base"].get("eval_seed_spread", 0.0)
     ax.axhspan(means[0] - spread, means[0] + spread, color="#999999", alpha=0.2, label="base ± eval-seed spread")
     ax.set_ylabel("MiniGenEval overall (%)")
     ax.legend(loc="lower right", fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    if timed:
+        cost.axhspan(means[0] - spread, means[0] + spread, color="#999999", alpha=0.2)
+        cost.axhline(means[0], color="#999999", lw=1)
+        for n in timed:
+            x, y = stats[n]["train_seconds"], 100 * stats[n]["overall"]
+            cost.errorbar(x, y, xerr=stats[n]["train_seconds_std"], yerr=100 * stats[n]["overall_std"], fmt="o",
+                          color="#4c72b0", capsize=3)
+            cost.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        cost.set_xscale("log")
+        cost.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        cost.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        cost.set_xlabel("training seconds per run (log)")
+        cost.set_ylabel("MiniGenEval overall (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
