@@ -710,3 +710,64 @@ def test_the_draft_k_sweep_on_v1_is_quoted_from_its_record():
     names = ("base", "kl0", "k3", "k5")
     assert (base, k1, k3, k5) == tuple(f"{ev[n]['reward']['shapeclip']:.3f}" for n in names)
     assert (s_base, s1, s3, s5) == tuple(f"{100 * ev[n]['overall']:.1f}" for n in names)
+
+
+def readme_table_after(marker: str) -> list[list[str]]:
+    """The cells of the first markdown table after `marker` in the README (header and rule skipped)."""
+    start = README.index(marker)
+    lines = README[start:].splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    rows = []
+    for line in lines[first + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def methods_rows(study: dict) -> list[list[str]]:
+    """A methods study's rows as the README writes them: MiniGenEval mean ± std, the paired interval of the claim
+    over the base, the training seconds."""
+    claims = {(c["better"], c["than"]): c for c in study["claims"]}
+    rows = []
+    for name, stats in study["variants"].items():
+        score = pct(stats["overall"]) + ("" if name == "base" else f" ± {pct(stats['overall_std'])}")
+        claim = claims.get((name, "base"))
+        interval = (f"{100 * claim['gain']:+.1f} [{100 * claim['interval'][0]:+.1f}, {100 * claim['interval'][1]:+.1f}]"
+                    if claim else "-")
+        spent = (f"{stats['train_seconds']:.0f} ± {stats['train_seconds_std']:.0f}" if "train_seconds" in stats
+                 else "-")
+        rows.append([name, score, interval, spent])
+    return rows
+
+
+def test_the_readme_quotes_every_method_on_the_noisy_caption_base():
+    study = result("methods-noisycap")
+    spec = yaml.safe_load((ROOT / "configs" / "studies" / "methods-noisycap.yaml").read_text())
+    assert study["seeds"] == spec["seeds"] and set(study["variants"]) == {"base", *spec["variants"]}
+    assert readme_table_after("`fastpref study configs/studies/methods-noisycap.yaml`") == methods_rows(study)
+    assert not any(c["verdict"] == "shown" for c in study["claims"])  # "no method beats the base"
+    seconds = study["seconds"]
+    (synth, label), = quoted(r"the offline methods also share data stages \(synth (\d+) s and label (\d+) s once")
+    assert (synth, label) == (f"{seconds['synth']:.0f}", f"{seconds['label']:.0f}")
+    (cache,), = quoted(r"a cache of ~(\d+) s per seed")
+    assert cache == f"{seconds['cache'] / len(study['seeds']):.0f}"
+    spo = next(c for c in study["claims"] if (c["better"], c["than"]) == ("spo", "rankdpo"))
+    (gain, low, high), = quoted(r"SPO falls below RankDPO beyond it \(([+-]\d+\.\d), interval \[([+-]\d+\.\d), "
+                                r"([+-]\d+\.\d)\]: reversed\)")
+    assert spo["verdict"] == "reversed" and (gain, low, high) == tuple(
+        f"{100 * v:+.1f}" for v in (spo["gain"], *spo["interval"]))
+    stats = study["variants"]
+    quick = [stats[n]["train_seconds"] for n in ("rankdpo", "dpo", "sft", "spo", "draft")]
+    (low_s, high_s), = quoted(r"At about the same seconds \((\d+)-(\d+) s a training\)")
+    assert (low_s, high_s) == (f"{min(quick):.0f}", f"{max(quick):.0f}")
+    (ratio,), = quoted(r"GRPO's (\d+)x the seconds")
+    assert ratio == f"{stats['grpo']['train_seconds'] / stats['rankdpo']['train_seconds']:.0f}"
+    assert not any(row["collapse"] for row in study["extras"].values())
+    earlier = result("noisycap")["variants"]
+    (then, now), = quoted(r"\(RankDPO seeds ([\d., ]+) then, ([\d., ]+) now\)")
+    assert then == ", ".join(pct(x) for x in earlier["rankdpo"]["per_seed"])
+    assert now == ", ".join(pct(x) for x in stats["rankdpo"]["per_seed"])
+    (sft,), = quoted(r"SFT repeats its per-seed scores exactly \(([\d., ]+) both times\)")
+    assert sft == ", ".join(pct(x) for x in stats["sft"]["per_seed"]) == ", ".join(
+        pct(x) for x in earlier["sft"]["per_seed"])
