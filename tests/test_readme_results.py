@@ -750,7 +750,7 @@ def test_the_readme_quotes_every_method_on_the_noisy_caption_base():
     seconds = study["seconds"]
     (synth, label), = quoted(r"the offline methods also share data stages \(synth (\d+) s and label (\d+) s once")
     assert (synth, label) == (f"{seconds['synth']:.0f}", f"{seconds['label']:.0f}")
-    (cache,), = quoted(r"a cache of ~(\d+) s per seed")
+    (cache,), = quoted(r"label \d+ s once, a cache of ~(\d+) s per seed\)\. `grpo-short`")
     assert cache == f"{seconds['cache'] / len(study['seeds']):.0f}"
     spo = next(c for c in study["claims"] if (c["better"], c["than"]) == ("spo", "rankdpo"))
     (gain, low, high), = quoted(r"SPO falls below RankDPO beyond it \(([+-]\d+\.\d), interval \[([+-]\d+\.\d), "
@@ -771,3 +771,52 @@ def test_the_readme_quotes_every_method_on_the_noisy_caption_base():
     (sft,), = quoted(r"SFT repeats its per-seed scores exactly \(([\d., ]+) both times\)")
     assert sft == ", ".join(pct(x) for x in stats["sft"]["per_seed"]) == ", ".join(
         pct(x) for x in earlier["sft"]["per_seed"])
+
+
+def test_the_readme_quotes_every_method_on_the_demos_base():
+    study = result("methods-v2")
+    spec = yaml.safe_load((ROOT / "configs" / "studies" / "methods-v2.yaml").read_text())
+    assert study["seeds"] == spec["seeds"] and set(study["variants"]) == {"base", *spec["variants"]}
+    assert spec["recipe"] == "configs/toy-rankdpo.yaml"  # the demo's recipe: "RankDPO and DPO as the demo trains them"
+    rows = methods_rows(study)
+    assert readme_table_after("`fastpref study configs/studies/methods-v2.yaml`: toy-sd-v2") == rows
+    assert not any(c["verdict"] in ("shown", "reversed") for c in study["claims"])  # "none differs beyond ..."
+    seconds = study["seconds"]
+    (synth, label, cache), = quoted(r"the offline methods' data stages: synth (\d+) s and label (\d+) s once, a cache "
+                                    r"of ~(\d+) s per seed")
+    assert (synth, label, cache) == (f"{seconds['synth']:.0f}", f"{seconds['label']:.0f}",
+                                     f"{seconds['cache'] / len(study['seeds']):.0f}")
+    claims = {(c["better"], c["than"]): c for c in study["claims"]}
+    (rank_gain, rank_low, rank_high, dpo_gain, dpo_low, dpo_high, spo_s, rank_s, dpo_s), = quoted(
+        r"SPO against the demo's RankDPO ([+-]\d+\.\d) \(interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\) and DPO "
+        r"([+-]\d+\.\d) \(\[([+-]\d+\.\d), ([+-]\d+\.\d)\]\) at (\d+) s against their (\d+) s and (\d+) s a training")
+    for key, quoted_claim in ((("spo", "rankdpo"), (rank_gain, rank_low, rank_high)),
+                              (("spo", "dpo"), (dpo_gain, dpo_low, dpo_high))):
+        c = claims[key]
+        assert quoted_claim == tuple(f"{100 * v:+.1f}" for v in (c["gain"], *c["interval"]))
+    stats = study["variants"]
+    assert (spo_s, rank_s, dpo_s) == tuple(f"{stats[n]['train_seconds']:.0f}" for n in ("spo", "rankdpo", "dpo"))
+    assert not any(row["collapse"] for row in study["extras"].values())
+
+
+def test_the_method_sections_quote_the_methods_studies():
+    v2, noisy = result("methods-v2")["variants"], result("methods-noisycap")["variants"]
+
+    def score(stats, name):
+        return f"{pct(stats[name]['overall'])} ± {pct(stats[name]['overall_std'])}"
+
+    (spo, spo_s, rank, rank_s, dpo, dpo_s, base), = quoted(
+        r"on the demo's base SPO scores (\d+\.\d ± \d+\.\d) in (\d+) s a training against the demo's RankDPO "
+        r"(\d+\.\d ± \d+\.\d) \((\d+) s\) and DPO (\d+\.\d ± \d+\.\d) \((\d+) s\) and the base's (\d+\.\d)")
+    assert (spo, rank, dpo, base) == (score(v2, "spo"), score(v2, "rankdpo"), score(v2, "dpo"), pct(v2["base"]["overall"]))
+    assert (spo_s, rank_s, dpo_s) == tuple(f"{v2[n]['train_seconds']:.0f}" for n in ("spo", "rankdpo", "dpo"))
+    (spo, spo_s, rank, rank_s), = quoted(
+        r"on the noisy-caption base (\d+\.\d ± \d+\.\d) \((\d+) s\) against RankDPO (\d+\.\d ± \d+\.\d) \((\d+) s\), "
+        r"below it beyond the combined spread")
+    assert (spo, rank) == (score(noisy, "spo"), score(noisy, "rankdpo"))
+    assert (spo_s, rank_s) == tuple(f"{noisy[n]['train_seconds']:.0f}" for n in ("spo", "rankdpo"))
+    (draft, draftp, base, draft_s, draftp_s), = quoted(
+        r"on the demo's base DRaFT-1 (\d+\.\d ± \d+\.\d) and DRaFT\+ \(kl_coeff 0.1\) (\d+\.\d ± \d+\.\d) against the "
+        r"base's (\d+\.\d), in (\d+) and (\d+) s a training")
+    assert (draft, draftp, base) == (score(v2, "draft"), score(v2, "draftp"), pct(v2["base"]["overall"]))
+    assert (draft_s, draftp_s) == tuple(f"{v2[n]['train_seconds']:.0f}" for n in ("draft", "draftp"))
