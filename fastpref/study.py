@@ -55,7 +55,9 @@ class ClaimConfig:
 class StudyConfig:
     recipe: str  # a `fastpref run` recipe (e.g. configs/toy-rankdpo.yaml); its own `variants` are ignored
     output_dir: str
-    variants: dict[str, dict[str, Any]]  # name -> dotted-key overrides of the recipe ({} = the recipe as it is)
+    # name -> dotted-key overrides of the recipe ({} = the recipe as it is); `recipe: <path>` among them trains that
+    # variant from another run recipe (an online method beside offline ones), from the same base model
+    variants: dict[str, dict[str, Any]]
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     seed_keys: list[str] = field(default_factory=lambda: list(SEED_KEYS))
     overrides: dict[str, Any] = field(default_factory=dict)  # applied to every variant before its own
