@@ -60,7 +60,8 @@ WHERE = ("output_dir", "data_root")
                                   "toy-draftc-v1-sweep", "toy-draftp-v2-lr1e-3-sweep",
                                   "toy-draftp-32-sweep", "toy-grpo-noisycap-inner-sweep",
                                   "toy-grpo-sd-v2-inner-sweep", "toy-spo-v2-inner-sweep",
-                                  "toy-grpo-sd-v2-full-sweep", "toy-draftp-v1-k-sweep"])
+                                  "toy-grpo-sd-v2-full-sweep", "toy-draftp-v1-k-sweep",
+                                  "toy-rankdpo-rerun"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
     as it is now sets every key as the recorded run's config had it."""
@@ -820,3 +821,11 @@ def test_the_method_sections_quote_the_methods_studies():
         r"base's (\d+\.\d), in (\d+) and (\d+) s a training")
     assert (draft, draftp, base) == (score(v2, "draft"), score(v2, "draftp"), pct(v2["base"]["overall"]))
     assert (draft_s, draftp_s) == tuple(f"{v2[n]['train_seconds']:.0f}" for n in ("draft", "draftp"))
+
+
+def test_the_fresh_demo_rerun_is_quoted_from_its_record():
+    rerun, first = result("toy-rankdpo-rerun")["eval"], result("toy-rankdpo")["eval"]
+    (base, rank, dpo), = quoted(r"recorded: `docs/results/toy-rankdpo-rerun.md`\), gave base (\d+\.\d)%, RankDPO "
+                                r"(\d+\.\d)%, DPO (\d+\.\d)%: the base repeats exactly")
+    assert (base, rank, dpo) == tuple(pct(rerun[n]["overall"]) for n in ("base", "rankdpo", "dpo"))
+    assert rerun["base"]["overall"] == first["base"]["overall"]
