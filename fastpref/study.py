@@ -274,10 +274,9 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "plan.json").write_text(json.dumps(
             {"counts": self.plan.counts(), "trainings": [t.__dict__ for t in self.plan.trainings]}, indent=2) + "\n")
-        # seconds spent in every invocation of this study: a resumed or re-run study skips finished stages, and its
-        # report must still say what the results cost, not what the last invocation re-checked
-        # per stage kind and per training: what each variant's trainings cost is what the report sets its scores
-        # beside (methods compared at the CPU seconds they took)
+        # seconds spent in every invocation of this study, per stage kind and per training: a resumed or re-run
+        # study skips finished stages, and its report must still say what each result cost (each variant's scores
+        # stand beside its trainings' seconds), not what the last invocation re-checked
         ledger = self.out / "seconds.json"
         spent = json.loads(ledger.read_text()) if ledger.exists() else {}
         if "stages" not in spent:  # a ledger written before trainings were counted apart: stage kinds only
