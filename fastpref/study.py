@@ -406,13 +406,14 @@ def build_report(cfg: StudyConfig, results: dict[str, dict[str, Any]], seconds: 
     import numpy as np
 
     from fastpref.eval.verdicts import judge_seeded_claim, seeded_name, variant_statistics
+    from fastpref.utils.stats import sample_std
 
     stats = variant_statistics(results, list(cfg.variants), cfg.seeds)
     for variant in cfg.variants:
         spent = [(training_seconds or {}).get(seeded_name(variant, seed)) for seed in cfg.seeds]
         if all(value is not None for value in spent):
             stats[variant]["train_seconds"] = float(np.mean(spent))
-            stats[variant]["train_seconds_std"] = float(np.std(spent, ddof=1)) if len(spent) > 1 else 0.0
+            stats[variant]["train_seconds_std"] = sample_std(spent)
     eval_spread = results["base"]["seed_spread"]
     claims = [{"name": claim.name or f"{claim.better} > {claim.than}",
                **judge_seeded_claim(results, stats, claim.better, claim.than, cfg.seeds)} for claim in cfg.claims]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpref.rewards.base import ImageBatch, to_pixels
+from fastpref.utils.stats import sample_std
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (n, 3, H, W) x2 -> (n,)
 
@@ -203,7 +204,7 @@ def summarize_extras(per_model: dict[str, Sequence[dict[str, Any]]], base: str =
             values = np.array([e[section][key] for e in extras if key in e[section]], dtype=float)
             if len(values) == len(extras):
                 row[f"{section}_{key}"] = float(values.mean())
-                row[f"{section}_{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                row[f"{section}_{key}_std"] = sample_std(values)
         out[name] = row
     for row in out.values():
         ratios = {key: row[f"diversity_{key}"] / out[base][f"diversity_{key}"] for _, key, _ in EXTRAS_COLUMNS[3:]

@@ -45,6 +45,7 @@ import numpy as np
 
 from fastpref.toy import verifier, world
 from fastpref.utils.imports import require
+from fastpref.utils.stats import sample_std
 
 Generate = Callable[[list[str], list[int]], np.ndarray]
 WORLD_MODEL = "world"
@@ -107,7 +108,7 @@ class MiniGenEvalResult:
     def seed_spread(self) -> float:
         """Sample standard deviation of `seed_scores` (0 with a single seed)."""
         scores = self.seed_scores()
-        return float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
+        return sample_std(scores)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

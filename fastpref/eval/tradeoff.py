@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from fastpref.eval import diversity
+from fastpref.utils.stats import sample_std
 
 DISTANCES = ("shapeclip", "pixel")
 
@@ -60,7 +61,7 @@ class PromptScores:
 
     def reward_seed_spread(self) -> float:
         scores = self.reward_seed_scores()
-        return float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
+        return sample_std(scores)
 
 
 def prompt_scores(result, shapeclip_model=None, contrastive: bool = False, world_name: str = "v1") -> PromptScores:

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fastpref.utils.stats import sample_std
+
 
 def combined_spread(eval_spread: float, std_a: float, std_b: float) -> float:
     return math.sqrt(eval_spread**2 + std_a**2 + std_b**2)
@@ -60,9 +62,6 @@ def variant_statistics(results: dict[str, dict[str, Any]], variants: Sequence[st
         "seeds": 1, "overall": base["overall"], "overall_std": 0.0, "per_category": dict(base["per_category"]),
         "per_category_std": {c: 0.0 for c in base["per_category"]}, "eval_seed_spread": base["seed_spread"]}}
 
-    def std(x) -> float:
-        return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
-
     if "samples" in base:
         stats["base"].update(prompt_mean=prompt_mean_of(base), prompt_mean_std=0.0,
                              prompt_mean_eval_seed_spread=prompt_mean_seed_spread(base))
@@ -70,13 +69,13 @@ def variant_statistics(results: dict[str, dict[str, Any]], variants: Sequence[st
         runs = [results[seeded_name(variant, seed)] for seed in seeds]
         overall = np.array([r["overall"] for r in runs])
         per_category = {c: np.array([r["per_category"][c] for r in runs]) for c in runs[0]["per_category"]}
-        stats[variant] = {"seeds": len(runs), "overall": float(overall.mean()), "overall_std": std(overall),
+        stats[variant] = {"seeds": len(runs), "overall": float(overall.mean()), "overall_std": sample_std(overall),
                           "per_seed": [float(x) for x in overall],
                           "per_category": {c: float(v.mean()) for c, v in per_category.items()},
-                          "per_category_std": {c: std(v) for c, v in per_category.items()}}
+                          "per_category_std": {c: sample_std(v) for c, v in per_category.items()}}
         if all("samples" in r for r in runs):
             weighted = np.array([prompt_mean_of(r) for r in runs])
-            stats[variant].update(prompt_mean=float(weighted.mean()), prompt_mean_std=std(weighted),
+            stats[variant].update(prompt_mean=float(weighted.mean()), prompt_mean_std=sample_std(weighted),
                                   prompt_mean_per_seed=[float(x) for x in weighted])
     return stats
 
@@ -103,7 +102,7 @@ def prompt_mean_seed_spread(result: dict[str, Any]) -> float:
         sum(1 for x in result["samples"] if x["caption"] == c) for c in {x["caption"] for x in result["samples"]})
     scores = [_prompt_means(picked) for fold in range(folds)
               if (picked := [x for x in result["samples"] if (x["seed"] - offset) % folds == fold])]
-    return float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
+    return sample_std(scores)
 
 
 def pooled_outcomes(runs: Sequence[dict[str, Any]]) -> tuple[list[list[float]], list[str]]:

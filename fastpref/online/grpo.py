@@ -44,6 +44,7 @@ from fastpref.online.rollout import (
 )
 from fastpref.online.sampler import guided_prediction, sampling_timesteps
 from fastpref.train.step import StepOutput
+from fastpref.utils.stats import sample_std
 
 ADVANTAGE_EPS = 1e-4  # added to the std, as flow_grpo's stat tracker and its global branch do
 
@@ -70,7 +71,7 @@ def group_advantages(rewards: np.ndarray, prompts: list[str], *, stat_tracking: 
             std = np.std(rewards) if global_std else np.std(rewards[mask])
             advantages[mask] = (rewards[mask] - rewards[mask].mean()) / (std + ADVANTAGE_EPS)
     if not stat_tracking:
-        std = float(np.std(rewards, ddof=1)) if len(rewards) > 1 else 0.0
+        std = sample_std(rewards)
         advantages = (rewards - rewards.mean()) / (std + ADVANTAGE_EPS)
     # per group (prompt text): the mean and max of the groups' reward std (GRPO learns only inside a group) and the
     # spread of the group means across prompts (how much of the reward's variance is the prompt, not the image)
