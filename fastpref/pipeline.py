@@ -500,9 +500,20 @@ def seed_table_lines(stats: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def claim_lines(claims: list[dict[str, Any]], name_of=lambda c: f"{c['better']} vs {c['than']}") -> list[str]:
-    """One bullet per claim: the category-mean verdict, then the prompt-weighted one when it was judged."""
+    """One bullet per claim: the category-mean verdict, then the prompt-weighted one when it was judged; a claim on a
+    reward: its prompt-weighted verdict, the training-seed means and the gain in units of the base's seed spread."""
+    from fastpref.eval.verdicts import MINIGENEVAL, metric_label
+
     lines = []
     for c in claims:
+        if c.get("metric", MINIGENEVAL) != MINIGENEVAL:
+            (a, b), (sa, sb) = c["means"], c["stds"]
+            ratio = c["gain_over_eval_seed_spread"]
+            lines.append(f"- **{name_of(c)}**: {metric_label(c['metric'])} (prompt-weighted; {c['better']} "
+                         f"{a:.4f} ± {sa:.4f}, {c['than']} {b:.4f} ± {sb:.4f}): {c['text']}; the gain is "
+                         + (f"{ratio:+.1f}x" if ratio is not None else "not comparable to")
+                         + f" the base's evaluation-seed spread ({c['eval_seed_spread']:.4f})")
+            continue
         lines.append(f"- **{name_of(c)}**: category mean: {c['text']}")
         if "prompt_weighted" in c:
             lines.append(f"  prompt-weighted: {c['prompt_weighted']['text']}")

@@ -49,6 +49,9 @@ class ClaimConfig:
     better: str  # variant (or "base") claimed to score higher
     than: str
     name: str | None = None  # how the report names it (default "better > than")
+    # what it is judged on: "minigeneval" (pass / fail), or a reward of the same images ("reward:shapeclip",
+    # "reward:shapeclip_contrastive", "reward:quality"; fastpref.eval.verdicts.REWARD_METRICS), prompt-weighted
+    metric: str = "minigeneval"
 
 
 @dataclass
@@ -85,7 +88,12 @@ class StudyConfig:
                                       "variant (all variants are evaluated on the same prompts and seeds)")
                 if key in self.seed_keys:
                     raise ConfigError(f"variants.{name}.{key}: set by the study's seeds (seed_keys)")
+        from fastpref.eval.verdicts import MINIGENEVAL, REWARD_METRICS
+
         for i, claim in enumerate(self.claims):
+            if claim.metric != MINIGENEVAL and claim.metric not in REWARD_METRICS:
+                raise ConfigError(f"claims[{i}].metric: {claim.metric!r} is not one of "
+                                  f"{', '.join([MINIGENEVAL, *REWARD_METRICS])}")
             for side in ("better", "than"):
                 value = getattr(claim, side)
                 if value != "base" and value not in self.variants:
@@ -340,15 +348,16 @@ class Study:
         path = self.eval_path(name)
         stored = json.loads(path.read_text()) if path.exists() else None
         if stored is not None:
-            if stored["settings"].get("eval_config") == eval_identity(ev) and "extras" in stored:
+            if (stored["settings"].get("eval_config") == eval_identity(ev)
+                    and "reward_per_image" in stored.get("extras", {})):
                 return stored
             # the study's eval section changed since (or the file predates the record of its settings, or of the
-            # rewards and diversity of its images): a stale score must not pass for the new one
+            # rewards and diversity of its images, image by image): a stale score must not pass for the new one
             print(f"[fastpref study] {path}: made with other eval settings; evaluating {name} again", flush=True)
         result = evaluate_pipeline(make_pipeline(), ev, self._call_kwargs(), progress=self.cfg.progress)
         data = result.to_json()
         # the images are not stored: their rewards and diversity are measured now, beside the scores
-        data["extras"] = eval_extras(result, self._shapeclip(ev.world))
+        data["extras"] = eval_extras(result, self._shapeclip(ev.world), per_image=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -416,7 +425,8 @@ def build_report(cfg: StudyConfig, results: dict[str, dict[str, Any]], seconds: 
             stats[variant]["train_seconds_std"] = sample_std(spent)
     eval_spread = results["base"]["seed_spread"]
     claims = [{"name": claim.name or f"{claim.better} > {claim.than}",
-               **judge_seeded_claim(results, stats, claim.better, claim.than, cfg.seeds)} for claim in cfg.claims]
+               **judge_seeded_claim(results, stats, claim.better, claim.than, cfg.seeds, claim.metric)}
+              for claim in cfg.claims]
     report = {"recipe": cfg.recipe, "seeds": cfg.seeds, "counts": counts, "variants": stats, "claims": claims,
               "base_eval_seed_spread": eval_spread, "seconds": seconds}
     extras = {"base": [results["base"].get("extras")],

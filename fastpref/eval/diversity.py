@@ -144,11 +144,13 @@ def lpips_diversity(images: ImageBatch, groups: Sequence[Hashable], net: str = "
     return {"lpips": result["mean"], "groups": result["groups"], "pairs": result["pairs"]}
 
 
-def eval_extras(result, shapeclip_model=None) -> dict[str, Any]:
+def eval_extras(result, shapeclip_model=None, per_image: bool = False) -> dict[str, Any]:
     """Beside a MiniGenEval result (fastpref.eval.minigeneval): the diversity over each prompt's seeds and the toy
     rewards of the same images: {"diversity": {"pixel", "shapeclip", "groups", "pairs"},
     "reward": {"shapeclip", "shapeclip_contrastive", "quality"}} (means over the images; shapeclip_contrastive is
-    ShapeCLIP's probability of the caption against its one-attribute variants, DRaFT's sharper reward)."""
+    ShapeCLIP's probability of the caption against its one-attribute variants, DRaFT's sharper reward); with
+    per_image also "reward_per_image": each reward of every image, in result.samples' order (what a study's claim on
+    a reward pairs and folds as MiniGenEval's pass / fail: fastpref.eval.verdicts)."""
     if result.images is None:
         raise ValueError("diversity: the MiniGenEval result kept no images (evaluate(..., keep_images=True))")
     from fastpref.rewards.toy import QualityReward, ShapeCLIPReward
@@ -159,13 +161,17 @@ def eval_extras(result, shapeclip_model=None) -> dict[str, Any]:
     captions = [sample.caption for sample in result.samples]
     pixels = _pixels(result.images)
     with torch.no_grad():
-        rewards = {
-            "shapeclip": float(ShapeCLIPReward(model, world=world_name)(pixels, captions, batch_size=256).mean()),
-            "shapeclip_contrastive": float(ShapeCLIPReward(model, world=world_name, contrastive=True)(
-                pixels, captions, batch_size=256).mean()),
-            "quality": float(QualityReward(world=world_name)(pixels, captions, batch_size=256).mean()),
+        scores = {
+            "shapeclip": ShapeCLIPReward(model, world=world_name)(pixels, captions, batch_size=256),
+            "shapeclip_contrastive": ShapeCLIPReward(model, world=world_name, contrastive=True)(
+                pixels, captions, batch_size=256),
+            "quality": QualityReward(world=world_name)(pixels, captions, batch_size=256),
         }
-    return {"diversity": toy_diversity(pixels, captions, model), "reward": rewards}
+    extras = {"diversity": toy_diversity(pixels, captions, model),
+              "reward": {name: float(values.mean()) for name, values in scores.items()}}
+    if per_image:
+        extras["reward_per_image"] = {name: [float(v) for v in values] for name, values in scores.items()}
+    return extras
 
 
 def describe(extras: dict[str, Any]) -> str:

@@ -71,6 +71,18 @@ def test_eval_extras_report_diversity_and_rewards():
     assert extras["reward"]["shapeclip"] > 0.3 and extras["reward"]["quality"] > 0.9  # clean true renders
     assert extras["reward"]["shapeclip_contrastive"] > 0.5  # the true caption outscores its one-attribute variants
     assert "pixel RMS" in diversity.describe(extras) and "ShapeCLIP contrastive" in diversity.describe(extras)
+    assert "reward_per_image" not in extras  # run reports and `fastpref eval` keep the means only
+    per_image = diversity.eval_extras(result, per_image=True)["reward_per_image"]
+    assert set(per_image) == set(extras["reward"])
+    for name, values in per_image.items():
+        assert len(values) == len(result.samples) and np.mean(values) == pytest.approx(extras["reward"][name])
+    from fastpref.rewards.toy import ShapeCLIPReward
+    from fastpref.toy import shapeclip
+
+    last = len(result.samples) - 1  # in the samples' order: the last image scored alone with its own caption
+    alone = ShapeCLIPReward(shapeclip.load_shipped(world_name="v1"), world="v1")(
+        diversity._pixels(result.images)[last:], [result.samples[last].caption])
+    assert per_image["shapeclip"][last] == pytest.approx(float(alone[0]), abs=1e-5)
 
 
 def test_fastpref_eval_writes_diversity_and_rewards_beside_minigeneval(tmp_path, capsys):

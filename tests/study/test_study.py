@@ -65,6 +65,7 @@ def test_flat_differences():
     ({"variants": {"a": {"eval.steps": 2}}}, "variants.a.eval.steps"),
     ({"variants": {"a": {"train.seed": 3}}}, "variants.a.train.seed"),
     ({"seeds": []}, "seeds"),
+    ({"claims": [{"better": "rankdpo", "than": "base", "metric": "reward:beauty"}]}, "claims[0].metric"),
     ({"variants": {"a": {"train.objective.name": "nonsense"}}}, "variants.a"),
 ])
 def test_bad_study_config_names_the_key(tmp_path, changes, key):
@@ -85,6 +86,10 @@ def test_verdicts_on_hand_made_numbers():
     # above the spread but a paired interval that includes zero: not shown
     assert judge_claim(0.70, 0.0, 0.60, 0.0, 0.03, interval=(-0.01, 0.2))["verdict"] == "not shown"
     assert judge_claim(0.70, 0.0, 0.60, 0.0, 0.03, interval=(0.02, 0.2))["verdict"] == "shown"
+    # a reward: differences as they are, not in points
+    reward = judge_claim(0.74, 0.0, 0.70, 0.0, 0.01, interval=(0.01, 0.07), names=("DRaFT", "base"), points=False)
+    assert reward["verdict"] == "shown" and reward["text"].startswith("DRaFT > base by +0.0400, more than the "
+                                                                        "combined spread (0.0100)")
 
 
 def test_random_reward_is_a_reproducible_function_of_seed_image_and_prompt():
@@ -224,6 +229,53 @@ def test_prompt_weighted_seed_spread_folds_a_small_categorys_extra_seeds_like_th
     assert prompt_mean_seed_spread(result) == pytest.approx(np.std(folds, ddof=1))
 
 
+def _rewarded(reward_of, order=1):
+    """A saved study evaluation of 6 prompts x 4 evaluation seeds whose images carry a ShapeCLIP reward each (stored
+    in `order`: 1 as sampled, -1 reversed, which pairing must not care about)."""
+    samples = [{"caption": f"p{p}", "category": f"c{p % 2}", "seed": 2000 + s, "passed": reward_of(p, s) > 0.5}
+               for p in range(6) for s in range(4)][::order]
+    per_image = [reward_of(int(x["caption"][1:]), x["seed"] - 2000) for x in samples]
+    return {"samples": samples, "settings": {"seeds_per_prompt": 4, "seed_offset": 2000},
+            "extras": {"reward_per_image": {"shapeclip": per_image}}}
+
+
+def test_a_reward_claim_pairs_image_for_image_and_states_the_gain_in_base_seed_spreads():
+    from fastpref.eval.verdicts import judge_seeded_claim, prompt_mean_seed_spread
+
+    def base_reward(p, s):
+        return 0.5 + 0.05 * ((p * 7 + s * 3) % 5) / 4
+    results = {"base": _rewarded(base_reward, order=-1),
+               "up-seed0": _rewarded(lambda p, s: base_reward(p, s) + 0.10),
+               "up-seed1": _rewarded(lambda p, s: base_reward(p, s) + 0.12),
+               "same-seed0": _rewarded(base_reward), "same-seed1": _rewarded(base_reward, order=-1)}
+    claim = judge_seeded_claim(results, {}, "up", "base", [0, 1], metric="reward:shapeclip")
+    base_mean = np.mean([base_reward(p, s) for p in range(6) for s in range(4)])
+    assert claim["means"] == pytest.approx([base_mean + 0.11, base_mean])
+    assert claim["stds"] == pytest.approx([np.std([0.10, 0.12], ddof=1), 0.0])
+    folds = [np.mean([base_reward(p, s) for p in range(6)]) for s in range(4)]
+    assert claim["eval_seed_spread"] == pytest.approx(np.std(folds, ddof=1))
+    assert prompt_mean_seed_spread(results["base"], "reward:shapeclip") == pytest.approx(np.std(folds, ddof=1))
+    assert claim["gain_over_eval_seed_spread"] == pytest.approx(0.11 / np.std(folds, ddof=1))
+    # every image gains 0.10 or 0.12 over its own pair in the base (stored in the other order)
+    from fastpref.eval.verdicts import pooled_outcomes
+
+    up, _ = pooled_outcomes([results["up-seed0"], results["up-seed1"]], "reward:shapeclip")
+    base, _ = pooled_outcomes([results["base"]] * 2, "reward:shapeclip")
+    gains = np.array(up) - np.array(base)
+    assert np.allclose(gains[:, :4], 0.10) and np.allclose(gains[:, 4:], 0.12)
+    assert 0.10 - 1e-9 <= claim["interval"][0] < claim["interval"][1] <= 0.12 + 1e-9
+    assert claim["verdict"] == "shown" and "up > base by +0.1100" in claim["text"]
+    same = judge_seeded_claim(results, {}, "same", "base", [0, 1], metric="reward:shapeclip")
+    assert same["interval"] == pytest.approx([0.0, 0.0]) and same["verdict"] == "not shown"
+    from fastpref.pipeline import claim_lines
+
+    line = claim_lines([{"name": "up > base", **claim}], name_of=lambda c: c["name"])[0]
+    assert "ShapeCLIP reward (prompt-weighted; up " in line and f"{claim['gain_over_eval_seed_spread']:+.1f}x" in line
+    del results["base"]["extras"]
+    with pytest.raises(ValueError, match="reward:shapeclip"):
+        judge_seeded_claim(results, {}, "up", "base", [0, 1], metric="reward:shapeclip")
+
+
 TINY_ONLINE = {
     "train.max_steps": 2, "train.checkpoint_every": 2, "train.validation.every": 0,
     "train.online.prompts_per_rollout": 2, "train.online.group_size": 2, "train.online.num_steps": 2,
@@ -256,7 +308,8 @@ def test_a_tiny_online_study_runs_end_to_end(tmp_path):
     cfg = from_dict(StudyConfig, {
         "recipe": str(ROOT / "configs/toy-grpo-sd.yaml"), "output_dir": str(tmp_path / "study"), "seeds": [0, 1],
         "overrides": TINY_ONLINE, "progress": False, "variants": {"grpo": {}},
-        "claims": [{"better": "grpo", "than": "base"}],
+        "claims": [{"better": "grpo", "than": "base"},
+                   {"better": "grpo", "than": "base", "metric": "reward:shapeclip", "name": "reward"}],
         "eval": {"seeds_per_prompt": 2}})  # two seeds per prompt: a diversity to measure
     report = Study(cfg).run()
     out = tmp_path / "study"
@@ -273,6 +326,19 @@ def test_a_tiny_online_study_runs_end_to_end(tmp_path):
     assert report["extras"]["grpo"]["reward_shapeclip"] == pytest.approx(np.mean(per_seed))
     assert report["extras"]["grpo"]["reward_shapeclip_std"] == pytest.approx(np.std(per_seed, ddof=1))
     assert report["extras"]["base"]["diversity_pixel"] == stored["base"]["diversity"]["pixel"] > 0
+    # the claim on the reward: each image's ShapeCLIP, stored beside its sample, prompt-weighted per training seed
+    from fastpref.eval.verdicts import prompt_mean_of
+
+    evaluations = {n: json.loads((out / "eval" / f"{n}.json").read_text()) for n in ("base", "grpo-seed0", "grpo-seed1")}
+    for name, stored_eval in evaluations.items():
+        per_image = stored_eval["extras"]["reward_per_image"]["shapeclip"]
+        assert len(per_image) == len(stored_eval["samples"])
+        assert np.mean(per_image) == pytest.approx(stored_eval["extras"]["reward"]["shapeclip"])
+    reward_claim = report["claims"][1]
+    assert reward_claim["metric"] == "reward:shapeclip" and reward_claim["means"] == pytest.approx(
+        [np.mean([prompt_mean_of(evaluations[f"grpo-seed{s}"], "reward:shapeclip") for s in (0, 1)]),
+         prompt_mean_of(evaluations["base"], "reward:shapeclip")])
+    assert "- **reward**: ShapeCLIP reward (prompt-weighted; grpo " in (out / "report.md").read_text()
     assert "## Rewards and diversity of the evaluated images" in (out / "report.md").read_text()
     from fastpref.eval.diversity import eval_extras
     from fastpref.pipeline import EvalConfig, evaluate_pipeline
