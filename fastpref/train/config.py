@@ -64,6 +64,8 @@ class TrainConfig:
     max_steps: int = 100
     lr: float = 1e-4
     lr_warmup_steps: int = 0
+    # after the warm-up: constant, or a linear / cosine decay to 0 at max_steps (diffusers' get_scheduler)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     grad_accumulation: int = 1

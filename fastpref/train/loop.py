@@ -21,7 +21,8 @@ from fastpref.train.metrics import (MetricsLogger, RunHistory, format_summary, h
 from fastpref.train.parallel import build_parallel, local_device
 from fastpref.train.reference import (ReferenceModel, plan_reference, reference_precision_gap,  # noqa: F401
                                       resolve_reference_dtype, training_flow_timesteps)
-from fastpref.train.speed import apply_model_speedups, build_optimizer, check_speed_support, set_attention_backend
+from fastpref.train.speed import (
+    apply_model_speedups, build_lr_scheduler, build_optimizer, check_speed_support, set_attention_backend)
 from fastpref.train.step import build_step
 from fastpref.train.validation import Validator, resolve_prompts
 from fastpref.utils.imports import require
@@ -101,12 +102,10 @@ class Trainer:
         self.speedups = apply_model_speedups(denoiser, cfg.speed, self.device)
         self.attention = set_attention_backend(denoiser, cfg.speed.attention, self.device,
                                                cfg.speed.mixed_precision)
-        # diffusers' get_scheduler("constant_with_warmup"): lr * step / warmup, so the first update runs at lr 0
-        warmup = cfg.lr_warmup_steps
         module, self.optimizer, self.scheduler = self.parallel.wrap(
             denoiser,
             lambda params: build_optimizer(params, cfg.speed.optimizer, cfg.lr, cfg.weight_decay),
-            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / warmup) if warmup else 1.0),
+            lambda opt: build_lr_scheduler(opt, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_steps),
         )
         self.step_fn = build_step(cfg, self.bundle, module, reference, self.dataset.noise_seed, self.device)
         self.stream = self.dataset.stream(cfg.data.batch_groups, seed=cfg.seed, rank=self.parallel.rank,

@@ -33,8 +33,8 @@ from fastpref.train.checkpoint import CheckpointManager
 from fastpref.train.config import DTYPES, TrainConfig
 from fastpref.train.loop import Trainer, add_lora, resolve_reference_dtype
 from fastpref.train.parallel import build_parallel, local_device
-from fastpref.train.speed import apply_model_speedups, autocast, build_optimizer, check_speed_support, \
-    set_attention_backend
+from fastpref.train.speed import (
+    apply_model_speedups, autocast, build_lr_scheduler, build_optimizer, check_speed_support, set_attention_backend)
 from fastpref.train.step import ReferenceModel, with_denoiser
 from fastpref.train.validation import Validator, resolve_prompts
 
@@ -206,11 +206,10 @@ class OnlineTrainer(Trainer):
         denoiser.train()
         self.speedups = apply_model_speedups(denoiser, cfg.speed, self.device)
         self.attention = set_attention_backend(denoiser, cfg.speed.attention, self.device, cfg.speed.mixed_precision)
-        warmup = cfg.lr_warmup_steps
         module, self.optimizer, self.scheduler = self.parallel.wrap(
             denoiser,
             lambda params: build_optimizer(params, cfg.speed.optimizer, cfg.lr, cfg.weight_decay),
-            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / warmup) if warmup else 1.0),
+            lambda opt: build_lr_scheduler(opt, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_steps),
         )
         self.autocast = autocast(self.device, cfg.speed.mixed_precision)
         self.loss_backend = cfg.loss_backend

@@ -224,6 +224,18 @@ def build_optimizer(params, kind: str, lr: float, weight_decay: float, betas=(0.
     raise ValueError(f"speed.optimizer must be 'adamw', 'adamw8bit' or 'adafactor', got {kind!r}")
 
 
+def build_lr_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    """diffusers' get_scheduler: "constant" is its constant_with_warmup (lr x step / warmup until warmup_steps, so
+    the first update runs at lr 0 when there is a warm-up), "linear" and "cosine" decay to 0 at total_steps after the
+    same warm-up. A LambdaLR, so its state (the step) is what a checkpoint keeps."""
+    from diffusers.optimization import get_scheduler
+
+    if schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"lr_scheduler must be 'constant', 'linear' or 'cosine', got {schedule!r}")
+    return get_scheduler("constant_with_warmup" if schedule == "constant" else schedule, optimizer,
+                         num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
 def is_adafactor(optimizer) -> bool:
     """Whether `optimizer` is transformers' Adafactor (speed.optimizer: adafactor), without importing transformers."""
     return any(cls.__name__ == "Adafactor" and cls.__module__.startswith("transformers.")

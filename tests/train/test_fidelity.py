@@ -310,13 +310,16 @@ def test_adafactor_is_transformers_with_the_diffusion_dpo_sdxl_settings_and_resu
         assert torch.equal(value, after[key]), key
 
 
-def test_lr_warmup_starts_at_zero_as_diffusers(cached_dataset, tmp_path):
+@pytest.mark.parametrize("schedule, theirs_name", [("constant", "constant_with_warmup"), ("linear", "linear"),
+                                                   ("cosine", "cosine")])
+def test_lr_warmup_starts_at_zero_as_diffusers(cached_dataset, tmp_path, schedule, theirs_name):
     diffusers_optimization = pytest.importorskip("diffusers.optimization")
-    trainer = Trainer(train_config(cached_dataset, tmp_path, lr=1e-3, lr_warmup_steps=4, max_steps=6))
+    trainer = Trainer(train_config(cached_dataset, tmp_path, lr=1e-3, lr_warmup_steps=4, max_steps=8,
+                                   lr_scheduler=schedule))
     probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    theirs = diffusers_optimization.get_scheduler("constant_with_warmup", probe, num_warmup_steps=4)
+    theirs = diffusers_optimization.get_scheduler(theirs_name, probe, num_warmup_steps=4, num_training_steps=8)
     ours, expected = [], []
-    for _ in range(6):
+    for _ in range(9):
         ours.append(trainer.scheduler.get_last_lr()[0])
         expected.append(theirs.get_last_lr()[0])
         trainer.optimizer.step()
@@ -324,3 +327,9 @@ def test_lr_warmup_starts_at_zero_as_diffusers(cached_dataset, tmp_path):
         probe.step()
         theirs.step()
     assert ours == pytest.approx(expected, rel=1e-12) and ours[0] == 0.0 and ours[4] == 1e-3
+    if schedule == "constant":
+        assert ours[4:] == [1e-3] * 5
+    else:  # from lr after the warm-up down to 0 at max_steps
+        assert all(a > b for a, b in zip(ours[4:], ours[5:])) and ours[8] == pytest.approx(0.0, abs=1e-15)
+        midway = 0.5 if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * 0.5))
+        assert ours[6] == pytest.approx(1e-3 * midway, rel=1e-12)
