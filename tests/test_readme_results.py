@@ -829,3 +829,32 @@ def test_the_fresh_demo_rerun_is_quoted_from_its_record():
                                 r"(\d+\.\d)%, DPO (\d+\.\d)%: the base repeats exactly")
     assert (base, rank, dpo) == tuple(pct(rerun[n]["overall"]) for n in ("base", "rankdpo", "dpo"))
     assert rerun["base"]["overall"] == first["base"]["overall"]
+
+
+def test_the_pretraining_ceiling_is_quoted_from_its_record():
+    record = result("pretrain-ceiling")
+    v2, noisy = record["bases"]["v2"]["eval"], record["bases"]["noisycap"]["eval"]
+    assert record["bases"]["v2"]["steps"] == 3500 and record["bases"]["noisycap"]["steps"] == 1500
+    assert "--init fastpref/toy/weights/toy-sd-v2 " in record["bases"]["v2"]["pretrain_command"]
+    assert "--color-confusion" not in record["bases"]["noisycap"]["pretrain_command"]  # clean captions
+
+    def vs(model):
+        paired = next(iter(model["paired"].values()))["prompt_mean"]
+        return f"{100 * paired['difference']:+.1f}", f"{100 * paired['low']:+.1f}", f"{100 * paired['high']:+.1f}"
+
+    (base, early, late, gain, low, high, minutes), = quoted(
+        r"toy-sd-v2 goes from (\d+\.\d)% to (\d+\.\d)% after 350 steps and (\d+\.\d)% after 3500 "
+        r"\(([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]; (\d+\.\d) minutes")
+    assert (base, early, late) == tuple(pct(v2[n]["overall"]) for n in ("toy-sd-v2", "v2-more350", "v2-more3500"))
+    assert (gain, low, high) == vs(v2["v2-more3500"])
+    assert minutes == f"{record['bases']['v2']['pretrain_minutes']:.1f}"
+    (nbase, n150, g150, l150, h150, c0, c150, n1500, g1500, l1500, h1500), = quoted(
+        r"clean captions take it from (\d+\.\d)% to (\d+\.\d)% in 150 steps \(([+-]\d+\.\d) \[([+-]\d+\.\d), "
+        r"([+-]\d+\.\d)\], colors (\d+\.\d)% -> (\d+\.\d)%\) and to (\d+\.\d)% in 1500 \(([+-]\d+\.\d) "
+        r"\[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)")
+    assert (nbase, n150, n1500) == tuple(pct(noisy[n]["overall"]) for n in
+                                         ("toy-sd-noisycap-v2", "noisycap-clean150", "noisycap-clean1500"))
+    assert (g150, l150, h150) == vs(noisy["noisycap-clean150"]) and (g1500, l1500, h1500) == vs(
+        noisy["noisycap-clean1500"])
+    assert (c0, c150) == tuple(pct(noisy[n]["per_category"]["colors"]) for n in ("toy-sd-noisycap-v2",
+                                                                                 "noisycap-clean150"))
