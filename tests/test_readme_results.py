@@ -60,7 +60,7 @@ WHERE = ("output_dir", "data_root")
                                   "toy-draftc-v1-sweep", "toy-draftp-v2-lr1e-3-sweep",
                                   "toy-draftp-32-sweep", "toy-grpo-noisycap-inner-sweep",
                                   "toy-grpo-sd-v2-inner-sweep", "toy-spo-v2-inner-sweep",
-                                  "toy-grpo-sd-v2-full-sweep", "toy-draftp-v1-k-sweep",
+                                  "toy-grpo-sd-v2-full-sweep", "toy-draftp-v1-k-sweep", "toy-draftp-v1-sched-sweep",
                                   "toy-rankdpo-rerun"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
@@ -858,3 +858,25 @@ def test_the_pretraining_ceiling_is_quoted_from_its_record():
         noisy["noisycap-clean1500"])
     assert (c0, c150) == tuple(pct(noisy[n]["per_category"]["colors"]) for n in ("toy-sd-noisycap-v2",
                                                                                  "noisycap-clean150"))
+
+
+def test_the_draft_v1_study_and_the_lr_decay_sweep_are_quoted_from_their_records():
+    study = result("draft-v1")
+    claim = next(c for c in study["claims"] if c.get("metric") == "reward:shapeclip")
+    (s0, s1, s2, base, gain, low, high, ratio, spread), = quoted(
+        r"reward is (\d\.\d{3}), (\d\.\d{3}) and (\d\.\d{3}) for training seeds 0, 1 and 2 against the base's "
+        r"(\d\.\d{3}), a gain of ([+-]\d\.\d{4}) \(paired interval \[([+-]\d\.\d{4}), ([+-]\d\.\d{4})\]\), "
+        r"(\d\.\d)x the base's evaluation-seed spread of (\d\.\d{4})")
+    assert (s0, s1, s2) == tuple(f"{v:.3f}" for v in claim["per_seed"][0]) and base == f"{claim['per_seed'][1][0]:.3f}"
+    assert (gain, low, high) == (f"{claim['gain']:+.4f}", *(f"{v:+.4f}" for v in claim["interval"]))
+    assert ratio == f"{claim['gain_over_eval_seed_spread']:.1f}" and spread == f"{claim['eval_seed_spread']:.4f}"
+    assert claim["verdict"] == "not shown"
+    (m0, m1, m2, mbase), = quoted(r"MiniGenEval (\d+\.\d)%, (\d+\.\d)% and (\d+\.\d)% against the base's (\d+\.\d)%\. "
+                                  r"Seed 0 repeats")
+    assert (m0, m1, m2) == tuple(pct(v) for v in study["variants"]["draft"]["per_seed"])
+    assert mbase == pct(study["variants"]["base"]["overall"])
+    sweep = result("toy-draftp-v1-sched-sweep")["eval"]
+    assert result("toy-draftp-v1-sched-sweep")["config"]["variants"]["cos"] == {"lr_scheduler": "cosine"}
+    values, = quoted(r"ShapeCLIP (\d\.\d{3}) for the base, (\d\.\d{3}) for the recipe, (\d\.\d{3}) with the decay and "
+                     r"(\d\.\d{3}) with the decay over 80 steps")
+    assert values == tuple(f"{sweep[n]['reward']['shapeclip']:.3f}" for n in ("base", "kl0", "cos", "cos80"))
