@@ -61,6 +61,7 @@ WHERE = ("output_dir", "data_root")
                                   "toy-draftp-32-sweep", "toy-grpo-noisycap-inner-sweep",
                                   "toy-grpo-sd-v2-inner-sweep", "toy-spo-v2-inner-sweep",
                                   "toy-grpo-sd-v2-full-sweep", "toy-draftp-v1-k-sweep", "toy-draftp-v1-sched-sweep",
+                                  "toy-oracle-noisycap-sweep",
                                   "toy-rankdpo-rerun"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
@@ -880,3 +881,24 @@ def test_the_draft_v1_study_and_the_lr_decay_sweep_are_quoted_from_their_records
     values, = quoted(r"ShapeCLIP (\d\.\d{3}) for the base, (\d\.\d{3}) for the recipe, (\d\.\d{3}) with the decay and "
                      r"(\d\.\d{3}) with the decay over 80 steps")
     assert values == tuple(f"{sweep[n]['reward']['shapeclip']:.3f}" for n in ("base", "kl0", "cos", "cos80"))
+
+
+def test_the_oracle_run_on_the_noisy_caption_base_is_quoted_from_its_record():
+    record = result("toy-oracle-noisycap-sweep")
+    assert record["config"]["cache"]["model"] == "toy-sd-noisycap-v2" and record["config"]["eval"]["seed_offset"] == 1000
+    assert [g["model"] for g in record["config"]["synth"]["generators"]] == ["toy-renderer-v2", "toy-sd-noisycap-v2"]
+    ev = record["eval"]
+
+    def vs(name):
+        paired = ev[name]["paired"]["base"]["prompt_mean"]
+        return tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
+
+    (sft, sft_low, sft_high, rank, rank_low, rank_high, base), = quoted(
+        r"gives SFT ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] and RankDPO ([+-]\d+\.\d) \[([+-]\d+\.\d), "
+        r"([+-]\d+\.\d)\] over the base's (\d+\.\d)%")
+    assert (sft, sft_low, sft_high) == vs("sft") and (rank, rank_low, rank_high) == vs("rankdpo")
+    assert base == pct(ev["base"]["overall"])
+    own = result("toy-noisycap-sweep")
+    assert own["config"]["eval"]["seed_offset"] == 1000 and own["eval"]["base"]["overall"] == ev["base"]["overall"]
+    (gain,), = quoted(r"about what RankDPO drew from the base's own ranked samples on the same seeds \(([+-]\d+\.\d)\)")
+    assert gain == f"{100 * own['eval']['rankdpo']['paired']['base']['prompt_mean']['difference']:+.1f}"
