@@ -902,3 +902,8 @@ def test_the_oracle_run_on_the_noisy_caption_base_is_quoted_from_its_record():
     assert own["config"]["eval"]["seed_offset"] == 1000 and own["eval"]["base"]["overall"] == ev["base"]["overall"]
     (gain,), = quoted(r"about what RankDPO drew from the base's own ranked samples on the same seeds \(([+-]\d+\.\d)\)")
     assert gain == f"{100 * own['eval']['rankdpo']['paired']['base']['prompt_mean']['difference']:+.1f}"
+    big = quoted(r"\(25 passes over the 384 groups\) give SFT ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] and "
+                 r"RankDPO ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]")
+    assert big == [(*vs("sft-big"), *vs("rankdpo-big"))]
+    assert record["config"]["variants"]["sft-big"] == {"lr": 3.0e-4, "data.batch_groups": 64, "max_steps": 150,
+                                                       "checkpoint_every": 150}
