@@ -859,6 +859,12 @@ def test_the_pretraining_ceiling_is_quoted_from_its_record():
         noisy["noisycap-clean1500"])
     assert (c0, c150) == tuple(pct(noisy[n]["per_category"]["colors"]) for n in ("toy-sd-noisycap-v2",
                                                                                  "noisycap-clean150"))
+    ema = record["bases"]["noisycap_ema"]
+    assert ema["ema_decays"] == [0.995, 0.0] and all("--ema-decay" in c for c in ema["pretrain_commands"])
+    (with_ema, without_ema), = [((a, b, c), (d, e, f)) for a, b, c, d, e, f in quoted(
+        r"150 steps of that recipe on their own score ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] with the EMA "
+        r"and ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] without")]
+    assert with_ema == vs(ema["eval"]["noisycap-150-ema0.995"]) and without_ema == vs(ema["eval"]["noisycap-150-ema0.0"])
 
 
 def test_the_draft_v1_study_and_the_lr_decay_sweep_are_quoted_from_their_records():
