@@ -348,8 +348,8 @@ class Study:
         path = self.eval_path(name)
         stored = json.loads(path.read_text()) if path.exists() else None
         if stored is not None:
-            if (stored["settings"].get("eval_config") == eval_identity(ev)
-                    and "reward_per_image" in stored.get("extras", {})):
+            same_settings = stored["settings"].get("eval_config") == eval_identity(ev)
+            if same_settings and "reward_per_image" in stored.get("extras", {}):
                 return stored
             # the study's eval section changed since (or the file predates the record of its settings, or of the
             # rewards and diversity of its images, image by image): a stale score must not pass for the new one

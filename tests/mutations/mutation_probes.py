@@ -185,8 +185,8 @@ PROBES = [
           "fastpref study reads back a stored MiniGenEval made with other eval settings",
           ["tests/study/test_study.py::test_a_tiny_online_study_runs_end_to_end"],
           ("fastpref/study.py",
-           'if stored["settings"].get("eval_config") == eval_identity(ev) and "extras" in stored:',
-           'if "extras" in stored:'),
+           'if same_settings and "reward_per_image" in stored.get("extras", {}):',
+           'if "reward_per_image" in stored.get("extras", {}):'),
           seconds=40),
     # --- studies: every variant starts from the one base the study evaluates and compares it with
     probe("study-variant-from-another-base",
