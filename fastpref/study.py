@@ -353,7 +353,8 @@ class Study:
                 return stored
             # the study's eval section changed since (or the file predates the record of its settings, or of the
             # rewards and diversity of its images, image by image): a stale score must not pass for the new one
-            print(f"[fastpref study] {path}: made with other eval settings; evaluating {name} again", flush=True)
+            why = "made with other eval settings" if not same_settings else "made before each image's rewards were kept"
+            print(f"[fastpref study] {path}: {why}; evaluating {name} again", flush=True)
         result = evaluate_pipeline(make_pipeline(), ev, self._call_kwargs(), progress=self.cfg.progress)
         data = result.to_json()
         # the images are not stored: their rewards and diversity are measured now, beside the scores
