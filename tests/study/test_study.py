@@ -349,6 +349,17 @@ def test_a_tiny_online_study_runs_end_to_end(tmp_path):
     assert again["reward"] == pytest.approx(stored["base"]["reward"])
     assert again["diversity"] == pytest.approx(stored["base"]["diversity"])
 
+    # an evaluation stored before each image's rewards were kept is made again (a reward claim needs them); the
+    # others are read back as they are
+    old = out / "eval" / "grpo-seed1.json"
+    legacy = json.loads(old.read_text())
+    del legacy["extras"]["reward_per_image"]
+    old.write_text(json.dumps(legacy))
+    kept = {n: (out / "eval" / f"{n}.json").stat().st_mtime_ns for n in ("base", "grpo-seed0")}
+    assert Study(cfg).run()["claims"][1]["means"] == pytest.approx(reward_claim["means"])
+    assert "reward_per_image" in json.loads(old.read_text())["extras"]
+    assert {n: (out / "eval" / f"{n}.json").stat().st_mtime_ns for n in kept} == kept
+
     # the same study with another eval section: the trainings are reused, the stored evaluations are not
     trained = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/train/*/checkpoints/*/trainable.safetensors")}
     assert len(trained) == 2
