@@ -415,7 +415,7 @@ def build_report(cfg: StudyConfig, results: dict[str, dict[str, Any]], seconds: 
     seeds each variant's row gets (train_seconds, train_seconds_std)."""
     import numpy as np
 
-    from fastpref.eval.verdicts import judge_seeded_claim, seeded_name, variant_statistics
+    from fastpref.eval.verdicts import judge_seeded_claim, runs_of, seeded_name, variant_statistics
     from fastpref.utils.stats import sample_std
 
     stats = variant_statistics(results, list(cfg.variants), cfg.seeds)
@@ -430,8 +430,8 @@ def build_report(cfg: StudyConfig, results: dict[str, dict[str, Any]], seconds: 
               for claim in cfg.claims]
     report = {"recipe": cfg.recipe, "seeds": cfg.seeds, "counts": counts, "variants": stats, "claims": claims,
               "base_eval_seed_spread": eval_spread, "seconds": seconds}
-    extras = {"base": [results["base"].get("extras")],
-              **{v: [results[seeded_name(v, seed)].get("extras") for seed in cfg.seeds] for v in cfg.variants}}
+    extras = {name: [run.get("extras") for run in runs_of(results, name, cfg.seeds)]
+              for name in ["base", *cfg.variants]}
     from fastpref.eval.diversity import summarize_complete_extras
 
     summary = summarize_complete_extras(extras)

@@ -87,6 +87,11 @@ def seeded_name(variant: str, seed: int) -> str:
     return f"{variant}-seed{seed}"
 
 
+def runs_of(results: dict[str, dict[str, Any]], name: str, seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """The evaluations of a variant's training seeds, or the base's one."""
+    return [results["base"]] if name == "base" else [results[seeded_name(name, seed)] for seed in seeds]
+
+
 def variant_statistics(results: dict[str, dict[str, Any]], variants: Sequence[str],
                        seeds: Sequence[int]) -> dict[str, dict[str, Any]]:
     """Per variant: MiniGenEval overall and per category, mean and std over its training seeds (every seed's model
@@ -100,7 +105,7 @@ def variant_statistics(results: dict[str, dict[str, Any]], variants: Sequence[st
         stats["base"].update(prompt_mean=prompt_mean_of(base), prompt_mean_std=0.0,
                              prompt_mean_eval_seed_spread=prompt_mean_seed_spread(base))
     for variant in variants:
-        runs = [results[seeded_name(variant, seed)] for seed in seeds]
+        runs = runs_of(results, variant, seeds)
         overall = np.array([r["overall"] for r in runs])
         per_category = {c: np.array([r["per_category"][c] for r in runs]) for c in runs[0]["per_category"]}
         stats[variant] = {"seeds": len(runs), "overall": float(overall.mean()), "overall_std": sample_std(overall),
@@ -165,8 +170,8 @@ def seeded_interval(results: dict[str, dict[str, Any]], better: str, than: str,
     seed's model)."""
     from fastpref.eval.minigeneval import bootstrap_difference
 
-    def runs(name: str) -> list[dict[str, Any]]:
-        return [results["base"]] * len(seeds) if name == "base" else [results[seeded_name(name, s)] for s in seeds]
+    def runs(name: str) -> list[dict[str, Any]]:  # the base, a single model, once per training seed of the other
+        return runs_of(results, name, seeds) * (len(seeds) if name == "base" else 1)
 
     a, categories = pooled_outcomes(runs(better), metric)
     b, _ = pooled_outcomes(runs(than), metric)
@@ -202,16 +207,12 @@ def judge_reward_claim(results: dict[str, dict[str, Any]], better: str, than: st
     prompts equal): judge_claim on the training-seed means and spreads, the base's spread over its evaluation-seed
     folds, and the pooled paired interval; also the gain in units of that evaluation-seed spread (DRaFT's "well
     beyond the base's seed spread")."""
-    def per_seed(name: str) -> list[float]:
-        runs = [results["base"]] if name == "base" else [results[seeded_name(name, s)] for s in seeds]
-        return [prompt_mean_of(run, metric) for run in runs]
-
-    a, b = per_seed(better), per_seed(than)
+    per_seed = [[prompt_mean_of(run, metric) for run in runs_of(results, name, seeds)] for name in (better, than)]
+    means, stds = [float(np.mean(x)) for x in per_seed], [sample_std(x) for x in per_seed]
     eval_spread = prompt_mean_seed_spread(results["base"], metric)
     interval = seeded_interval(results, better, than, seeds, statistic="prompt_mean", metric=metric)
-    verdict = judge_claim(float(np.mean(a)), sample_std(a), float(np.mean(b)), sample_std(b), eval_spread,
-                          interval=interval, names=(better, than), points=False)
+    verdict = judge_claim(means[0], stds[0], means[1], stds[1], eval_spread, interval=interval,
+                          names=(better, than), points=False)
     ratio = verdict["gain"] / eval_spread if eval_spread > 0 else None
-    return {"better": better, "than": than, "metric": metric, **verdict,
-            "means": [float(np.mean(a)), float(np.mean(b))], "stds": [sample_std(a), sample_std(b)],
-            "per_seed": [a, b], "eval_seed_spread": eval_spread, "gain_over_eval_seed_spread": ratio}
+    return {"better": better, "than": than, "metric": metric, **verdict, "means": means, "stds": stds,
+            "per_seed": per_seed, "eval_seed_spread": eval_spread, "gain_over_eval_seed_spread": ratio}
