@@ -147,6 +147,8 @@ def build_stages(cfg: RunConfig) -> Stages:
         stages = Stages(None, None, None, trains, seeds=seeds, variant_of=variant_of)
         stages.world = recipe_world(cfg, stages)
         check_main_checkpoints(cfg, stages)
+        if cfg.eval is not None:
+            check_prompts_unscored(cfg.eval, stages.world, online_prompt_sources(cfg, stages))
         return stages
     root = str(Path(cfg.output_dir) / "data")  # the training root: cache/ (and, by default, everything else)
     source = cfg.data_root or root  # synth/ + label/ (Syn-Pic or imported)
@@ -177,6 +179,42 @@ def build_stages(cfg: RunConfig) -> Stages:
     stages.world = recipe_world(cfg, stages)
     check_main_checkpoints(cfg, stages)
     return stages
+
+
+def online_prompt_sources(cfg: RunConfig, stages: Stages) -> list[tuple[str, Any]]:
+    """(recipe key, PromptSource) of every online training's prompts, one per distinct source."""
+    from fastpref.data.prompts import PromptSource
+
+    sources: dict[tuple[str, int | None], str] = {}
+    for name, train in stages.trains.items():
+        variant = stages.variant_of.get(name, cfg.main_variant)
+        key = "train.online.prompts" if variant == cfg.main_variant else f"variants.{variant}.online.prompts"
+        sources.setdefault((train.online.prompts, train.online.prompt_limit), key)
+    return [(key, PromptSource(path, limit=limit)) for (path, limit), key in sources.items()]
+
+
+def check_prompts_unscored(ev: EvalConfig, world_name: str, sources: list[tuple[str, Any]]) -> None:
+    """An online method trains on its prompts: none of them may be a caption the held-out MiniGenEval scores, or
+    the evaluation would score the policy on its own training prompts. Refused naming the key, before training."""
+    from fastpref.data.prompts import read_prompts
+    from fastpref.eval.minigeneval import select_prompts
+
+    if ev.split != "held_out" or not sources:
+        return
+    scored = {spec.caption for spec in select_prompts(ev.max_prompts_per_category, ev.world or world_name)}
+    for key, source in sources:
+        try:
+            texts = {prompt.text for prompt in read_prompts(source)}
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError(f"{key}: {err}") from None
+        overlap = sorted(texts & scored)
+        if overlap:
+            per_category = ev.max_prompts_per_category
+            raise ConfigError(
+                f"{key}: {source.path!r} holds {len(overlap)} caption(s) that MiniGenEval scores at "
+                f"eval.max_prompts_per_category = {per_category} (e.g. {overlap[0]!r}): the evaluation would score "
+                f"the policy on its training prompts; train on prompts it does not score (toy:eval-unscored-"
+                f"{per_category}, the training split, or a file without them)")
 
 
 def check_main_checkpoints(cfg: RunConfig, stages: Stages) -> None:

@@ -178,7 +178,7 @@ def variant_recipe(cfg: StudyConfig, recipe: dict[str, Any], variant: str, seed:
 
 
 def plan_study(cfg: StudyConfig, recipe: dict[str, Any]) -> Plan:
-    from fastpref.pipeline import EvalConfig, RunConfig, build_stages
+    from fastpref.pipeline import EvalConfig, RunConfig, build_stages, check_prompts_unscored, online_prompt_sources
 
     shared = with_overrides(recipe, cfg.overrides, "overrides")
     if shared.get("importer") is not None:
@@ -197,6 +197,12 @@ def plan_study(cfg: StudyConfig, recipe: dict[str, Any]) -> Plan:
                 stages = build_stages(run)
             except ConfigError as err:
                 raise ConfigError(f"variants.{variant} (seed {seed}): {err}") from None
+            if run.is_online:  # the study's evaluation must not score the policy's training prompts
+                try:
+                    check_prompts_unscored(from_dict(EvalConfig, dict(plan.eval), "eval."), stages.world,
+                                           online_prompt_sources(run, stages))
+                except ConfigError as err:
+                    raise ConfigError(f"variants.{variant} (seed {seed}): {err}") from None
             # the base is evaluated once, from the first training's model: a variant that starts elsewhere would be
             # judged against a model it never was
             start = (stages.main.model.path, stages.world)

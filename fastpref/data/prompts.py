@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 from fastpref.utils.imports import require
@@ -21,7 +22,11 @@ class PromptSource:
     """Where prompts come from. `path`: .txt / .jsonl / .parquet file, or a toy split: `toy:train`, `toy:eval`,
     or `toy:train-balanced` (the training captions category by category in turn, each category's list cycled, so
     every GenEval category is equally frequent as in pretraining; a caption may repeat under a new id) of world
-    v1; `toy-v2:train`, `toy-v2:eval`, `toy-v2:train-balanced` the same of world v2 (toy_prompt_world)."""
+    v1; `toy-v2:train`, `toy-v2:eval`, `toy-v2:train-balanced` the same of world v2 (toy_prompt_world).
+    `toy:eval-unscored-N` (`toy-v2:eval-unscored-N`): the held-out captions that MiniGenEval does not score at
+    max_prompts_per_category N: prompts an online method may train on that bind what the pretraining never bound,
+    disjoint from the captions its evaluation scores (fastpref run refuses an online recipe whose prompts overlap
+    them)."""
 
     path: str
     field: str | None = None  # the text column/key; default: the first of prompt, caption, text
@@ -78,7 +83,8 @@ def balanced_by_category(specs: list) -> list:
     return [group[i % len(group)] for i in range(rounds) for group in by_category.values()]
 
 
-TOY_SPLITS = ("train", "eval", "train-balanced")
+TOY_SPLITS = ("train", "eval", "train-balanced", "eval-unscored-N")
+UNSCORED_SPLIT = re.compile(r"eval-unscored-([1-9][0-9]*)")
 
 
 def toy_prompt_world(path: str) -> str | None:
@@ -91,7 +97,7 @@ def toy_prompt_world(path: str) -> str | None:
         return None
     world_name = "v1" if prefix == "toy" else prefix[len("toy-"):]
     choices = [f"toy:{s}" for s in TOY_SPLITS] + [f"toy-{w}:{s}" for w in WORLDS if w != "v1" for s in TOY_SPLITS]
-    if world_name not in WORLDS or split not in TOY_SPLITS:
+    if world_name not in WORLDS or (split not in TOY_SPLITS[:-1] and not UNSCORED_SPLIT.fullmatch(split)):
         raise ValueError(f"prompt source {path!r}: expected a file or one of {choices}")
     return world_name
 
@@ -100,8 +106,15 @@ def _toy_prompts(path: str, world_name: str) -> list[Prompt]:
     from fastpref.toy import world
 
     split = path.partition(":")[2]
-    specs = {"train": world.train_prompts, "eval": world.eval_prompts,
-             "train-balanced": lambda w: balanced_by_category(world.train_prompts(w))}[split](world_name)
+    unscored = UNSCORED_SPLIT.fullmatch(split)
+    if unscored:
+        from fastpref.eval.minigeneval import select_prompts
+
+        scored = {spec.caption for spec in select_prompts(int(unscored.group(1)), world_name)}
+        specs = [spec for spec in world.eval_prompts(world_name) if spec.caption not in scored]
+    else:
+        specs = {"train": world.train_prompts, "eval": world.eval_prompts,
+                 "train-balanced": lambda w: balanced_by_category(world.train_prompts(w))}[split](world_name)
     # v1's ids ("train-00000") predate worlds and seed images: they stay; other worlds' say which world
     id_prefix = split if world_name == "v1" else f"{world_name}-{split}"
     return [Prompt(f"{id_prefix}-{i:05d}", spec.caption) for i, spec in enumerate(specs)]

@@ -33,3 +33,22 @@ def test_toy_prompt_world_names_the_world_and_refuses_unknown_ones():
         read_prompts(PromptSource("toy-v3:train"))
     with pytest.raises(ValueError, match=r"'toy-v2:test'"):
         read_prompts(PromptSource("toy-v2:test"))
+
+
+@pytest.mark.parametrize("world_name, prefix", [("v1", "toy"), ("v2", "toy-v2")])
+@pytest.mark.parametrize("per_category", [12, 48])
+def test_unscored_split_is_the_held_out_captions_minigeneval_does_not_score(world_name, prefix, per_category):
+    from fastpref.eval.minigeneval import select_prompts
+
+    unscored = [p.text for p in read_prompts(PromptSource(f"{prefix}:eval-unscored-{per_category}"))]
+    scored = [s.caption for s in select_prompts(per_category, world_name)]
+    held_out = [s.caption for s in world.eval_prompts(world_name)]
+    assert unscored and not set(unscored) & set(scored)
+    assert sorted(unscored + scored) == sorted(held_out)  # a partition of the held-out captions, nothing dropped
+    assert unscored == [c for c in held_out if c not in set(scored)]  # in the held-out order
+
+
+@pytest.mark.parametrize("split", ["eval-unscored-0", "eval-unscored-", "eval-unscored-x", "eval-unscored-12a"])
+def test_unscored_split_needs_a_positive_count(split):
+    with pytest.raises(ValueError, match=rf"'toy:{split}'.*toy:eval-unscored-N"):
+        read_prompts(PromptSource(f"toy:{split}"))

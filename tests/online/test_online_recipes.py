@@ -47,3 +47,25 @@ def test_online_recipe_refuses_data_stages():
         load_config(RunConfig, CONFIGS / "toy-grpo.yaml", ["cache={family: sd, model: toy-sd}"])
     with pytest.raises(ConfigError, match="variants.dpo.objective.name"):
         load_config(RunConfig, CONFIGS / "toy-grpo.yaml", ['variants={dpo: {objective.name: dpo}}'])
+
+
+def test_online_prompts_that_the_evaluation_scores_are_refused_before_training(tmp_path):
+    """Training on the held-out captions MiniGenEval scores would score the policy on its own training prompts."""
+    draft = CONFIGS / "toy-draftp-v1.yaml"
+    with pytest.raises(ConfigError, match=r"train\.online\.prompts: 'toy:eval' holds 34 caption\(s\) that "
+                                          r"MiniGenEval scores at eval\.max_prompts_per_category = 12"):
+        build_stages(load_config(RunConfig, draft, ["train.online.prompts=toy:eval"]))
+    # the captions it does not score at the eval's own count are fine; at another count some are scored
+    build_stages(load_config(RunConfig, draft, ["train.online.prompts=toy:eval-unscored-12"]))
+    with pytest.raises(ConfigError, match=r"toy:eval-unscored-48' holds \d+ caption"):
+        build_stages(load_config(RunConfig, draft, ["train.online.prompts=toy:eval-unscored-48"]))
+    build_stages(load_config(RunConfig, draft, ["train.online.prompts=toy:eval-unscored-48",
+                                                "eval.max_prompts_per_category=48"]))
+    # a variant's own prompts are checked and named; a file is read like any prompt source
+    leaky = tmp_path / "prompts.txt"
+    leaky.write_text("a red circle above a red square\na red triangle\n")  # the second is scored (v1's held-out shape)
+    with pytest.raises(ConfigError, match=r"variants\.kl0\.1\.online\.prompts: '.*prompts\.txt' holds 1 caption"
+                                          r".*'a red triangle'"):
+        build_stages(load_config(RunConfig, draft, [f"variants={{kl0.1: {{online.prompts: {leaky}}}}}"]))
+    # evaluating the training split instead scores no held-out caption: nothing to refuse
+    build_stages(load_config(RunConfig, draft, ["train.online.prompts=toy:eval", "eval.split=train"]))

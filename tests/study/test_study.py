@@ -464,3 +464,19 @@ def test_every_shipped_study_plans(tmp_path, path):
     """Each study file still plans against the recipes as they are now (every variant validated, one base)."""
     study = Study(load_config(StudyConfig, str(path), [f"output_dir={tmp_path / 'study'}"]))
     assert study.plan.counts()["train"] == len(study.cfg.variants) * len(study.cfg.seeds)
+
+
+def test_a_study_refuses_online_prompts_its_own_evaluation_scores(tmp_path):
+    """The study's eval section decides which held-out captions are scored: the recipe's prompts are checked
+    against it (the recipe's own eval at 12 per category would not score these at 48)."""
+    def study(prompts: str, per_category: int) -> Study:
+        return Study(from_dict(StudyConfig, {
+            "recipe": str(ROOT / "configs/toy-draftp-v1.yaml"), "output_dir": str(tmp_path), "seeds": [0, 1],
+            "variants": {"draft": {"train.online.prompts": prompts}},
+            "eval": {"max_prompts_per_category": per_category}}))
+
+    assert study("toy:eval-unscored-48", 48).plan.counts()["train"] == 2
+    with pytest.raises(ConfigError, match=r"variants\.draft \(seed 0\): train\.online\.prompts: "
+                                          r"'toy:eval-unscored-12' holds \d+ caption\(s\) that MiniGenEval scores at "
+                                          r"eval\.max_prompts_per_category = 48"):
+        study("toy:eval-unscored-12", 48)
