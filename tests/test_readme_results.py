@@ -889,6 +889,33 @@ def test_the_draft_v1_study_and_the_lr_decay_sweep_are_quoted_from_their_records
     assert values == tuple(f"{sweep[n]['reward']['shapeclip']:.3f}" for n in ("base", "kl0", "cos", "cos80"))
 
 
+def test_the_draft_study_on_unscored_held_out_prompts_is_quoted_from_its_record():
+    study = result("draft-v1-unscored")
+    assert study["study"] == "configs/studies/draft-v1-unscored.yaml"
+    claim = next(c for c in study["claims"] if c.get("metric") == "reward:shapeclip")
+    (s0, s1, s2, base, gain, low, high, ratio, spread), = quoted(
+        r"reward is (\d\.\d{3}), (\d\.\d{3}) and (\d\.\d{3}) for training seeds 0, 1 and 2 against the base's "
+        r"(\d\.\d{3}), a gain of ([+-]\d\.\d{4}) \(paired interval \[([+-]\d\.\d{4}), ([+-]\d\.\d{4})\]\) on every "
+        r"seed alike, (\d\.\d)x the base's evaluation-seed spread of (\d\.\d{4})")
+    assert (s0, s1, s2) == tuple(f"{v:.3f}" for v in claim["per_seed"][0]) and base == f"{claim['per_seed'][1][0]:.3f}"
+    assert (gain, low, high) == (f"{claim['gain']:+.4f}", *(f"{v:+.4f}" for v in claim["interval"]))
+    assert ratio == f"{claim['gain_over_eval_seed_spread']:.1f}" and spread == f"{claim['eval_seed_spread']:.4f}"
+    assert claim["interval"][0] > 0 and claim["verdict"] == "not shown"  # above zero, within the combined spread
+    draft, base_eval = study["variants"]["draft"], study["variants"]["base"]
+    (mean, std, mbase, c_base, c_mean, c_std, share), = quoted(
+        r"MiniGenEval (\d+\.\d) ± (\d+\.\d) against the base's (\d+\.\d) \(colors (\d+\.\d) -> (\d+\.\d) ± (\d+\.\d)\), and "
+        r"the diversity over each prompt's seeds falls to (\d+)% of the base's")
+    assert (mean, std, mbase) == (pct(draft["overall"]), pct(draft["overall_std"]), pct(base_eval["overall"]))
+    assert (c_base, c_mean, c_std) == (pct(base_eval["per_category"]["colors"]), pct(draft["per_category"]["colors"]),
+                                       pct(draft["per_category_std"]["colors"]))
+    extras = study["extras"]["draft"]
+    assert share == f"{100 * extras['diversity_vs_base']['shapeclip']:.0f}" and extras["collapse"]
+    (unscored,), = quoted(r"`online.prompts: toy:eval-unscored-48` is the (\d+) held-out captions")
+    from fastpref.data.prompts import PromptSource, read_prompts
+
+    assert int(unscored) == len(read_prompts(PromptSource("toy:eval-unscored-48")))
+
+
 def test_the_oracle_run_on_the_noisy_caption_base_is_quoted_from_its_record():
     record = result("toy-oracle-noisycap-sweep")
     assert record["config"]["cache"]["model"] == "toy-sd-noisycap-v2" and record["config"]["eval"]["seed_offset"] == 1000
