@@ -61,7 +61,7 @@ WHERE = ("output_dir", "data_root")
                                   "toy-draftp-32-sweep", "toy-grpo-noisycap-inner-sweep",
                                   "toy-grpo-sd-v2-inner-sweep", "toy-spo-v2-inner-sweep",
                                   "toy-grpo-sd-v2-full-sweep", "toy-draftp-v1-k-sweep", "toy-draftp-v1-sched-sweep",
-                                  "toy-oracle-noisycap-sweep",
+                                  "toy-oracle-noisycap-sweep", "toy-spo-v1-unscored-sweep", "toy-spo-v2-unscored-sweep",
                                   "toy-rankdpo-rerun"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
@@ -914,6 +914,23 @@ def test_the_draft_study_on_unscored_held_out_prompts_is_quoted_from_its_record(
     from fastpref.data.prompts import PromptSource, read_prompts
 
     assert int(unscored) == len(read_prompts(PromptSource("toy:eval-unscored-48")))
+
+
+def test_spo_on_unscored_held_out_prompts_is_quoted_from_its_records():
+    v2, v1 = (result(f"toy-spo-{w}-unscored-sweep") for w in ("v2", "v1"))
+    assert "train.online.prompts=toy-v2:eval-unscored-24" in v2["overrides"]
+    assert "train.online.prompts=toy:eval-unscored-48" in v1["overrides"] and "train.model.path=toy-sd" in v1["overrides"]
+    (v2_main, v2_base), = quoted(r"on world v2 \(recorded: `docs/results/toy-spo-v2-unscored-sweep.md`, 24 prompts per "
+                                 r"category\) (\d+\.\d)% against the base's (\d+\.\d)%")
+    assert (v2_main, v2_base) == (pct(v2["eval"]["main"]["overall"]), pct(v2["eval"]["base"]["overall"]))
+    (main, lr5, lr1, long, base, spread), = quoted(
+        r"(\d+\.\d)% at the recipe's lr 2e-5, (\d+\.\d)% at 5e-5, (\d+\.\d)% at 1e-4 and (\d+\.\d)% over 96 steps, "
+        r"against the base's (\d+\.\d)% \(seed spread (\d+\.\d) points\), no gain's interval above zero")
+    ev = v1["eval"]
+    assert (main, lr5, lr1, long, base) == tuple(pct(ev[n]["overall"]) for n in ("main", "lr5e-5", "lr1e-4", "steps96",
+                                                                                   "base"))
+    assert spread == pct(ev["base"]["seed_spread"])
+    assert all(ev[n]["paired"]["base"]["prompt_mean"]["low"] <= 0 for n in ("main", "lr5e-5", "lr1e-4", "steps96"))
 
 
 def test_the_oracle_run_on_the_noisy_caption_base_is_quoted_from_its_record():
