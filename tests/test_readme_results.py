@@ -933,6 +933,20 @@ def test_spo_on_unscored_held_out_prompts_is_quoted_from_its_records():
     assert all(ev[n]["paired"]["base"]["prompt_mean"]["low"] <= 0 for n in ("main", "lr5e-5", "lr1e-4", "steps96"))
 
 
+def test_the_spo_study_on_unscored_held_out_prompts_is_quoted_from_its_record():
+    study = result("spo-v1-unscored")
+    (s0, s1, s2, base, gain, spread, low, high), = quoted(
+        r"(\d+\.\d)%, (\d+\.\d)% and (\d+\.\d)% against the base's (\d+\.\d)%, ([+-]\d+\.\d) within the base's seed "
+        r"spread of (\d+\.\d) points, and the held-out ShapeCLIP reward falls \(paired interval \[([+-]\d\.\d{4}), "
+        r"([+-]\d\.\d{4})\]\)")
+    assert (s0, s1, s2) == tuple(pct(v) for v in study["variants"]["spo"]["per_seed"])
+    assert base == pct(study["variants"]["base"]["overall"]) and spread == pct(study["base_eval_seed_spread"])
+    claim, reward = (next(c for c in study["claims"] if c.get("metric", "minigeneval") == m)
+                     for m in ("minigeneval", "reward:shapeclip"))
+    assert gain == f"{100 * claim['gain']:+.1f}" and claim["verdict"] == "not shown"
+    assert (low, high) == tuple(f"{v:+.4f}" for v in reward["interval"]) and reward["interval"][1] < 0
+
+
 def test_the_oracle_run_on_the_noisy_caption_base_is_quoted_from_its_record():
     record = result("toy-oracle-noisycap-sweep")
     assert record["config"]["cache"]["model"] == "toy-sd-noisycap-v2" and record["config"]["eval"]["seed_offset"] == 1000
