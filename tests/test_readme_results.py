@@ -867,16 +867,23 @@ def test_the_pretraining_ceiling_is_quoted_from_its_record():
     assert with_ema == vs(ema["eval"]["noisycap-150-ema0.995"]) and without_ema == vs(ema["eval"]["noisycap-150-ema0.0"])
 
 
-def test_the_draft_v1_study_and_the_lr_decay_sweep_are_quoted_from_their_records():
-    study = result("draft-v1")
+def shapeclip_claim_quoted(study: dict, after_interval: str) -> dict:
+    """A study's ShapeCLIP claim as the README quotes it (per training seed, the base, the gain, its paired interval,
+    then `after_interval`, the gain in base evaluation-seed spreads), checked against its record; returns the claim."""
     claim = next(c for c in study["claims"] if c.get("metric") == "reward:shapeclip")
     (s0, s1, s2, base, gain, low, high, ratio, spread), = quoted(
         r"reward is (\d\.\d{3}), (\d\.\d{3}) and (\d\.\d{3}) for training seeds 0, 1 and 2 against the base's "
-        r"(\d\.\d{3}), a gain of ([+-]\d\.\d{4}) \(paired interval \[([+-]\d\.\d{4}), ([+-]\d\.\d{4})\]\), "
-        r"(\d\.\d)x the base's evaluation-seed spread of (\d\.\d{4})")
+        r"(\d\.\d{3}), a gain of ([+-]\d\.\d{4}) \(paired interval \[([+-]\d\.\d{4}), ([+-]\d\.\d{4})\]\)"
+        + after_interval + r"(\d\.\d)x the base's evaluation-seed spread of (\d\.\d{4})")
     assert (s0, s1, s2) == tuple(f"{v:.3f}" for v in claim["per_seed"][0]) and base == f"{claim['per_seed'][1][0]:.3f}"
     assert (gain, low, high) == (f"{claim['gain']:+.4f}", *(f"{v:+.4f}" for v in claim["interval"]))
     assert ratio == f"{claim['gain_over_eval_seed_spread']:.1f}" and spread == f"{claim['eval_seed_spread']:.4f}"
+    return claim
+
+
+def test_the_draft_v1_study_and_the_lr_decay_sweep_are_quoted_from_their_records():
+    study = result("draft-v1")
+    claim = shapeclip_claim_quoted(study, r", ")
     assert claim["verdict"] == "not shown"
     (m0, m1, m2, mbase), = quoted(r"MiniGenEval (\d+\.\d)%, (\d+\.\d)% and (\d+\.\d)% against the base's (\d+\.\d)%\. "
                                   r"Seed 0 repeats")
@@ -892,14 +899,7 @@ def test_the_draft_v1_study_and_the_lr_decay_sweep_are_quoted_from_their_records
 def test_the_draft_study_on_unscored_held_out_prompts_is_quoted_from_its_record():
     study = result("draft-v1-unscored")
     assert study["study"] == "configs/studies/draft-v1-unscored.yaml"
-    claim = next(c for c in study["claims"] if c.get("metric") == "reward:shapeclip")
-    (s0, s1, s2, base, gain, low, high, ratio, spread), = quoted(
-        r"reward is (\d\.\d{3}), (\d\.\d{3}) and (\d\.\d{3}) for training seeds 0, 1 and 2 against the base's "
-        r"(\d\.\d{3}), a gain of ([+-]\d\.\d{4}) \(paired interval \[([+-]\d\.\d{4}), ([+-]\d\.\d{4})\]\) on every "
-        r"seed alike, (\d\.\d)x the base's evaluation-seed spread of (\d\.\d{4})")
-    assert (s0, s1, s2) == tuple(f"{v:.3f}" for v in claim["per_seed"][0]) and base == f"{claim['per_seed'][1][0]:.3f}"
-    assert (gain, low, high) == (f"{claim['gain']:+.4f}", *(f"{v:+.4f}" for v in claim["interval"]))
-    assert ratio == f"{claim['gain_over_eval_seed_spread']:.1f}" and spread == f"{claim['eval_seed_spread']:.4f}"
+    claim = shapeclip_claim_quoted(study, r" on every seed alike, ")
     assert claim["interval"][0] > 0 and claim["verdict"] == "not shown"  # above zero, within the combined spread
     draft, base_eval = study["variants"]["draft"], study["variants"]["base"]
     (mean, std, mbase, c_base, c_mean, c_std, share), = quoted(
