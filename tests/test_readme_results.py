@@ -62,6 +62,7 @@ WHERE = ("output_dir", "data_root")
                                   "toy-grpo-sd-v2-inner-sweep", "toy-spo-v2-inner-sweep",
                                   "toy-grpo-sd-v2-full-sweep", "toy-draftp-v1-k-sweep", "toy-draftp-v1-sched-sweep",
                                   "toy-oracle-noisycap-sweep", "toy-spo-v1-unscored-sweep", "toy-spo-v2-unscored-sweep",
+                                  "toy-draftp-v1-unscored",
                                   "toy-rankdpo-rerun"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
@@ -914,6 +915,51 @@ def test_the_draft_study_on_unscored_held_out_prompts_is_quoted_from_its_record(
     from fastpref.data.prompts import PromptSource, read_prompts
 
     assert int(unscored) == len(read_prompts(PromptSource("toy:eval-unscored-48")))
+
+
+def test_draftp_on_unscored_held_out_prompts_is_quoted_from_its_records():
+    sweep = result("toy-draftp-v1-unscored")
+    assert {"train.online.prompts=toy:eval-unscored-48", "train.lr=1.0e-3"} <= set(sweep["overrides"])
+    models, ev = sweep["tradeoff"]["models"], sweep["eval"]
+    (r01, r20, r40, rbase, d01, d40, dbase, m01, m40), = quoted(
+        r"puts kl_coeff 0.1 above DRaFT-1's whole path in reward \((\d\.\d{3}) against (\d\.\d{3}) at step 20 and "
+        r"(\d\.\d{3}) at step 40, base (\d\.\d{3})\), with more feature diversity than DRaFT-1's end \((\d\.\d{3}) "
+        r"against (\d\.\d{3}), base (\d\.\d{3})\) and MiniGenEval (\d+\.\d)% against DRaFT-1's (\d+\.\d)%")
+    assert (r01, r20, r40, rbase) == tuple(f"{models[n]['reward']:.3f}" for n in ("kl0.1", "kl0@20", "kl0", "base"))
+    assert models["kl0.1"]["reward"] > max(models[n]["reward"] for n in ("base", "kl0@20", "kl0"))
+    assert (d01, d40, dbase) == tuple(f"{models[n]['diversity_shapeclip']:.3f}" for n in ("kl0.1", "kl0", "base"))
+    assert (m01, m40) == (pct(ev["kl0.1"]["overall"]), pct(ev["kl0"]["overall"]))
+    pixel = sweep["tradeoff"]["matched"]["kl0.5"]["pixel"]
+    (diff, low, high), = quoted(r"kl_coeff 0.5 keeps more pixel diversity than DRaFT's path at its reward "
+                                r"\(([+-]\d\.\d{4}) \[([+-]\d\.\d{4}), ([+-]\d\.\d{4})\]\)")
+    assert (diff, low, high) == tuple(f"{pixel[k]:+.4f}" for k in ("difference", "low", "high")) and pixel["low"] > 0
+
+    study = result("draft-v1-unscored")
+    claims = {c["name"]: c for c in study["claims"]}
+    reward, mge = claims["DRaFT+ raises the held-out ShapeCLIP reward"], claims["DRaFT+ > base (MiniGenEval)"]
+    extras = study["extras"]
+    (rp, rp_std, rd, rd_std, rb, gain, low, high, ratio, share_p, share_d), = quoted(
+        r"ShapeCLIP (\d\.\d{3}) ± (\d\.\d{3}) against DRaFT-1's (\d\.\d{3}) ± (\d\.\d{3}) and the base's (\d\.\d{3}) "
+        r"\(([+-]\d\.\d{4}) \[([+-]\d\.\d{4}), ([+-]\d\.\d{4})\], (\d\.\d)x the base's evaluation-seed spread\), feature "
+        r"diversity at (\d+)% of the base's against DRaFT-1's (\d+)%")
+    draft_reward = claims["DRaFT-1 raises the held-out ShapeCLIP reward"]
+    assert (rp, rp_std, rd, rd_std, rb) == tuple(f"{v:.3f}" for v in (
+        reward["means"][0], reward["stds"][0], draft_reward["means"][0], draft_reward["stds"][0], reward["means"][1]))
+    assert (gain, low, high) == (f"{reward['gain']:+.4f}", *(f"{v:+.4f}" for v in reward["interval"]))
+    assert ratio == f"{reward['gain_over_eval_seed_spread']:.1f}"
+    assert (share_p, share_d) == tuple(f"{100 * extras[n]['diversity_vs_base']['shapeclip']:.0f}" for n in ("draftp", "draft"))
+    (m, m_std, mb, g, spread, lo, hi, gp, lop, hip, spreadp), = quoted(
+        r"MiniGenEval (\d+\.\d) ± (\d+\.\d) against the base's (\d+\.\d): ([+-]\d+\.\d) points, beyond the combined "
+        r"spread of (\d+\.\d) \(paired interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]; prompt-weighted ([+-]\d+\.\d) "
+        r"\[([+-]\d+\.\d), ([+-]\d+\.\d)\], beyond (\d+\.\d)\)")
+    draftp = study["variants"]["draftp"]
+    assert (m, m_std, mb) == (pct(draftp["overall"]), pct(draftp["overall_std"]), pct(study["variants"]["base"]["overall"]))
+    assert (g, spread, lo, hi) == (f"{100 * mge['gain']:+.1f}", pct(mge["combined_spread"]),
+                                   *(f"{100 * v:+.1f}" for v in mge["interval"]))
+    weighted = mge["prompt_weighted"]
+    assert (gp, lop, hip, spreadp) == (f"{100 * weighted['gain']:+.1f}", *(f"{100 * v:+.1f}" for v in weighted["interval"]),
+                                       pct(weighted["combined_spread"]))
+    assert mge["verdict"] == "shown" and weighted["verdict"] == "shown"
 
 
 def test_spo_on_unscored_held_out_prompts_is_quoted_from_its_records():
