@@ -62,7 +62,7 @@ WHERE = ("output_dir", "data_root")
                                   "toy-grpo-sd-v2-inner-sweep", "toy-spo-v2-inner-sweep",
                                   "toy-grpo-sd-v2-full-sweep", "toy-draftp-v1-k-sweep", "toy-draftp-v1-sched-sweep",
                                   "toy-oracle-noisycap-sweep", "toy-spo-v1-unscored-sweep", "toy-spo-v2-unscored-sweep",
-                                  "toy-draftp-v1-unscored",
+                                  "toy-draftp-v1-unscored", "toy-spo-v1-unscored-long-sweep",
                                   "toy-rankdpo-rerun"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
@@ -977,6 +977,11 @@ def test_spo_on_unscored_held_out_prompts_is_quoted_from_its_records():
                                                                                    "base"))
     assert spread == pct(ev["base"]["seed_spread"])
     assert all(ev[n]["paired"]["base"]["prompt_mean"]["low"] <= 0 for n in ("main", "lr5e-5", "lr1e-4", "steps96"))
+    long = result("toy-spo-v1-unscored-long-sweep")
+    assert "train.max_steps=192" in long["overrides"] and long["eval"]["base"]["overall"] == ev["base"]["overall"]
+    (at_2e5, at_5e5), = quoted(r"more rollouts break it \(192 steps, ~4x the prompts: recorded, "
+                               r"`docs/results/toy-spo-v1-unscored-long-sweep.md`\): (\d+\.\d)% at lr 2e-5 and (\d+\.\d)% at 5e-5")
+    assert (at_2e5, at_5e5) == (pct(long["eval"]["main"]["overall"]), pct(long["eval"]["lr5e-5"]["overall"]))
 
 
 def test_the_spo_study_on_unscored_held_out_prompts_is_quoted_from_its_record():
