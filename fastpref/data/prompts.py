@@ -83,8 +83,9 @@ def balanced_by_category(specs: list) -> list:
     return [group[i % len(group)] for i in range(rounds) for group in by_category.values()]
 
 
-TOY_SPLITS = ("train", "eval", "train-balanced", "eval-unscored-N")
-UNSCORED_SPLIT = re.compile(r"eval-unscored-([1-9][0-9]*)")
+FIXED_TOY_SPLITS = ("train", "eval", "train-balanced")
+UNSCORED_SPLIT = re.compile(r"eval-unscored-([1-9][0-9]*)")  # N: MiniGenEval's max_prompts_per_category
+TOY_SPLITS = (*FIXED_TOY_SPLITS, "eval-unscored-N")  # as error messages name them
 
 
 def toy_prompt_world(path: str) -> str | None:
@@ -97,7 +98,7 @@ def toy_prompt_world(path: str) -> str | None:
         return None
     world_name = "v1" if prefix == "toy" else prefix[len("toy-"):]
     choices = [f"toy:{s}" for s in TOY_SPLITS] + [f"toy-{w}:{s}" for w in WORLDS if w != "v1" for s in TOY_SPLITS]
-    if world_name not in WORLDS or (split not in TOY_SPLITS[:-1] and not UNSCORED_SPLIT.fullmatch(split)):
+    if world_name not in WORLDS or (split not in FIXED_TOY_SPLITS and not UNSCORED_SPLIT.fullmatch(split)):
         raise ValueError(f"prompt source {path!r}: expected a file or one of {choices}")
     return world_name
 
