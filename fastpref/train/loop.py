@@ -331,9 +331,46 @@ def refuse_to_start_over(checkpoints: CheckpointManager) -> None:
                           "this one) to start over")
 
 
+# settings a resumed training may change: how long it runs, how it checkpoints, logs, validates and where, how fast
+# (backends, parallel strategy, compile / fp8, loader); everything else made the checkpoints it continues
+RESUMABLE_CHANGES = ("output_dir", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "max_nonfinite_in_a_row", "device", "progress", "tensorboard", "wandb_project", "loss_backend",
+                     "parallel", "validation", "speed", "data.root", "data.loader", "data.num_workers", "data.verify")
+
+
+def refuse_to_resume_other_settings(cfg: TrainConfig, checkpoints: CheckpointManager) -> None:
+    """A resume continues the checkpoints of the settings in the training's config.yaml: asked with other ones (say
+    another lr, rerun into the same output_dir), it would keep the old training and label it with the new settings.
+    Refused, naming each changed key, before any work."""
+    import yaml
+
+    saved = Path(cfg.output_dir) / "config.yaml"
+    if checkpoints.latest() is None or not saved.is_file():
+        return
+
+    def flat(data, prefix=""):
+        for key, value in (data or {}).items():
+            if isinstance(value, dict) and value:
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    old, new = dict(flat(yaml.safe_load(saved.read_text()))), dict(flat(to_dict(cfg)))
+    changed = [key for key in sorted(old.keys() | new.keys())
+               if old.get(key) != new.get(key) and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)]
+    if changed:
+        listed = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:5])
+        raise ConfigError(f"output_dir: {cfg.output_dir} holds a training made with other settings ({listed}"
+                          f"{', ...' if len(changed) > 5 else ''}; its config.yaml); resuming would continue that "
+                          "training under these settings: choose another output_dir, or delete this one to start over")
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    if not resume:
-        refuse_to_start_over(CheckpointManager(Path(cfg.output_dir) / "checkpoints"))
+    checkpoints = CheckpointManager(Path(cfg.output_dir) / "checkpoints")
+    if resume:
+        refuse_to_resume_other_settings(cfg, checkpoints)
+    else:
+        refuse_to_start_over(checkpoints)
     if cfg.objective.name in ONLINE_OBJECTIVES:  # grpo / spo / draft: the policy samples its own training data
         from fastpref.train.online import OnlineTrainer
 

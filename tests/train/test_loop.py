@@ -339,3 +339,18 @@ def test_an_update_deepspeed_applied_with_a_non_finite_norm_stops_the_run():
                                       get_global_grad_norm=lambda: torch.tensor(float("inf")))
     with pytest.raises(FloatingPointError, match=r"DeepSpeed applied an update with a non-finite gradient norm \(inf\)"):
         parallel.step()
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(cached_dataset, tmp_path):
+    """Rerunning into a finished training's folder with another lr would keep the old training and label it with the
+    new settings (config.yaml is rewritten): refused, naming the key; what a resume may change (how long, how often it
+    checkpoints or logs) is allowed."""
+    cfg = make_config(cached_dataset, tmp_path, max_steps=2, checkpoint_every=2)
+    train(cfg)
+    changed = make_config(cached_dataset, tmp_path, max_steps=2, checkpoint_every=2, lr=cfg.lr * 3)
+    with pytest.raises(ConfigError, match=rf"holds a training made with other settings \(lr: {cfg.lr!r} -> "
+                                          rf"{cfg.lr * 3!r}; its config.yaml\)"):
+        train(changed, resume=True)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["lr"] == cfg.lr  # nothing rewritten
+    longer = make_config(cached_dataset, tmp_path, max_steps=3, checkpoint_every=1, log_every=2)
+    assert train(longer, resume=True)["steps"] == 3
