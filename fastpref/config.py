@@ -125,6 +125,18 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def flat_differences(base: dict[str, Any], other: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys whose value in `other` differs from `base` (nested dicts compared key by key)."""
+    out: dict[str, Any] = {}
+    for key in sorted(set(base) | set(other)):
+        a, b = base.get(key), other.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(flat_differences(a, b, f"{prefix}{key}."))
+        elif a != b or key not in other:
+            out[f"{prefix}{key}"] = b
+    return out
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.lr=1e-5' -> (['train', 'lr'], 1e-05); the value is read as YAML (numbers, bools, lists)."""
     import yaml

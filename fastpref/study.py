@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from fastpref.config import ConfigError, apply_overrides, from_dict, load_config
+from fastpref.config import ConfigError, apply_overrides, flat_differences, from_dict, load_config
 from fastpref.utils.atomic import atomic_file
 
 SEED_KEYS = ["train.seed", "cache.reference_errors.seed"]
@@ -398,18 +398,6 @@ def _trained(train_cfg):
     from fastpref.pipeline import trained_pipeline
 
     return trained_pipeline(train_cfg)
-
-
-def flat_differences(base: dict[str, Any], other: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys whose value in `other` differs from `base` (nested dicts compared key by key)."""
-    out: dict[str, Any] = {}
-    for key in sorted(set(base) | set(other)):
-        a, b = base.get(key), other.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.update(flat_differences(a, b, f"{prefix}{key}."))
-        elif a != b or key not in other:
-            out[f"{prefix}{key}"] = b
-    return out
 
 
 # -- the report ------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fastpref.config import ConfigError, save_config, to_dict
+from fastpref.config import ConfigError, flat_differences, save_config, to_dict
 from fastpref.online.config import ONLINE_METHODS as ONLINE_OBJECTIVES
 from fastpref.train.checkpoint import CheckpointManager, rng_state, save_trainable, set_rng_state
 from fastpref.train.config import DTYPES, DataConfig, LoraConfig, ModelConfig, TrainConfig  # noqa: F401 (re-exported)
@@ -347,19 +347,11 @@ def refuse_to_resume_other_settings(cfg: TrainConfig, checkpoints: CheckpointMan
     saved = Path(cfg.output_dir) / "config.yaml"
     if checkpoints.latest() is None or not saved.is_file():
         return
-
-    def flat(data, prefix=""):
-        for key, value in (data or {}).items():
-            if isinstance(value, dict) and value:
-                yield from flat(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
-    old, new = dict(flat(yaml.safe_load(saved.read_text()))), dict(flat(to_dict(cfg)))
-    changed = [key for key in sorted(old.keys() | new.keys())
-               if old.get(key) != new.get(key) and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)]
+    old, new = yaml.safe_load(saved.read_text()) or {}, to_dict(cfg)
+    now, was = flat_differences(old, new), flat_differences(new, old)  # the differing keys' new and saved values
+    changed = [key for key in now if not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)]
     if changed:
-        listed = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:5])
+        listed = ", ".join(f"{key}: {was[key]!r} -> {now[key]!r}" for key in changed[:5])
         raise ConfigError(f"output_dir: {cfg.output_dir} holds a training made with other settings ({listed}"
                           f"{', ...' if len(changed) > 5 else ''}; its config.yaml); resuming would continue that "
                           "training under these settings: choose another output_dir, or delete this one to start over")
