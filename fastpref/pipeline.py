@@ -42,15 +42,20 @@ class EvalConfig:
     main_checkpoints: list[int] = field(default_factory=list)
     # held_out (the claims') or train: the training captions, to see what a fine-tune fit beside what carried over
     split: str = "held_out"
+    # shared: every prompt the same seeds (every recorded result); per_prompt: each prompt its own, so that the
+    # spread over evaluation seeds is the evaluation's noise, not one shared noise's (fastpref.eval.minigeneval)
+    noise: str = "shared"
 
     def validate(self) -> None:
-        from fastpref.eval.minigeneval import SPLITS
+        from fastpref.eval.minigeneval import NOISES, SPLITS
         from fastpref.toy.world import WORLDS
 
         if self.world is not None and self.world not in WORLDS:
             raise ConfigError(f"world: {self.world!r} is not one of {tuple(WORLDS)}")
         if self.split not in SPLITS:
             raise ConfigError(f"split: {self.split!r} is not one of {SPLITS}")
+        if self.noise not in NOISES:
+            raise ConfigError(f"noise: {self.noise!r} is not one of {NOISES}")
 
 
 @dataclass
@@ -382,7 +387,8 @@ def evaluate_pipeline(pipeline, ev: EvalConfig, call_kwargs: dict | None = None,
     result = evaluate(generate, seeds_per_prompt=ev.seeds_per_prompt,
                       max_prompts_per_category=ev.max_prompts_per_category, batch_size=ev.batch_size,
                       seed_offset=ev.seed_offset, progress=progress,
-                      min_images_per_category=ev.min_images_per_category, world_name=ev.world, split=ev.split)
+                      min_images_per_category=ev.min_images_per_category, world_name=ev.world, split=ev.split,
+                      noise=ev.noise)
     result.settings["eval_config"] = eval_identity(ev)
     return result
 
@@ -390,7 +396,10 @@ def evaluate_pipeline(pipeline, ev: EvalConfig, call_kwargs: dict | None = None,
 def eval_identity(ev: EvalConfig) -> dict[str, Any]:
     """The eval settings that decide a MiniGenEval's images and scores (not its batch size, nor which checkpoints
     a run also evaluates): a stored evaluation is reused only while these are unchanged."""
-    return {k: v for k, v in dataclasses.asdict(ev).items() if k not in ("batch_size", "main_checkpoints")}
+    identity = {k: v for k, v in dataclasses.asdict(ev).items() if k not in ("batch_size", "main_checkpoints")}
+    if identity["noise"] == "shared":  # the evaluations stored before the choice existed stay valid
+        del identity["noise"]
+    return identity
 
 
 def run_eval(stages: Stages, cfg: RunConfig, out: Path, report: dict[str, Any] | None = None) -> dict[str, Any]:

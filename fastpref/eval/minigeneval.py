@@ -22,6 +22,12 @@ every model sees the same prompts), each with seeds `seed_offset + 0 .. seeds_pe
 (more for categories with few prompts: see `min_images_per_category`). Defaults: 34 prompts,
 144 images.
 
+Noise (`noise`): "shared" (the default, every recorded result) gives every prompt the same seeds, so
+an evaluation seed starts all prompts from one noise and its per-seed score moves with it as a whole;
+"per_prompt" gives each prompt its own seeds (image_seed), as GenEval's own script draws fresh noise
+for every prompt: an evaluation seed's score then averages independent noises, and its spread over
+evaluation seeds measures the evaluation's own noise, not one noise's luck.
+
 CLI (also `fastpref eval`):
 
     python -m fastpref.eval.minigeneval --model fastpref/toy/weights/toy-sd --model world \\
@@ -37,6 +43,7 @@ import argparse
 import functools
 import json
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -252,6 +259,20 @@ def verdict(interval: PairedInterval | dict[str, Any], other: str = "the base") 
 
 
 SPLITS = ("held_out", "train")
+NOISES = ("shared", "per_prompt")
+# per_prompt seeds step by this per caption hash, so seed offsets less than it apart never share a noise
+PROMPT_SEED_STRIDE = 1_000_000
+
+
+def image_seed(caption: str, index: int, seed_offset: int, seeds_per_prompt: int, noise: str = "shared") -> int:
+    """The generator seed of a prompt's index-th image. shared: seed_offset + index for every prompt; per_prompt:
+    shifted by a multiple of seeds_per_prompt fixed by the caption, so that (seed - seed_offset) % seeds_per_prompt
+    still names the image's evaluation-seed fold (seed_scores) while no two prompts (up to a crc32 collision)
+    start from the same noise."""
+    if noise not in NOISES:
+        raise ValueError(f"noise: {noise!r} is not one of {NOISES}")
+    shift = 0 if noise == "shared" else seeds_per_prompt * PROMPT_SEED_STRIDE * zlib.crc32(caption.encode())
+    return seed_offset + index + shift
 
 
 def select_prompts(max_prompts_per_category: int | None = 12, world_name: str = "v1",
@@ -285,6 +306,7 @@ def evaluate(
     progress: bool = False,
     world_name: str = "v1",
     split: str = "held_out",
+    noise: str = "shared",
 ) -> MiniGenEvalResult:
     """Generate every (prompt, seed) image in batches and score it with the verifier.
 
@@ -295,6 +317,8 @@ def evaluate(
         raise ValueError(f"seeds_per_prompt={seeds_per_prompt} must be >= 1")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if noise not in NOISES:
+        raise ValueError(f"noise: {noise!r} is not one of {NOISES}")
     world.get_world(world_name)  # an unknown world is named before any image is generated
     specs = list(specs) if specs is not None else select_prompts(max_prompts_per_category, world_name, split)
     seeds_of_category = {}
@@ -302,7 +326,8 @@ def evaluate(
         prompts = sum(s.category == category for s in specs)
         if prompts:
             seeds_of_category[category] = max(seeds_per_prompt, -(-min_images_per_category // prompts))
-    jobs = [(spec, seed_offset + s) for spec in specs for s in range(seeds_of_category[spec.category])]
+    jobs = [(spec, image_seed(spec.caption, s, seed_offset, seeds_per_prompt, noise))
+            for spec in specs for s in range(seeds_of_category[spec.category])]
     started = time.perf_counter()
     tqdm = require("tqdm", "MiniGenEval progress") if progress else None
     bar = tqdm.tqdm(total=len(jobs), desc="minigeneval", mininterval=5.0) if tqdm else None
@@ -341,6 +366,7 @@ def evaluate(
         "prompts_per_category": {c: sum(s.category == c for s in specs) for c in world.CATEGORIES},
         "world": specs[0].world if specs else world_name,
         "split": split,
+        "noise": noise,
     }
     return MiniGenEvalResult(
         overall=float(np.mean(list(per_category.values()))),
@@ -422,11 +448,14 @@ class DiffusersGenerate:
 # Comparison grid and CLI
 
 
-def grid_columns(specs: Sequence[world.PromptSpec], per_category: int = 2, seed: int = 0) -> list[tuple[str, int]]:
-    """(caption, seed) of the grid's columns: the first `per_category` prompts of each category."""
+def grid_columns(specs: Sequence[world.PromptSpec], per_category: int = 2, seed_offset: int = 0,
+                 seeds_per_prompt: int = 1, noise: str = "shared") -> list[tuple[str, int]]:
+    """(caption, seed) of the grid's columns: the first `per_category` prompts of each category, each at its
+    first evaluation seed."""
     columns = []
     for category in world.CATEGORIES:
-        columns += [(s.caption, seed) for s in specs if s.category == category][:per_category]
+        columns += [(s.caption, image_seed(s.caption, 0, seed_offset, seeds_per_prompt, noise))
+                    for s in specs if s.category == category][:per_category]
     return columns
 
 
@@ -441,16 +470,19 @@ def save_comparison_grid(
         raise ValueError("save_comparison_grid: no results")
     first = next(iter(results.values()))
     captions = list(dict.fromkeys(s.caption for s in first.samples))
-    seed = first.settings["seed_offset"]
+    settings = first.settings
+    seed = settings["seed_offset"]
     by_caption = {x.caption: x for x in (world.parse_caption(c, first.settings.get("world", "v1")) for c in captions)}
-    columns = grid_columns(list(by_caption.values()), per_category, seed)
+    columns = grid_columns(list(by_caption.values()), per_category, seed, settings["seeds_per_prompt"],
+                           settings.get("noise", "shared"))
     rows, passed = [], []
     for name, result in results.items():
         rows.append((f"{name}\n{100 * result.overall:.1f}%", np.stack([result.image_of(c, s) for c, s in columns])))
         outcome = {(x.caption, x.seed): x.passed for x in result.samples}
         passed.append([outcome[column] for column in columns])
     labels = [caption for caption, _ in columns]
-    title = f"MiniGenEval (held-out prompts, seed {seed}; frame = verifier pass/fail; row % = overall accuracy)"
+    noise = "" if settings.get("noise", "shared") == "shared" else ", per-prompt noise"
+    title = f"MiniGenEval (held-out prompts, seed {seed}{noise}; frame = verifier pass/fail; row % = overall accuracy)"
     return grids.save_grid(path, rows, labels, passed=passed, scale=scale, title=title)
 
 
@@ -482,6 +514,8 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-images-per-category", type=int, default=12,
                         help="more seeds for categories with few prompts, up to this many images")
     parser.add_argument("--seed-offset", type=int, default=0)
+    parser.add_argument("--noise", default="shared", choices=NOISES,
+                        help="shared: every prompt the same seeds; per_prompt: each prompt its own (GenEval's way)")
     parser.add_argument("--max-prompts-per-category", type=int, default=12, help="0: all held-out prompts")
     parser.add_argument("--steps", type=int, default=20, help="num_inference_steps")
     parser.add_argument("--guidance", type=float, default=4.0, help="guidance_scale")
@@ -507,7 +541,7 @@ def cli(argv: list[str] | None = None) -> int:
             generate = DiffusersGenerate.from_pretrained(spec, device=args.device,
                                                          num_inference_steps=args.steps, guidance_scale=args.guidance)
         result = evaluate(generate, seeds_per_prompt=args.seeds, max_prompts_per_category=max_prompts,
-                          batch_size=args.batch_size, seed_offset=args.seed_offset,
+                          batch_size=args.batch_size, seed_offset=args.seed_offset, noise=args.noise,
                           min_images_per_category=args.min_images_per_category, progress=True,
                           world_name=args.world, split=args.split)
         result.settings.update(model=spec, num_inference_steps=args.steps, guidance_scale=args.guidance)

@@ -83,6 +83,66 @@ def test_eval_config_refuses_an_unknown_split_naming_the_key():
         from_dict(EvalConfig, {"split": "validation"}).validate()
 
 
+def _luck_of_the_seed(captions, seeds):
+    """Each image right or wrong by its seed alone (a fair coin of the seed): under shared noise, every prompt of
+    an evaluation seed draws the same coin."""
+    right = minigeneval.world_generate(captions, seeds)
+    wrong = _wrong_spec_generate(captions, seeds)
+    return np.stack([r if np.random.default_rng(s).random() < 0.5 else w for r, w, s in zip(right, wrong, seeds)])
+
+
+def test_per_prompt_noise_gives_each_prompt_its_own_seeds_in_the_same_folds():
+    captions = [s.caption for s in minigeneval.select_prompts(12)]
+    for spp in (1, 2, 4):
+        shared = {c: [minigeneval.image_seed(c, i, 2000, spp) for i in range(spp)] for c in captions}
+        assert all(seeds == list(range(2000, 2000 + spp)) for seeds in shared.values())
+        own = {c: [minigeneval.image_seed(c, i, 2000, spp, "per_prompt") for i in range(3 * spp)] for c in captions}
+        assert len({x for seeds in own.values() for x in seeds}) == 3 * spp * len(captions)  # no noise shared
+        for seeds in own.values():  # seed_scores / the studies fold by (seed - offset) % seeds_per_prompt
+            assert [(x - 2000) % spp for x in seeds] == [i % spp for i in range(3 * spp)]
+        other_offset = {minigeneval.image_seed(c, i, 5000, spp, "per_prompt") for c in captions for i in range(spp)}
+        assert not other_offset & {x for seeds in own.values() for x in seeds}  # sweep seeds never the eval's
+    with pytest.raises(ValueError, match="noise: 'fresh' is not one of"):
+        minigeneval.image_seed(captions[0], 0, 0, 1, "fresh")
+
+
+def test_per_prompt_noise_shrinks_the_evaluation_seed_spread_of_a_seed_driven_model():
+    """A model whose images succeed by the luck of their seed: with shared noise an evaluation seed is all luck or
+    none (its per-seed score swings), with per-prompt noise each seed's score averages the prompts' own luck."""
+    kwargs = dict(seeds_per_prompt=4, max_prompts_per_category=12, min_images_per_category=0, seed_offset=2000)
+    shared = minigeneval.evaluate(_luck_of_the_seed, **kwargs)
+    own = minigeneval.evaluate(_luck_of_the_seed, noise="per_prompt", **kwargs)
+    assert own.settings["noise"] == "per_prompt" and shared.settings["noise"] == "shared"
+    assert len(own.seed_scores()) == len(shared.seed_scores()) == 4
+    assert set(np.round(shared.seed_scores(), 6)) <= {0.0, 1.0}  # the verifier is exact on these images
+    assert own.seed_spread() < 0.25 < shared.seed_spread()
+    assert 0.3 < own.overall < 0.7  # the coin is fair over the prompts' own seeds
+    again = minigeneval.evaluate(_luck_of_the_seed, noise="per_prompt", batch_size=5, **kwargs)
+    assert again.to_json()["samples"] == own.to_json()["samples"]  # deterministic, whatever the batching
+
+
+def test_the_grid_of_a_per_prompt_evaluation_shows_each_prompt_at_its_first_seed(tmp_path):
+    kwargs = dict(seeds_per_prompt=2, max_prompts_per_category=2, min_images_per_category=0, noise="per_prompt")
+    results = {"noisy": minigeneval.evaluate(_seeded_noisy_world, **kwargs),
+               "world": minigeneval.evaluate(minigeneval.world_generate, **kwargs)}
+    path = minigeneval.save_comparison_grid(results, tmp_path / "grid.png", per_category=1)
+    assert path.is_file() and path.stat().st_size > 0
+    specs = minigeneval.select_prompts(2)
+    for caption, seed in minigeneval.grid_columns(specs, 1, 0, 2, "per_prompt"):
+        assert seed == minigeneval.image_seed(caption, 0, 0, 2, "per_prompt") != 0
+        assert np.array_equal(results["world"].image_of(caption, seed), minigeneval.world_generate([caption], [seed])[0])
+
+
+def test_eval_config_noise_is_checked_and_part_of_the_evaluation_identity():
+    from fastpref.config import ConfigError, from_dict
+    from fastpref.pipeline import EvalConfig, eval_identity
+
+    with pytest.raises(ConfigError, match="noise: 'fresh'"):
+        from_dict(EvalConfig, {"noise": "fresh"}).validate()
+    assert "noise" not in eval_identity(EvalConfig())  # evaluations stored before the choice existed stay valid
+    assert eval_identity(EvalConfig(noise="per_prompt"))["noise"] == "per_prompt"
+
+
 def _seeded_noisy_world(captions, seeds):
     """Imperfect images that depend only on (caption, seed): some fail, deterministically."""
     images = minigeneval.world_generate(captions, seeds)
