@@ -875,7 +875,7 @@ def shapeclip_claim_quoted(study: dict, after_interval: str) -> dict:
     (s0, s1, s2, base, gain, low, high, ratio, spread), = quoted(
         r"reward is (\d\.\d{3}), (\d\.\d{3}) and (\d\.\d{3}) for training seeds 0, 1 and 2 against the base's "
         r"(\d\.\d{3}), a gain of ([+-]\d\.\d{4}) \(paired interval \[([+-]\d\.\d{4}), ([+-]\d\.\d{4})\]\)"
-        + after_interval + r"(\d\.\d)x the base's evaluation-seed spread of (\d\.\d{4})")
+        + after_interval + r"(\d+\.\d)x the base's evaluation-seed spread of (\d\.\d{4})")
     assert (s0, s1, s2) == tuple(f"{v:.3f}" for v in claim["per_seed"][0]) and base == f"{claim['per_seed'][1][0]:.3f}"
     assert (gain, low, high) == (f"{claim['gain']:+.4f}", *(f"{v:+.4f}" for v in claim["interval"]))
     assert ratio == f"{claim['gain_over_eval_seed_spread']:.1f}" and spread == f"{claim['eval_seed_spread']:.4f}"
@@ -960,6 +960,46 @@ def test_draftp_on_unscored_held_out_prompts_is_quoted_from_its_records():
     assert (gp, lop, hip, spreadp) == (f"{100 * weighted['gain']:+.1f}", *(f"{100 * v:+.1f}" for v in weighted["interval"]),
                                        pct(weighted["combined_spread"]))
     assert mge["verdict"] == "shown" and weighted["verdict"] == "shown"
+
+
+def test_the_draft_study_under_per_prompt_noise_is_quoted_from_its_record():
+    import yaml
+
+    study = result("draft-v1-unscored-own-noise")
+    assert study["study"] == "configs/studies/draft-v1-unscored-own-noise.yaml"
+    files = [yaml.safe_load((ROOT / "configs" / "studies" / f"{n}.yaml").read_text())
+             for n in ("draft-v1-unscored", "draft-v1-unscored-own-noise")]
+    for f in files:
+        f.pop("output_dir")
+    assert files[1]["eval"].pop("noise") == "per_prompt" and files[0] == files[1]  # the same study, another noise
+    claim = shapeclip_claim_quoted(study, r" on every seed, now ")
+    assert claim["verdict"] == "shown" and claim["gain_over_eval_seed_spread"] > 3  # "well beyond"
+    assert min(claim["per_seed"][0]) > claim["per_seed"][1][0] and claim["interval"][0] > 0
+    claims = {c["name"]: c for c in study["claims"]}
+    draftp, draft = (claims[f"{n} raises the held-out ShapeCLIP reward"] for n in ("DRaFT+", "DRaFT-1"))
+    (rp, rp_std, rd, rd_std, share_p, share_d), = quoted(
+        r"DRaFT\+ \(kl_coeff 0.1\) gains as much reward, (\d\.\d{3}) ± (\d\.\d{3}) against DRaFT-1's (\d\.\d{3}) ± "
+        r"(\d\.\d{3}) \(so DRaFT\+'s lead in reward above was the shared noise's\), keeps more feature diversity "
+        r"\((\d+)% of the base's against DRaFT-1's (\d+)%\)")
+    assert (rp, rp_std, rd, rd_std) == tuple(f"{v:.3f}" for v in (draftp["means"][0], draftp["stds"][0],
+                                                                   draft["means"][0], draft["stds"][0]))
+    assert claims["DRaFT+ >= DRaFT-1 on the reward"]["interval"][0] < 0  # no lead
+    extras = study["extras"]
+    assert (share_p, share_d) == tuple(f"{100 * extras[n]['diversity_vs_base']['shapeclip']:.0f}" for n in ("draftp", "draft"))
+    mge = claims["DRaFT+ > base (MiniGenEval)"]
+    (gp, spreadp, lop, hip, g, spread), = quoted(
+        r"beats the base on the prompt-weighted MiniGenEval by ([+-]\d+\.\d) points, beyond the combined spread of "
+        r"(\d+\.\d) \(paired interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), but not on the category mean "
+        r"\(([+-]\d+\.\d) within (\d+\.\d):")
+    weighted = mge["prompt_weighted"]
+    assert weighted["verdict"] == "shown" and mge["verdict"] == "not shown"
+    assert (gp, spreadp, lop, hip) == (f"{100 * weighted['gain']:+.1f}", pct(weighted["combined_spread"]),
+                                       *(f"{100 * v:+.1f}" for v in weighted["interval"]))
+    assert (g, spread) == (f"{100 * mge['gain']:+.1f}", pct(mge["combined_spread"]))
+    (m, m_std, mb), = quoted(r"DRaFT-1 stays below the base there \((\d+\.\d) ± (\d+\.\d) against (\d+\.\d)\)")
+    variants = study["variants"]
+    assert (m, m_std, mb) == (pct(variants["draft"]["overall"]), pct(variants["draft"]["overall_std"]),
+                              pct(variants["base"]["overall"]))
 
 
 def test_spo_on_unscored_held_out_prompts_is_quoted_from_its_records():
