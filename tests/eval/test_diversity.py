@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -100,20 +101,32 @@ LPIPS_SKIP = (
 )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lpips") is None, reason=LPIPS_SKIP)
-def test_lpips_diversity_on_a_random_weight_backbone():
-    """Pretrained backbone weights cannot be downloaded here: random ones check the wiring, not the numbers."""
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_diversity_on_a_random_weight_backbone(net):
+    """Pretrained backbone weights cannot be downloaded here: random ones (and the package's own linear heads) check
+    the wiring, not the numbers. Run by scripts/test_lpips.sh (CI), in a venv where torchvision loads."""
+    if importlib.util.find_spec("lpips") is None:
+        if os.environ.get("FASTPREF_REQUIRE_LPIPS") == "1":
+            pytest.fail("FASTPREF_REQUIRE_LPIPS=1 but lpips does not import here")
+        pytest.skip(LPIPS_SKIP + "; scripts/test_lpips.sh runs it in a venv of its own")
     import lpips
 
-    torch.manual_seed(0)
-    images = torch.rand(6, 3, 32, 32)
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     groups = ["a", "a", "a", "b", "b", "b"]
-    distance = diversity.LPIPSDistance("alex", random_backbone=True)
-    got = diversity.group_diversity(images, groups, distance)
-    want = brute_force(images, groups, lambda x, y: distance(x.float(), y.float()))
-    assert got["mean"] == pytest.approx(want, rel=1e-5) and got["mean"] > 0
-    assert float(distance(images[:1], images[:1])) == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(0)  # the random backbone's weights
+    distance = diversity.LPIPSDistance(net, random_backbone=True)
     assert isinstance(distance.model, lpips.LPIPS)
+    got = diversity.group_diversity(images, groups, distance, batch_size=2)
+    want = brute_force(images, groups, lambda x, y: distance(x.float(), y.float()))
+    assert got["mean"] == pytest.approx(want, rel=1e-5) and got["mean"] > 0 and got["pairs"] == 6
+    assert float(distance(images[:1], images[:1])) == pytest.approx(0.0, abs=1e-6)
+    # [0, 1] images go in as the package's [-1, 1]; the distance is symmetric
+    direct = distance.model(images[:3] * 2 - 1, images[3:] * 2 - 1).reshape(-1)
+    assert torch.allclose(distance(images[:3], images[3:]), direct, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(distance(images[:3], images[3:]), distance(images[3:], images[:3]), rtol=1e-4, atol=1e-6)
+    torch.manual_seed(0)  # the same backbone again
+    result = diversity.lpips_diversity(images, groups, net=net, random_backbone=True)
+    assert result["lpips"] == pytest.approx(got["mean"], rel=1e-5) and result["groups"] == 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lpips") is not None, reason="lpips is installed here")
