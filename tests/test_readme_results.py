@@ -1038,6 +1038,20 @@ def test_the_spo_study_on_unscored_held_out_prompts_is_quoted_from_its_record():
     assert (low, high) == tuple(f"{v:+.4f}" for v in reward["interval"]) and reward["interval"][1] < 0
 
 
+def test_the_spo_study_under_per_prompt_noise_is_quoted_from_its_record():
+    study = result("spo-v1-unscored-own-noise")
+    assert study["study"] == "configs/studies/spo-v1-unscored.yaml" and study["overrides"] == ["eval.noise=per_prompt"]
+    (s0, s1, s2, base, gain, gain_w, low, high), = quoted(
+        r"score (\d+\.\d)%, (\d+\.\d)% and (\d+\.\d)% against the base's (\d+\.\d)%: ([+-]\d+\.\d) points "
+        r"\(prompt-weighted ([+-]\d+\.\d), paired interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\)")
+    assert (s0, s1, s2) == tuple(pct(v) for v in study["variants"]["spo"]["per_seed"])
+    assert base == pct(study["variants"]["base"]["overall"])
+    claim = next(c for c in study["claims"] if c.get("metric", "minigeneval") == "minigeneval")
+    weighted = claim["prompt_weighted"]
+    assert gain == f"{100 * claim['gain']:+.1f}" and claim["verdict"] == weighted["verdict"] == "not shown"
+    assert (gain_w, low, high) == (f"{100 * weighted['gain']:+.1f}", *(f"{100 * v:+.1f}" for v in weighted["interval"]))
+
+
 def test_the_oracle_run_on_the_noisy_caption_base_is_quoted_from_its_record():
     record = result("toy-oracle-noisycap-sweep")
     assert record["config"]["cache"]["model"] == "toy-sd-noisycap-v2" and record["config"]["eval"]["seed_offset"] == 1000
