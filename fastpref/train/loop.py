@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fastpref.config import ConfigError, flat_differences, save_config, to_dict
+from fastpref.config import ConfigError, flat_differences, from_dict, save_config, to_dict
 from fastpref.online.config import ONLINE_METHODS as ONLINE_OBJECTIVES
 from fastpref.train.checkpoint import CheckpointManager, rng_state, save_trainable, set_rng_state
 from fastpref.train.config import DTYPES, DataConfig, LoraConfig, ModelConfig, TrainConfig  # noqa: F401 (re-exported)
@@ -348,6 +348,10 @@ def refuse_to_resume_other_settings(cfg: TrainConfig, checkpoints: CheckpointMan
     if checkpoints.latest() is None or not saved.is_file():
         return
     old, new = yaml.safe_load(saved.read_text()) or {}, to_dict(cfg)
+    try:  # a key added since that training was saved reads as its default: the behaviour the training had
+        old = to_dict(from_dict(type(cfg), old))
+    except ConfigError:  # a key since removed or renamed: compared as saved, so it is named below
+        pass
     now, was = flat_differences(old, new), flat_differences(new, old)  # the differing keys' new and saved values
     changed = [key for key in now if not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)]
     if changed:

@@ -354,3 +354,21 @@ def test_a_resume_with_other_settings_is_refused_naming_them(cached_dataset, tmp
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["lr"] == cfg.lr  # nothing rewritten
     longer = make_config(cached_dataset, tmp_path, max_steps=3, checkpoint_every=1, log_every=2)
     assert train(longer, resume=True)["steps"] == 3
+
+
+def test_a_resume_reads_keys_added_since_as_their_defaults(cached_dataset, tmp_path):
+    """A training saved before a key existed (its config.yaml lacks lr_scheduler) had that key's default behaviour:
+    it resumes; a saved key that no longer exists is still named."""
+    cfg = make_config(cached_dataset, tmp_path, max_steps=2, checkpoint_every=2)
+    train(cfg)
+    saved = tmp_path / "config.yaml"
+    older = yaml.safe_load(saved.read_text())
+    assert older.pop("lr_scheduler") == "constant"
+    saved.write_text(yaml.safe_dump(older))
+    assert train(make_config(cached_dataset, tmp_path, max_steps=3, checkpoint_every=1), resume=True)["steps"] == 3
+    changed = make_config(cached_dataset, tmp_path, max_steps=4, checkpoint_every=1, lr_scheduler="cosine")
+    with pytest.raises(ConfigError, match=r"other settings \(lr_scheduler: 'constant' -> 'cosine'"):
+        train(changed, resume=True)
+    saved.write_text(yaml.safe_dump({**yaml.safe_load(saved.read_text()), "warmup_epochs": 2}))
+    with pytest.raises(ConfigError, match=r"other settings \(warmup_epochs: 2 -> None"):
+        train(make_config(cached_dataset, tmp_path, max_steps=4, checkpoint_every=1), resume=True)
