@@ -400,6 +400,17 @@ def test_cli_pairs_every_model_with_the_first(tmp_path, monkeypatch):
     assert paired["category_mean"]["difference"] == pytest.approx(-1.0)
 
 
+def test_cli_noise_per_prompt_reaches_the_evaluation(tmp_path):
+    out = tmp_path / "mge"
+    args = ["--model", "world", "--out", str(out), "--seeds", "2", "--max-prompts-per-category", "1",
+            "--min-images-per-category", "0", "--noise", "per_prompt", "--seed-offset", "7"]
+    assert minigeneval.cli(args) == 0
+    saved = json.loads((out / "world.json").read_text())
+    assert saved["settings"]["noise"] == "per_prompt"
+    assert [x["seed"] for x in saved["samples"]] == [
+        minigeneval.image_seed(x["caption"], i % 2, 7, 2, "per_prompt") for i, x in enumerate(saved["samples"])]
+
+
 def test_world_v2_has_a_held_out_split_in_every_category_and_a_perfect_ceiling():
     import functools
 
