@@ -1038,6 +1038,20 @@ def test_the_spo_study_on_unscored_held_out_prompts_is_quoted_from_its_record():
     assert (low, high) == tuple(f"{v:+.4f}" for v in reward["interval"]) and reward["interval"][1] < 0
 
 
+def test_the_methods_study_under_per_prompt_noise_is_quoted_from_its_record():
+    study = result("methods-v2-own-noise")
+    assert study["study"] == "configs/studies/methods-v2.yaml" and study["overrides"] == ["eval.noise=per_prompt"]
+    gains = {c["better"]: c for c in study["claims"] if c["than"] == "base"}
+    (rankdpo, dpo, spo, draft, draftp, grpo, spread, shared), = quoted(
+        r"every gain's interval containing zero \(RankDPO ([+-]\d+\.\d), DPO ([+-]\d+\.\d), SPO ([+-]\d+\.\d), "
+        r"DRaFT-1 ([+-]\d+\.\d), DRaFT\+ ([+-]\d+\.\d), GRPO ([+-]\d+\.\d) points\); the base's evaluation-seed "
+        r"spread is (\d+\.\d) points \((\d+\.\d) under the shared noise\)")
+    assert (rankdpo, dpo, spo, draft, draftp, grpo) == tuple(
+        f"{100 * gains[n]['gain']:+.1f}" for n in ("rankdpo", "dpo", "spo", "draft", "draftp", "grpo-short"))
+    assert all(c["verdict"] == "not shown" and c["interval"][0] <= 0 <= c["interval"][1] for c in study["claims"])
+    assert (spread, shared) == (pct(study["base_eval_seed_spread"]), pct(result("methods-v2")["base_eval_seed_spread"]))
+
+
 def test_the_spo_study_under_per_prompt_noise_is_quoted_from_its_record():
     study = result("spo-v1-unscored-own-noise")
     assert study["study"] == "configs/studies/spo-v1-unscored.yaml" and study["overrides"] == ["eval.noise=per_prompt"]
