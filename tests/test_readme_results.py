@@ -62,7 +62,7 @@ WHERE = ("output_dir", "data_root")
                                   "toy-grpo-sd-v2-inner-sweep", "toy-spo-v2-inner-sweep",
                                   "toy-grpo-sd-v2-full-sweep", "toy-draftp-v1-k-sweep", "toy-draftp-v1-sched-sweep",
                                   "toy-oracle-noisycap-sweep", "toy-spo-v1-unscored-sweep", "toy-spo-v2-unscored-sweep",
-                                  "toy-draftp-v1-unscored", "toy-spo-v1-unscored-long-sweep",
+                                  "toy-draftp-v1-unscored", "toy-spo-v1-unscored-long-sweep", "toy-spo-v1-pps-sweep",
                                   "toy-rankdpo-rerun"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
@@ -1064,6 +1064,43 @@ def test_the_spo_study_under_per_prompt_noise_is_quoted_from_its_record():
     weighted = claim["prompt_weighted"]
     assert gain == f"{100 * claim['gain']:+.1f}" and claim["verdict"] == weighted["verdict"] == "not shown"
     assert (gain_w, low, high) == (f"{100 * weighted['gain']:+.1f}", *(f"{100 * v:+.1f}" for v in weighted["interval"]))
+
+
+def test_spo_at_the_recipes_lr_under_per_prompt_noise_is_quoted_from_its_records():
+    sweep = result("toy-spo-v1-pps-sweep")
+    assert {"eval.noise=per_prompt", "eval.seed_offset=1000"} <= set(sweep["overrides"])
+    paired = {n: sweep["eval"][n]["paired"]["base"]["prompt_mean"] for n in ("main", "pps32", "pps32-lr5e-5",
+                                                                               "pps64-lr1e-4")}
+    (main, low, high, p32, p32lr, p64), = quoted(
+        r"prompt-weighted ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] points for the recipe's 8 pairs a step at lr "
+        r"2e-5, ([+-]\d+\.\d) for 32, ([+-]\d+\.\d) for 32 at lr 5e-5 and ([+-]\d+\.\d) for 64 at lr 1e-4")
+    assert (main, low, high) == tuple(f"{100 * paired['main'][k]:+.1f}" for k in ("difference", "low", "high"))
+    assert (p32, p32lr, p64) == tuple(f"{100 * paired[n]['difference']:+.1f}" for n in ("pps32", "pps32-lr5e-5",
+                                                                                          "pps64-lr1e-4"))
+    study = result("spo-v1-unscored-lr2e-5")
+    assert study["study"] == "configs/studies/spo-v1-unscored-lr2e-5.yaml"
+    spo, base = study["variants"]["spo"], study["variants"]["base"]
+    claims = {c["name"]: c for c in study["claims"]}
+    mge, reward = claims["SPO > base"], claims["SPO raises the held-out ShapeCLIP reward"]
+    weighted = mge["prompt_weighted"]
+    (s0, s1, s2, b, gain, spread, combined, low, high, cgain, cspread, single, single_std), = quoted(
+        r"prompt-weighted MiniGenEval (\d+\.\d)%, (\d+\.\d)% and (\d+\.\d)% against the base's (\d+\.\d)%, "
+        r"([+-]\d+\.\d) points, more than the base's evaluation-seed spread \((\d+\.\d)\) and the combined spread "
+        r"\((\d+\.\d)\) but with the paired interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\] containing zero, so not shown; "
+        r"the category mean ([+-]\d+\.\d) within (\d+\.\d) \(the one single_object prompt swings it: (\d+\.\d) ± "
+        r"(\d+\.\d)\)")
+    assert (s0, s1, s2, b) == (*(pct(v) for v in spo["prompt_mean_per_seed"]), pct(base["prompt_mean"]))
+    assert (gain, spread, combined) == (f"{100 * weighted['gain']:+.1f}", pct(base["prompt_mean_eval_seed_spread"]),
+                                        pct(weighted["combined_spread"]))
+    assert (low, high) == tuple(f"{100 * v:+.1f}" for v in weighted["interval"]) and weighted["verdict"] == "not shown"
+    assert (cgain, cspread) == (f"{100 * mge['gain']:+.1f}", pct(mge["combined_spread"])) and mge["verdict"] == "not shown"
+    assert (single, single_std) == (pct(spo["per_category"]["single_object"]), pct(spo["per_category_std"]["single_object"]))
+    (rgain, rlow, rhigh, ratio, rspread), = quoted(
+        r"held-out ShapeCLIP ([+-]\d\.\d{4}), paired interval \[([+-]\d\.\d{4}), ([+-]\d\.\d{4})\], (\d+\.\d)x "
+        r"the base's evaluation-seed spread but within the combined spread \((\d\.\d{4})\)")
+    assert (rgain, rlow, rhigh) == (f"{reward['gain']:+.4f}", *(f"{v:+.4f}" for v in reward["interval"]))
+    assert (ratio, rspread) == (f"{reward['gain_over_eval_seed_spread']:.1f}", f"{reward['combined_spread']:.4f}")
+    assert reward["verdict"] == "not shown"
 
 
 def test_the_oracle_run_on_the_noisy_caption_base_is_quoted_from_its_record():

@@ -73,3 +73,19 @@ def test_a_study_is_recorded_under_its_study_file_or_with_the_study_file_and_ove
     assert out.name == "oracle-train.json" and saved["study"] == "configs/studies/oracle.yaml"
     assert saved["overrides"] == ["overrides.eval.split=train"]
     assert saved["command"] == "fastpref study configs/studies/oracle.yaml overrides.eval.split=train"
+
+
+def test_a_record_of_another_command_is_not_replaced(record, tmp_path):
+    """A study whose directory name matches an earlier record of another command (another study file, or the same
+    one with overrides) would overwrite a result the README quotes: refused, naming both commands."""
+    record.record(fake_study(tmp_path / "study-oracle-x"), commit="abc", recipe="configs/studies/oracle.yaml",
+                  overrides=["eval.noise=per_prompt"])
+    with pytest.raises(SystemExit, match=r"records `fastpref study configs/studies/oracle.yaml eval.noise=per_prompt`, "
+                                         r"not `fastpref study configs/studies/oracle-x.yaml`"):
+        record.record(fake_study(tmp_path / "study-oracle-x-again", ), name="oracle-x", commit="abc")
+    again = record.record(tmp_path / "study-oracle-x", commit="def", recipe="configs/studies/oracle.yaml",
+                          overrides=["eval.noise=per_prompt"])  # the same command re-records
+    assert json.loads(again.read_text())["commit"] == "def"
+    record.FORCE = True
+    assert json.loads(record.record(tmp_path / "study-oracle-x-again", name="oracle-x").read_text())["command"] == (
+        "fastpref study configs/studies/oracle-x.yaml")

@@ -37,11 +37,26 @@ def record_study(study_dir: Path, report: dict, name: str, commit: str | None, s
               **({"overrides": list(overrides)} if overrides else {}),
               "commit": commit or commit_of(HERE.parents[1]), "recorded": datetime.date.today().isoformat(),
               **report}
-    out = HERE / f"{name}.json"
+    out = refuse_to_replace_another(name, result["command"])
     out.write_text(json.dumps(result, indent=2) + "\n")
     markdown = (study_dir / "report.md").read_text().replace("](scores.png)", f"]({name}-scores.png)")
     (HERE / f"{name}.md").write_text(markdown)
     shutil.copyfile(study_dir / "scores.png", HERE / f"{name}-scores.png")
+    return out
+
+
+FORCE = False  # --force: replace a record made by another command
+
+
+def refuse_to_replace_another(name: str, command: str) -> Path:
+    """The record's path; refused when it holds a result of another command (a study recorded under the name of
+    another one, say), which the README may quote: rerunning the same command re-records it."""
+    out = HERE / f"{name}.json"
+    if out.is_file() and not FORCE:
+        before = json.loads(out.read_text()).get("command")
+        if before != command:
+            raise SystemExit(f"{out} records `{before}`, not `{command}`: choose another --name, or --force to "
+                             "replace it")
     return out
 
 
@@ -66,7 +81,7 @@ def record(run_dir: Path, name: str | None = None, commit: str | None = None, re
     }
     if "tradeoff" in report:  # a DRaFT recipe's reward-diversity trade-off (fastpref.eval.tradeoff)
         result["tradeoff"] = report["tradeoff"]
-    out = HERE / f"{name}.json"
+    out = refuse_to_replace_another(name, result["command"])
     out.write_text(json.dumps(result, indent=2) + "\n")
     copy_markdown(run_dir, name)
     return out
@@ -101,7 +116,10 @@ def main() -> None:
     parser.add_argument("--recipe", help="the recipe the run used, when it is not configs/<name>.yaml (a sweep); "
                                          "for a study, its study file when not configs/studies/<name>.yaml")
     parser.add_argument("--overrides", nargs="*", default=[], help="the run's command-line overrides, as given")
+    parser.add_argument("--force", action="store_true", help="replace a record made by another command")
     args = parser.parse_args()
+    global FORCE
+    FORCE = args.force
     print(f"wrote {record(args.run_dir, args.name, args.commit, args.recipe, args.overrides)}")
 
 
