@@ -317,8 +317,7 @@ def evaluate(
         raise ValueError(f"seeds_per_prompt={seeds_per_prompt} must be >= 1")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    if noise not in NOISES:
-        raise ValueError(f"noise: {noise!r} is not one of {NOISES}")
+    image_seed("", 0, seed_offset, seeds_per_prompt, noise)  # an unknown noise is named before any image
     world.get_world(world_name)  # an unknown world is named before any image is generated
     specs = list(specs) if specs is not None else select_prompts(max_prompts_per_category, world_name, split)
     seeds_of_category = {}
