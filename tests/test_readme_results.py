@@ -62,7 +62,7 @@ WHERE = ("output_dir", "data_root")
                                   "toy-grpo-sd-v2-inner-sweep", "toy-spo-v2-inner-sweep",
                                   "toy-grpo-sd-v2-full-sweep", "toy-draftp-v1-k-sweep", "toy-draftp-v1-sched-sweep",
                                   "toy-oracle-noisycap-sweep", "toy-spo-v1-unscored-sweep", "toy-spo-v2-unscored-sweep",
-                                  "toy-draftp-v1-unscored", "toy-spo-v1-unscored-long-sweep", "toy-spo-v1-pps-sweep",
+                                  "toy-draftp-v1-unscored", "toy-spo-v1-unscored-long-sweep", "toy-spo-v1-pps-sweep", "toy-spo-v1-k-sweep",
                                   "toy-rankdpo-rerun"])
 def test_the_recorded_run_used_the_recipe_as_it_is_now(name):
     """The recipe (configs/<name>.yaml, or the recorded one with the recorded command-line overrides of a sweep)
@@ -1101,6 +1101,13 @@ def test_spo_at_the_recipes_lr_under_per_prompt_noise_is_quoted_from_its_records
     assert (rgain, rlow, rhigh) == (f"{reward['gain']:+.4f}", *(f"{v:+.4f}" for v in reward["interval"]))
     assert (ratio, rspread) == (f"{reward['gain_over_eval_seed_spread']:.1f}", f"{reward['combined_spread']:.4f}")
     assert reward["verdict"] == "not shown"
+    k_sweep = result("toy-spo-v1-k-sweep")
+    assert "eval.noise=per_prompt" in k_sweep["overrides"]
+    assert k_sweep["eval"]["main"]["paired"]["base"] == sweep["eval"]["main"]["paired"]["base"]  # the recipe run, reproduced
+    (k8, k8t, k2, k4), = quoted(r"k = 8 ([+-]\d+\.\d), k = 8 with threshold 0.6 ([+-]\d+\.\d), k = 2 ([+-]\d+\.\d) "
+                                r"points prompt-weighted, against the recipe's k = 4 at ([+-]\d+\.\d)")
+    assert (k8, k8t, k2, k4) == tuple(f"{100 * k_sweep['eval'][n]['paired']['base']['prompt_mean']['difference']:+.1f}"
+                                      for n in ("k8", "k8-thr0.6", "k2", "main"))
 
 
 def test_the_oracle_run_on_the_noisy_caption_base_is_quoted_from_its_record():
