@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 # never copied: version control, environments, caches and outputs (the copy must not see other runs' state)
-SKIP = (".git", ".venv", ".cache", "runs", "outputs", "__pycache__", ".pytest_cache", "*.egg-info", "build")
+SKIP = (".git", ".venv*", ".cache", "runs", "outputs", "__pycache__", ".pytest_cache", "*.egg-info", "build")
 # read-only data no probe edits: linked into each copy instead of copied (40 MB of shipped weights)
 LINKED = ("fastpref/toy/weights",)
 
@@ -100,6 +100,8 @@ def copy_tree(root: Path, dst: Path) -> Path:
 
     def ignore(directory: str, names: list[str]) -> set[str]:
         skipped = set(shutil.ignore_patterns(*SKIP)(directory, names))
+        # any virtual environment, whatever its name: CI's .venv-lpips is 5.6 GB, two copies filled CI's disk
+        skipped |= {n for n in names if (Path(directory) / n / "pyvenv.cfg").is_file()}
         rel = Path(directory).relative_to(root)
         return skipped | {n for n in names if rel / n in linked}
 

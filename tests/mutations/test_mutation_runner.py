@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mutation_runner import check_anchors, probe, report, run_probes  # noqa: E402
+from mutation_runner import check_anchors, copy_tree, probe, report, run_probes  # noqa: E402
 
 MODULE = "def add(a, b):\n    return a + b\n\n\ndef unused(a):\n    return a * 2\n"
 TESTS = "from toypkg.mod import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
@@ -80,3 +80,15 @@ def test_the_repository_probes_are_at_least_12_with_unique_names_and_current_anc
     for p in PROBES:
         for node in p.tests:
             assert (REPO / node.split("::")[0]).is_file(), f"probe {p.name}: no test file {node}"
+
+
+def test_a_copy_leaves_out_every_virtual_environment_whatever_its_name(tree, tmp_path):
+    for venv in (".venv", ".venv-lpips", "side-env"):
+        (tree / venv / "lib").mkdir(parents=True)
+        (tree / venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+        (tree / venv / "lib/big.bin").write_bytes(b"0" * 1024)
+    (tree / "toypkg/env").mkdir()  # a package folder that is not a venv stays
+    (tree / "toypkg/env/__init__.py").write_text("")
+    copy = copy_tree(tree, tmp_path / "copy")
+    assert not any((copy / venv).exists() for venv in (".venv", ".venv-lpips", "side-env"))
+    assert (copy / "toypkg/mod.py").read_text() == MODULE and (copy / "toypkg/env/__init__.py").is_file()
