@@ -1134,3 +1134,27 @@ def test_the_oracle_run_on_the_noisy_caption_base_is_quoted_from_its_record():
     assert big == [(*vs("sft-big"), *vs("rankdpo-big"))]
     assert record["config"]["variants"]["sft-big"] == {"lr": 3.0e-4, "data.batch_groups": 64, "max_steps": 150,
                                                        "checkpoint_every": 150}
+
+
+def test_the_spo_replication_is_quoted_from_its_record_and_was_committed_as_run():
+    study = result("spo-v1-unscored-replication")
+    assert study["study"] == "configs/studies/spo-v1-unscored-replication.yaml"
+    spo, base = study["variants"]["spo"], study["variants"]["base"]
+    claims = {c["name"]: c for c in study["claims"]}
+    weighted, reward = claims["SPO > base"]["prompt_weighted"], claims["SPO raises the held-out ShapeCLIP reward"]
+    (s0, s1, s2, b, gain, low, high), = quoted(
+        r"prompt-weighted (\d+\.\d)%, (\d+\.\d)% and (\d+\.\d)% against the base's (\d+\.\d)%, ([+-]\d+\.\d) points "
+        r"\(paired interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\]\), and the\s+held-out ShapeCLIP")
+    assert (s0, s1, s2, b) == (*(pct(v) for v in spo["prompt_mean_per_seed"]), pct(base["prompt_mean"]))
+    assert (gain, low, high) == (f"{100 * weighted['gain']:+.1f}", *(f"{100 * v:+.1f}" for v in weighted["interval"]))
+    assert weighted["verdict"] == "not shown"
+    (rgain, rlow, rhigh), = quoted(r"held-out ShapeCLIP reward falls \(([+-]\d\.\d{4}), paired interval "
+                                   r"\[([+-]\d\.\d{4}), ([+-]\d\.\d{4})\]\)")
+    assert (rgain, rlow, rhigh) == (f"{reward['gain']:+.4f}", *(f"{v:+.4f}" for v in reward["interval"]))
+    assert reward["interval"][1] < 0
+    # fresh seeds against the study it replicates: no training or evaluation seed shared
+    first = result("spo-v1-unscored-lr2e-5")
+    assert not set(study["seeds"]) & set(first["seeds"])
+    offsets = [yaml.safe_load((ROOT / r["study"]).read_text())["eval"].get("seed_offset") for r in (study, first)]
+    recipe_offset = yaml.safe_load((ROOT / "configs/toy-spo.yaml").read_text())["eval"]["seed_offset"]
+    assert offsets[1] is None and offsets[0] >= recipe_offset + 1000  # the first study ran at the recipe's offset
