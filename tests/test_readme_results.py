@@ -1158,3 +1158,16 @@ def test_the_spo_replication_is_quoted_from_its_record_and_was_committed_as_run(
     offsets = [yaml.safe_load((ROOT / r["study"]).read_text())["eval"].get("seed_offset") for r in (study, first)]
     recipe_offset = yaml.safe_load((ROOT / "configs/toy-spo.yaml").read_text())["eval"]["seed_offset"]
     assert offsets[1] is None and offsets[0] >= recipe_offset + 1000  # the first study ran at the recipe's offset
+
+
+def test_spos_lr_steps_and_divert_sweep_is_quoted_from_its_record():
+    sweep = result("toy-spo-v1-lrsteps-sweep")
+    assert {"eval.noise=per_prompt", "eval.seed_offset=1000"} <= set(sweep["overrides"])
+    diff = {n: f"{100 * sweep['eval'][n]['paired']['base']['prompt_mean']['difference']:+.1f}"
+            for n in ("lr1e-5-96", "lr1e-5-192", "div10", "main")}
+    (lr96, lr192, div10, main), = quoted(
+        r"the steps \(so the updates' noise\s+drifts no further while their signal adds up\) ([+-]\d+\.\d) and "
+        r"([+-]\d+\.\d), branching only from step 10, where the SPM ranks\s+held-out pairs better, ([+-]\d+\.\d) points "
+        r"prompt-weighted, against the recipe run's ([+-]\d+\.\d) \(reproduced exactly\)")
+    assert (lr96, lr192, div10, main) == tuple(diff[n] for n in ("lr1e-5-96", "lr1e-5-192", "div10", "main"))
+    assert sweep["eval"]["main"]["paired"]["base"] == result("toy-spo-v1-pps-sweep")["eval"]["main"]["paired"]["base"]
