@@ -1171,3 +1171,39 @@ def test_spos_lr_steps_and_divert_sweep_is_quoted_from_its_record():
         r"prompt-weighted, against the recipe run's ([+-]\d+\.\d) \(reproduced exactly\)")
     assert (lr96, lr192, div10, main) == tuple(diff[n] for n in ("lr1e-5-96", "lr1e-5-192", "div10", "main"))
     assert sweep["eval"]["main"]["paired"]["base"] == result("toy-spo-v1-pps-sweep")["eval"]["main"]["paired"]["base"]
+
+
+def test_spos_late_branching_sweep_is_quoted_from_its_record():
+    sweep = result("toy-spo-v1-late-sweep")
+    assert {"eval.noise=per_prompt", "eval.seed_offset=1000"} <= set(sweep["overrides"])
+    diff = {n: f"{100 * sweep['eval'][n]['paired']['base']['prompt_mean']['difference']:+.1f}"
+            for n in ("div10-thr0.1", "div10-thr0", "div14-thr0.1")}
+    (a, b, c), = quoted(r"from step 10 at threshold\s+0.1 ([+-]\d+\.\d), at threshold 0 ([+-]\d+\.\d), from step 14 at "
+                        r"threshold 0.1 ([+-]\d+\.\d) points prompt-weighted; none beats the recipe")
+    assert (a, b, c) == (diff["div10-thr0.1"], diff["div10-thr0"], diff["div14-thr0.1"])
+    main = sweep["eval"]["main"]["paired"]["base"]["prompt_mean"]["difference"]
+    assert all(sweep["eval"][n]["paired"]["base"]["prompt_mean"]["difference"] <= main for n in diff)
+
+
+def test_spos_direction_under_its_threshold_is_quoted_from_its_record():
+    record = json.loads((ROOT / "docs" / "results" / "spo-direction.json").read_text())
+    rows = {(r["divert_start_step"], r["threshold"], r["scale"], r["asked"]): r for r in record["rows"]}
+
+    def after(divert, threshold, scale, asked):
+        return f"{rows[(divert, threshold, scale, asked)]['after']:.3f}"
+
+    (before, b4, d4, b14, d14, early, late, bt, dt), = quoted(
+        r"from step 4: (\d\.\d{3}) -> (\d\.\d{3}) asked brighter, (\d\.\d{3}) asked\s+darker; from step 14: "
+        r"(\d\.\d{3}) / (\d\.\d{3})\), but threshold 0.3 on brightness x 100, which keeps (\d+)% of the decisions "
+        r"of\s+steps 4-9 and (\d+)% of the later ones, moves them against the score both ways \((\d\.\d{3}) asked "
+        r"brighter, (\d\.\d{3}) asked\s+darker\)")
+    assert {f"{r['before']:.3f}" for r in record["rows"]} == {before}
+    assert (b4, d4, b14, d14) == (after(4, 0.0, 1.0, "brighter"), after(4, 0.0, 1.0, "darker"),
+                                  after(14, 0.0, 1.0, "brighter"), after(14, 0.0, 1.0, "darker"))
+    assert (bt, dt) == (after(4, 0.3, 100.0, "brighter"), after(4, 0.3, 100.0, "darker"))
+    assert float(bt) < float(before) < float(dt)  # against the score both ways
+    kept = rows[(4, 0.3, 100.0, "brighter")]["kept_rate_per_step"]
+    assert (early, late) == tuple(f"{100 * sum(v) / len(v):.0f}" for v in (
+        [kept[k] for k in kept if 4 <= int(k) < 10], [kept[k] for k in kept if int(k) >= 10]))
+    for asked, moved in (("brighter", 1), ("darker", -1)):  # every pair kept: the asked way again
+        assert moved * (rows[(4, 0.3, 1e6, asked)]["after"] - rows[(4, 0.3, 1e6, asked)]["before"]) > 0

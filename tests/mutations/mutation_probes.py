@@ -241,4 +241,10 @@ PROBES = [
           ("fastpref/online/grpo.py", '"online/grpo-permute" + (f"/{inner}" if inner else "")',
            '"online/grpo-permute"'),
           seconds=20),
+    # --- SPO (README "SPO"): the policy moves toward the step-wise winner
+    probe("spo-rollout-trains-loser-first",
+          "SPO's rollout hands the trainer each pair loser first (the resampler's own pairs stay right)",
+          ["tests/online/test_spo_learns.py::test_spo_moves_the_policy_toward_the_preferred_candidates"],
+          ("fastpref/online/spo.py", '"next_latents": pairs.next_latents,', '"next_latents": pairs.next_latents.flip(1),'),
+          seconds=50),
 ]
