@@ -1207,3 +1207,26 @@ def test_spos_direction_under_its_threshold_is_quoted_from_its_record():
         [kept[k] for k in kept if 4 <= int(k) < 10], [kept[k] for k in kept if int(k) >= 10]))
     for asked, moved in (("brighter", 1), ("darker", -1)):  # every pair kept: the asked way again
         assert moved * (rows[(4, 0.3, 1e6, asked)]["after"] - rows[(4, 0.3, 1e6, asked)]["before"]) > 0
+
+
+def test_spo_keeping_every_pair_is_quoted_from_its_sweep_and_its_study():
+    sweep = result("toy-spo-v1-thr0-sweep")
+    paired = sweep["eval"]["thr0"]["paired"]["base"]["prompt_mean"]
+    (gain, low, high), = quoted(r"threshold 0 scored ([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\] on the sweep")
+    assert (gain, low, high) == tuple(f"{100 * paired[k]:+.1f}" for k in ("difference", "low", "high"))
+    study = result("spo-v1-unscored-thr0")
+    assert study["study"] == "configs/studies/spo-v1-unscored-thr0.yaml"
+    spo, base = study["variants"]["spo"], study["variants"]["base"]
+    weighted = next(c for c in study["claims"] if c["name"] == "SPO > base")["prompt_weighted"]
+    (s0, s1, s2, b, g, lo, hi), = quoted(
+        r"scores prompt-weighted (\d+\.\d)%, (\d+\.\d)% and (\d+\.\d)% against the base's (\d+\.\d)%,\s+"
+        r"([+-]\d+\.\d) points \(paired interval \[([+-]\d+\.\d), ([+-]\d+\.\d)\], below the base\)")
+    assert (s0, s1, s2, b) == (*(pct(v) for v in spo["prompt_mean_per_seed"]), pct(base["prompt_mean"]))
+    assert (g, lo, hi) == (f"{100 * weighted['gain']:+.1f}", *(f"{100 * v:+.1f}" for v in weighted["interval"]))
+    assert weighted["interval"][1] < 0
+    # fresh seeds: none of the earlier SPO studies' training or evaluation seeds
+    for other in ("spo-v1-unscored-lr2e-5", "spo-v1-unscored-replication"):
+        assert not set(study["seeds"]) & set(result(other)["seeds"])
+    offsets = {yaml.safe_load((ROOT / f"configs/studies/{n}.yaml").read_text())["eval"].get("seed_offset")
+               for n in ("spo-v1-unscored-thr0", "spo-v1-unscored-replication")}
+    assert offsets == {4000, 3000}
