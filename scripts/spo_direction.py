@@ -75,9 +75,11 @@ def spo_on_brightness(out: Path, sign: float, *, divert_start_step: int, max_ste
 
 def kept_rate_per_step(out: Path) -> dict[int, float]:
     """Mean over the run's rollouts of the share of decisions kept, per step index (its metrics.jsonl)."""
+    from fastpref.train.metrics import read_metrics
+
     rates: dict[int, list[float]] = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        for key, value in json.loads(line).items():
+    for row in read_metrics(out):
+        for key, value in row.items():
             if key.startswith("spo_kept_rate_step"):
                 rates.setdefault(int(key[len("spo_kept_rate_step"):]), []).append(value)
     return {step: sum(v) / len(v) for step, v in sorted(rates.items())}
